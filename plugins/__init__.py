@@ -1,0 +1,1 @@
+"""Segflow's built-in provider plugins, registered in the ``segflow.providers`` group."""

@@ -1,0 +1,60 @@
+"""The ``outbox`` provider: each message becomes an .eml file in a folder.
+
+For local use and tests: open the files with any mail client. A file appears whole or
+not at all (written to a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from segflowd.errors import ProviderError
+from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
+
+DEFAULT_PATH = "var/outbox"
+MAX_BATCH = 100
+
+
+class OutboxProvider:
+    """Writes ``<outbox row id>-<message id>.eml`` files into ``path``."""
+
+    max_batch = MAX_BATCH
+
+    def __init__(self, ctx: ProviderContext) -> None:
+        unknown = set(ctx.options) - {"plugin", "path"}
+        if unknown:
+            raise ProviderError(f"[providers.{ctx.name}]: unknown option(s) "
+                                f"{', '.join(sorted(unknown))} (outbox takes: path)")
+        path = Path(str(ctx.options.get("path", DEFAULT_PATH)))
+        self.path = path if path.is_absolute() else ctx.base_dir / path
+
+    async def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        return await anyio.to_thread.run_sync(self._write_all, list(messages))
+
+    def _write_all(self, messages: list[OutgoingMessage]) -> list[SendResult]:
+        self.path.mkdir(parents=True, exist_ok=True)
+        results = []
+        for msg in messages:
+            safe = re.sub(r"[^A-Za-z0-9._-]", "_", msg.message_id)[:120]
+            final = self.path / f"{msg.id:08d}-{safe}.eml"
+            tmp = final.with_suffix(".eml.tmp")
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(msg.mime)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)
+            except OSError as exc:
+                results.append(SendResult(ok=False, error=f"cannot write {final}: {exc}",
+                                          transient=True))
+                continue
+            results.append(SendResult(ok=True, provider_message_id=final.name))
+        return results
+
+    async def aclose(self) -> None:
+        return None

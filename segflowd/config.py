@@ -1,0 +1,428 @@
+"""segflow.toml: parsed with tomllib into typed, validated, frozen objects.
+
+Rules a caller may rely on:
+
+* The file is ``--config PATH``, else ``$SEGFLOW_CONFIG``, else ``./segflow.toml``.
+* Every scalar key can be overridden by ``SEGFLOW_<SECTION>_<KEY>`` (for named tables:
+  ``SEGFLOW_PROVIDERS_<NAME>_<KEY>``, ``SEGFLOW_SOURCES_<NAME>_<KEY>``).
+* A string key ``k`` may instead be given as ``k_env = "VAR"``: its value is read from
+  the environment variable ``VAR``, so secrets stay out of the file.
+* Relative paths (and relative SQLite database paths) are relative to the config file.
+* Anything wrong raises :class:`~segflowd.errors.ConfigError` naming file, key, line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DaemonConfig",
+    "EmailConfig",
+    "HttpConfig",
+    "HttpKey",
+    "NamedTable",
+    "StoreConfig",
+    "default_config_path",
+    "load_config",
+]
+
+DEFAULT_CONFIG = "segflow.toml"
+DEFAULT_DRAIN = 10.0  # seconds
+DEFAULT_LISTEN = "127.0.0.1:8787"
+DEFAULT_STORE_URL = "sqlite+aiosqlite:///var/segflow.db"
+DEFAULT_MAX_EVENT = 32 * 1024  # bytes
+DEFAULT_MAX_REQUEST = 500 * 1024  # bytes
+DEFAULT_STORE_RETRY_MAX = 30.0  # seconds between attempts to reach the store at start
+ENV_PREFIX = "SEGFLOW_"
+
+_LOG_FORMATS = ("auto", "json", "console")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    app: str
+    control_socket: Path = Path("run/segflow.sock")
+    control_socket_mode: int = 0o600
+    control_socket_group: str = ""
+    drain_timeout: float = DEFAULT_DRAIN
+    log_format: str = "auto"
+    log_level: str = "info"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    url: str = DEFAULT_STORE_URL
+    pool_size: int = 10
+    connect_timeout: float = 5.0  # seconds
+    start_retry_max: float = DEFAULT_STORE_RETRY_MAX
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpKey:
+    name: str
+    secret: str = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpConfig:
+    listen: str = DEFAULT_LISTEN
+    public_url: str = ""
+    keys: tuple[HttpKey, ...] = ()
+    max_event_bytes: int = DEFAULT_MAX_EVENT
+    max_request_bytes: int = DEFAULT_MAX_REQUEST
+    metrics_key: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class EmailConfig:
+    from_: str = "Segflow <segflow@localhost>"
+    reply_to: str = ""
+    provider: str = "outbox"
+    unsubscribe_mailto: str = ""
+    # delivery (segflowd/delivery.py): the HMAC key of unsubscribe/tracking tokens
+    # (secret or secret_env), tracking for every template, retries and polling.
+    secret: str = dataclasses.field(default="", repr=False)
+    track: bool = False
+    max_attempts: int = 5  # sends of one message before a transient error fails it
+    retry_base: float = 30.0  # seconds before the first retry; doubles each attempt
+    retry_max: float = 3600.0  # seconds: the longest wait between attempts
+    poll_interval: float = 1.0  # seconds between outbox polls when nobody wakes delivery
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedTable:
+    """A ``[providers.NAME]`` or ``[sources.NAME]`` table: free-form options."""
+
+    name: str
+    options: Mapping[str, object]
+
+    def get_str(self, key: str, default: str = "") -> str:
+        value = self.options.get(key, default)
+        return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    store: StoreConfig
+    http: HttpConfig
+    email: EmailConfig
+    providers: Mapping[str, NamedTable]
+    sources: Mapping[str, NamedTable]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, path: Path | str) -> Path:
+        """A path from the config, made absolute against the config file's folder."""
+        p = Path(path)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+
+def default_config_path(explicit: str | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("SEGFLOW_CONFIG")
+    return Path(env) if env else Path(DEFAULT_CONFIG)
+
+
+def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, validate; raise ConfigError on any fault."""
+    cfg_path = default_config_path(str(path) if path is not None else None).absolute()
+    env = os.environ if environ is None else environ
+    fname = str(cfg_path)
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            "configuration file not found (pass --config PATH or set SEGFLOW_CONFIG)",
+            file=fname,
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration file: {exc}", file=fname) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        line = int(m.group(1)) if m else None
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        if m:
+            msg += f" (column {m.group(2)})"
+        raise ConfigError(f"TOML syntax error: {msg}", file=fname, line=line) from None
+    return _Parser(fname, text, env).parse(data, cfg_path)
+
+
+_SECTIONS: dict[str, type] = {
+    "daemon": DaemonConfig,
+    "store": StoreConfig,
+    "http": HttpConfig,
+    "email": EmailConfig,
+}
+_NAMED = ("providers", "sources")
+
+
+class _Parser:
+    def __init__(self, fname: str, text: str, env: Mapping[str, str]) -> None:
+        self.fname = fname
+        self.lines = text.splitlines()
+        self.env = env
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, file=self.fname, key=key, line=self._line_of(key))
+
+    def _line_of(self, dotted: str) -> int | None:
+        """Best-effort line of ``section.key`` (or of the section header)."""
+        parts = re.sub(r"\[\d+\]", "", dotted).split(".")
+        section, key = ".".join(parts[:-1]), parts[-1]
+        current = ""
+        header_line = None
+        for i, raw in enumerate(self.lines, start=1):
+            line = raw.strip()
+            h = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", line)
+            if h:
+                current = h.group(1).replace('"', "")
+                if current == dotted:
+                    return i
+                if current == section and header_line is None:
+                    header_line = i
+                continue
+            if current == section and re.match(rf'^"?{re.escape(key)}"?\s*=', line):
+                return i
+        return header_line
+
+    def parse(self, data: dict[str, object], cfg_path: Path) -> Config:
+        for key in data:
+            if key not in _SECTIONS and key not in _NAMED:
+                known = ", ".join(sorted([*_SECTIONS, *_NAMED]))
+                raise self.error(key, f"unknown section [{key}] (known: {known})")
+        sections: dict[str, object] = {}
+        for name, cls in _SECTIONS.items():
+            table = data.get(name, {})
+            if not isinstance(table, dict):
+                raise self.error(name, f"[{name}] must be a table")
+            table = self._env_overrides(name, dict(table), cls)
+            sections[name] = self._build(cls, table, name)
+        named: dict[str, dict[str, NamedTable]] = {}
+        for group in _NAMED:
+            tables = data.get(group, {})
+            if not isinstance(tables, dict):
+                raise self.error(group, f"[{group}] must hold named tables like [{group}.NAME]")
+            named[group] = {}
+            for tname, table in tables.items():
+                if not isinstance(table, dict):
+                    raise self.error(f"{group}.{tname}", "must be a table")
+                opts = self._env_named(group, tname, dict(table))
+                resolved = self._resolve_env_keys(opts, f"{group}.{tname}")
+                named[group][tname] = NamedTable(tname, resolved)
+        config = Config(
+            path=cfg_path,
+            daemon=typing.cast(DaemonConfig, sections["daemon"]),
+            store=typing.cast(StoreConfig, sections["store"]),
+            http=typing.cast(HttpConfig, sections["http"]),
+            email=typing.cast(EmailConfig, sections["email"]),
+            providers=named["providers"],
+            sources=named["sources"],
+        )
+        self._validate(config)
+        return _absolutize(config)
+
+    # -- environment -------------------------------------------------------------------
+
+    def _env_overrides(
+        self, section: str, table: dict[str, object], cls: type,
+    ) -> dict[str, object]:
+        for f in dataclasses.fields(cls):
+            key = f.name.rstrip("_")
+            for candidate in (key, f"{key}_env"):
+                var = f"{ENV_PREFIX}{section}_{candidate}".upper()
+                if var in self.env:
+                    # An override replaces both spellings of the key.
+                    table.pop(key, None)
+                    table.pop(f"{key}_env", None)
+                    table[candidate] = self.env[var]
+        return table
+
+    def _env_named(self, group: str, name: str, table: dict[str, object]) -> dict[str, object]:
+        prefix = f"{ENV_PREFIX}{group}_{name}_".upper().replace("-", "_")
+        for var, value in self.env.items():
+            if var.startswith(prefix) and len(var) > len(prefix):
+                key = var[len(prefix):].lower()
+                base = key.removesuffix("_env")
+                table.pop(base, None)
+                table.pop(f"{base}_env", None)
+                table[key] = value
+        return table
+
+    def _resolve_env_keys(self, table: Mapping[str, object], where: str) -> dict[str, object]:
+        """Replace every ``k_env = "VAR"`` by ``k = $VAR``."""
+        out: dict[str, object] = {}
+        for key, value in table.items():
+            if key.endswith("_env"):
+                base = key.removesuffix("_env")
+                if base in table:
+                    raise self.error(f"{where}.{key}", f"give either {base} or {key}, not both")
+                if not isinstance(value, str) or not value:
+                    raise self.error(f"{where}.{key}", "must name an environment variable")
+                if value not in self.env:
+                    raise self.error(
+                        f"{where}.{key}", f"environment variable {value} is not set"
+                    )
+                out[base] = self.env[value]
+            else:
+                out[key] = value
+        return out
+
+    # -- typed building ----------------------------------------------------------------
+
+    def _build(self, cls: type, table: dict[str, object], where: str) -> object:
+        table = self._resolve_env_keys(table, where)
+        fields = {f.name.rstrip("_"): f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, object] = {}
+        for key, value in table.items():
+            if key not in fields:
+                known = ", ".join(sorted(fields))
+                raise self.error(f"{where}.{key}", f"unknown key (known keys: {known})")
+            f = fields[key]
+            kwargs[f.name] = self._coerce(hints[f.name], value, f"{where}.{key}")
+        for key, f in fields.items():
+            missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if missing and f.name not in kwargs:
+                raise self.error(f"{where}.{key}", "required key is missing")
+        return cls(**kwargs)
+
+    def _coerce(self, hint: object, value: object, key: str) -> object:
+        from_env = isinstance(value, str)
+        if hint is str:
+            if not isinstance(value, str):
+                raise self.error(key, f"must be a string, not {_tname(value)}")
+            return value
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if from_env and str(value).lower() in (*_TRUE, *_FALSE):
+                return str(value).lower() in _TRUE
+            raise self.error(key, f"must be true or false, not {_tname(value)}")
+        if hint is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value, 0)
+                except ValueError:
+                    pass
+            raise self.error(key, f"must be an integer, not {_tname(value)}")
+        if hint is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise self.error(key, f"must be a number, not {_tname(value)}")
+        if hint is Path:
+            if not isinstance(value, str) or not value:
+                raise self.error(key, f"must be a path string, not {_tname(value)}")
+            return Path(value)
+        origin = typing.get_origin(hint)
+        if origin is tuple:
+            (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
+            if not isinstance(value, list):
+                raise self.error(key, f"must be an array of tables, not {_tname(value)}")
+            out = []
+            for i, entry in enumerate(value):
+                if not isinstance(entry, dict):
+                    raise self.error(f"{key}[{i}]", "must be a table")
+                out.append(self._build(typing.cast(type, item), dict(entry), f"{key}[{i}]"))
+            return tuple(out)
+        if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields yet
+            raise self.error(key, "unsupported type")
+        raise self.error(key, f"unsupported type {hint!r}")  # pragma: no cover
+
+    # -- cross-field validation ------------------------------------------------------
+
+    def _validate(self, c: Config) -> None:
+        if not c.daemon.app.strip():
+            raise self.error("daemon.app", "must name the app: a file path or package.module:attr")
+        if c.daemon.log_format not in _LOG_FORMATS:
+            raise self.error("daemon.log_format", f"must be one of {', '.join(_LOG_FORMATS)}")
+        if c.daemon.log_level not in _LOG_LEVELS:
+            raise self.error("daemon.log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+        if c.daemon.drain_timeout <= 0:
+            raise self.error("daemon.drain_timeout", "must be a positive number of seconds")
+        if not re.match(r"^(sqlite\+aiosqlite|mysql\+aiomysql|mysql\+asyncmy)://", c.store.url):
+            raise self.error(
+                "store.url",
+                "must start with sqlite+aiosqlite://, mysql+aiomysql:// or mysql+asyncmy://",
+            )
+        if c.store.pool_size < 1:
+            raise self.error("store.pool_size", "must be at least 1")
+        m = re.match(r"^(\[[0-9a-fA-F:]+\]|[^:\[\]]+):(\d{1,5})$", c.http.listen)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise self.error("http.listen", f"must be HOST:PORT, got {c.http.listen!r}")
+        if c.http.public_url and not re.match(r"^https?://", c.http.public_url):
+            raise self.error("http.public_url", "must start with http:// or https://")
+        names = set()
+        for i, k in enumerate(c.http.keys):
+            if not k.name or not k.secret:
+                raise self.error(f"http.keys[{i}]", "needs a name and a non-empty secret")
+            if k.name in names:
+                raise self.error(f"http.keys[{i}].name", f"duplicate key name {k.name!r}")
+            names.add(k.name)
+        for limit in ("max_event_bytes", "max_request_bytes"):
+            if getattr(c.http, limit) < 1024:
+                raise self.error(f"http.{limit}", "must be at least 1024")
+        for name, table in c.providers.items():
+            plugin = table.options.get("plugin", name)
+            if not isinstance(plugin, str) or not plugin:
+                raise self.error(f"providers.{name}.plugin", "must name an entry point")
+        if c.email.provider not in c.providers:
+            known = ", ".join(sorted(c.providers)) or "none configured"
+            raise self.error(
+                "email.provider", f"names no [providers.{c.email.provider}] table ({known})"
+            )
+        for name, table in c.sources.items():
+            if not table.get_str("url"):
+                raise self.error(f"sources.{name}.url", "required: give url or url_env")
+
+
+def _tname(value: object) -> str:
+    return {
+        str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+        list: "an array", dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _absolutize(c: Config) -> Config:
+    """Make relative paths absolute against the config file's folder."""
+    daemon = dataclasses.replace(c.daemon, control_socket=c.resolve(c.daemon.control_socket))
+    url = c.store.url
+    m = re.match(r"^(sqlite\+aiosqlite:///)(.+)$", url)
+    if m and not m.group(2).startswith("/") and not m.group(2).startswith(":memory:"):
+        url = m.group(1) + str(c.resolve(m.group(2)))
+    store = dataclasses.replace(c.store, url=url)
+    return dataclasses.replace(c, daemon=daemon, store=store)

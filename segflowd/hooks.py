@@ -1,0 +1,93 @@
+"""The narrow interfaces between the daemon's parts, as the picture in DESIGN.md draws them.
+
+    ingest ──IngestBatch──► segments, transactions, flows (wait_for_event)
+    segments ──MembershipChange──► flows
+    flows, transactions ──messages rows (outbox)──► delivery (woken by OutboxWaker)
+
+The in-memory hand-off is the fast path only. The store is the log: every consumer of
+ingest keeps a durable cursor (last event id / user ``updated_at`` it has processed)
+and catches up from the store at start, so an event committed just before a crash
+still reaches every engine after the restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+__all__ = [
+    "ConditionRunner",
+    "ContextProvider",
+    "IngestBatch",
+    "IngestSink",
+    "MembershipChange",
+    "MembershipSink",
+    "OutboxWaker",
+    "StoredEvent",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredEvent:
+    """An event as committed to the store (``id`` is its row id)."""
+
+    id: int
+    user_id: str | None
+    anonymous_id: str | None
+    name: str
+    attributes: Mapping[str, object]
+    created_at: dt.datetime  # the event's time: the client's timestamp, or received_at
+    received_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestBatch:
+    """What one group commit made durable."""
+
+    users: frozenset[str]  # users created, updated, or given events (or joined from anonymous)
+    events: tuple[StoredEvent, ...]  # new events, in commit order (duplicates are not here)
+    deleted: frozenset[str] = frozenset()  # users forgotten
+
+
+class IngestSink(Protocol):
+    """Told after each group commit. Must return quickly: queue the work, do not do it."""
+
+    def ingested(self, batch: IngestBatch) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MembershipChange:
+    """A user entered (``entered=True``) or left a segment at ``at``."""
+
+    segment: str
+    user_id: str
+    entered: bool
+    at: dt.datetime
+    event_id: int | None = None  # the event whose ingest caused it, where one did
+
+
+class MembershipSink(Protocol):
+    """Told of membership changes after they are committed, in the order they happened."""
+
+    async def membership_changed(self, changes: Sequence[MembershipChange]) -> None: ...
+
+
+class OutboxWaker(Protocol):
+    """Told that queued messages were committed, so delivery need not wait for its poll."""
+
+    def wake(self) -> None: ...
+
+
+class ConditionRunner(Protocol):
+    """Runs a DirectFlow condition: ``sql`` on the named source, the bool of ``result``."""
+
+    async def condition(self, source: str, sql: str, params: Mapping[str, object]) -> bool: ...
+
+
+class ContextProvider(Protocol):
+    """Adds template context for a message at send time (DirectFlow preload: ``profile``)."""
+
+    async def context_for(self, user_id: str,
+                          data: Mapping[str, object]) -> Mapping[str, object]: ...

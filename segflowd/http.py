@@ -1,0 +1,255 @@
+"""A small raw-ASGI toolkit: request, response, router, JSON errors. No framework.
+
+Errors a handler raises become ``{"error": {"code", "message"}}`` with the right status;
+an unexpected exception is logged with its traceback and answered 500 without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+import structlog
+
+from .errors import StoreUnavailable
+
+__all__ = [
+    "HTTPError",
+    "Handler",
+    "Request",
+    "Response",
+    "Router",
+    "json_response",
+]
+
+log = structlog.get_logger("segflowd.http")
+
+RETRY_AFTER = 5  # seconds a client should wait when the store is unavailable
+DEFAULT_BODY_LIMIT = 500 * 1024  # bytes
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class HTTPError(Exception):
+    """Raised by a handler to answer ``status`` with a JSON error body."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+@dataclasses.dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    async def send(self, send: Send) -> None:
+        raw = [(b"content-type", self.content_type.encode()),
+               (b"content-length", str(len(self.body)).encode())]
+        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def json_response(
+    obj: object, status: int = 200, headers: Mapping[str, str] | None = None,
+) -> Response:
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return Response(status=status, body=body, headers=dict(headers or {}))
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: Mapping[str, str] | None = None) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+class Request:
+    """One HTTP request; the body is read on demand, bounded, gzip-aware."""
+
+    def __init__(self, scope: Scope, receive: Receive, params: dict[str, str]) -> None:
+        self.scope = scope
+        self._receive = receive
+        self.params = params
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.headers: dict[str, str] = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+        }
+        self._body: bytes | None = None
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+
+    @property
+    def client(self) -> str:
+        c = self.scope.get("client")
+        return str(c[0]) if c else ""
+
+    async def body(self, limit: int = DEFAULT_BODY_LIMIT) -> bytes:
+        """The body, decompressed if gzip/deflate; 413 past ``limit`` bytes either way."""
+        if self._body is not None:
+            return self._body
+        declared = self.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPError(413, "too_large", f"request body over {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise HTTPError(400, "disconnected", "client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, "too_large", f"request body over {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        encoding = self.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("gzip", "deflate", "x-gzip"):
+            raw = _inflate(raw, limit, gzip=encoding != "deflate")
+        elif encoding not in ("identity", ""):
+            raise HTTPError(415, "unsupported_encoding",
+                            f"Content-Encoding {encoding!r} is not supported (use gzip)")
+        self._body = raw
+        return raw
+
+    async def json(self, limit: int = DEFAULT_BODY_LIMIT) -> Any:
+        """The body parsed as JSON; 400 naming the problem if it is not."""
+        ctype = self.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype and ctype not in ("application/json", "text/plain", "application/x-json") \
+                and not ctype.endswith("+json"):
+            raise HTTPError(415, "unsupported_media_type",
+                            f"Content-Type {ctype!r} is not supported: send application/json")
+        raw = await self.body(limit)
+        if not raw.strip():
+            raise HTTPError(400, "invalid_json", "request body is empty: expected a JSON object")
+        try:
+            return json.loads(raw)
+        except UnicodeDecodeError:
+            raise HTTPError(400, "invalid_json", "request body is not UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise HTTPError(400, "invalid_json",
+                            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                            f"column {exc.colno}") from None
+
+
+def _inflate(raw: bytes, limit: int, *, gzip: bool) -> bytes:
+    """Decompress within ``limit``; every member of a multi-member gzip body counts."""
+    out = b""
+    data = raw
+    while True:
+        d = zlib.decompressobj(wbits=(16 + zlib.MAX_WBITS) if gzip else zlib.MAX_WBITS)
+        try:
+            out += d.decompress(data, limit + 1 - len(out))
+        except zlib.error:
+            raise HTTPError(400, "invalid_encoding", "request body is not valid gzip") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise HTTPError(413, "too_large", f"decompressed request body over {limit} bytes")
+        if not d.eof:
+            raise HTTPError(400, "invalid_encoding", "request body is truncated gzip")
+        data = d.unused_data
+        if not data.strip(b"\0"):  # padding after the last member is allowed (RFC 1952)
+            return out
+        if not gzip:
+            raise HTTPError(400, "invalid_encoding", "request body has data after deflate end")
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclasses.dataclass
+class _Route:
+    pattern: re.Pattern[str]
+    template: str
+    handlers: dict[str, Handler]
+
+
+class Router:
+    """Routes ``METHOD /path/{param}`` to handlers; itself the ASGI application."""
+
+    def __init__(self) -> None:
+        self._routes: list[_Route] = []
+
+    def add(self, method: str, template: str, handler: Handler) -> None:
+        for route in self._routes:
+            if route.template == template:
+                if method in route.handlers:
+                    raise ValueError(f"route {method} {template} is already registered")
+                route.handlers[method] = handler
+                return
+        regex = "^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template)) + "$"
+        self._routes.append(_Route(re.compile(regex), template, {method: handler}))
+
+    def route(self, method: str, template: str) -> Callable[[Handler], Handler]:
+        def decorator(fn: Handler) -> Handler:
+            self.add(method, template, fn)
+            return fn
+        return decorator
+
+    def routes(self) -> list[tuple[str, str]]:
+        return [(m, r.template) for r in self._routes for m in r.handlers]
+
+    def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        for route in self._routes:
+            m = route.pattern.match(path)
+            if m is None:
+                continue
+            handler = route.handlers.get(method)
+            if handler is None and method == "HEAD":
+                handler = route.handlers.get("GET")
+            if handler is None:
+                allow = ", ".join(sorted(route.handlers))
+                raise HTTPError(405, "method_not_allowed",
+                                f"{method} is not allowed on {route.template}", {"Allow": allow})
+            return handler, {k: unquote(v) for k, v in m.groupdict().items()}
+        raise HTTPError(404, "not_found", f"no route {unquote(path)}")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # websockets are not served
+            return
+        try:
+            # Match on the raw, still percent-encoded path, so "%2F" in a user id stays
+            # inside its path parameter instead of splitting it.
+            raw_path = scope.get("raw_path")
+            path = raw_path.decode("latin-1") if raw_path else scope["path"]
+            handler, params = self.resolve(scope["method"], path)
+            response = await handler(Request(scope, receive, params))
+        except HTTPError as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        except StoreUnavailable:
+            response = error_response(503, "store_unavailable",
+                                      "the store is unavailable; retry later",
+                                      {"Retry-After": str(RETRY_AFTER)})
+        except Exception:
+            log.exception("http.unhandled", method=scope.get("method"), path=scope.get("path"))
+            response = error_response(500, "internal", "internal error; see the daemon's log")
+        await response.send(send)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
