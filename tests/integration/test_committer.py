@@ -1,0 +1,113 @@
+"""The group committer on a real store (SQLite and MariaDB)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import sqlalchemy as sa
+
+from segflowd import schema
+from segflowd.committer import EventWrite, ForgetWrite, GroupCommitter, LinkWrite, UserWrite
+from segflowd.errors import IngestError, StoreUnavailable
+from segflowd.hooks import IngestBatch
+from segflowd.store import Store
+from segflowd.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+NOW = dt.datetime(2026, 3, 1, 12, 0)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.batches: list[IngestBatch] = []
+
+    def ingested(self, batch: IngestBatch) -> None:
+        self.batches.append(batch)
+
+
+@pytest.fixture
+async def committer(store: Store) -> AsyncIterator[tuple[GroupCommitter, Sink]]:
+    sink = Sink()
+    c = GroupCommitter(store, FakeClock(NOW), [sink])
+    async with anyio.create_task_group() as tg:
+        await tg.start(c.run)
+        yield c, sink
+        await c.close()
+
+
+async def _events(store: Store) -> list[sa.Row[object]]:
+    async with store.connect() as conn:
+        return list(await conn.execute(sa.select(schema.events).order_by(schema.events.c.id)))
+
+
+async def test_one_bad_request_fails_alone_and_the_rest_of_the_flush_commits(
+        store: Store, committer: tuple[GroupCommitter, Sink]) -> None:
+    c, _ = committer
+    outcomes: dict[str, object] = {}
+
+    async def submit(label: str, write: EventWrite) -> None:
+        try:
+            outcomes[label] = await c.submit([write])
+        except IngestError as exc:
+            outcomes[label] = exc
+
+    good = EventWrite("ok", {"n": 1}, None, user_id="u1")
+    bad = EventWrite("bad", {"n": object()}, None, user_id="u2")  # not JSON: the store refuses
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(submit, "good", good)
+        tg.start_soon(submit, "bad", bad)
+    assert isinstance(outcomes["bad"], IngestError)
+    assert not isinstance(outcomes["good"], Exception)
+    assert [e.name for e in await _events(store)] == ["ok"]
+    assert c.statistics().failed_flushes >= 1
+
+
+async def test_sink_gets_new_events_and_touched_users_after_commit(
+        store: Store, committer: tuple[GroupCommitter, Sink]) -> None:
+    c, sink = committer
+    result = await c.submit([UserWrite("u1", {"a": 1}),
+                             EventWrite("e", {}, None, user_id="u1", dedupe_key="k1")])
+    again = await c.submit([EventWrite("e", {}, None, user_id="u1", dedupe_key="k1")])
+    assert result.duplicates == (False,)
+    assert again.duplicates == (True,)
+    assert again.event_ids == result.event_ids
+    assert len(sink.batches) == 2
+    (event,) = sink.batches[0].events
+    assert (event.id, event.user_id, event.name, event.received_at) == (
+        result.event_ids[0], "u1", "e", NOW)
+    assert sink.batches[0].users == frozenset({"u1"})
+    assert sink.batches[1].events == ()  # a duplicate is not news
+
+
+async def test_link_in_the_same_flush_gives_anonymous_events_to_the_user(
+        store: Store, committer: tuple[GroupCommitter, Sink]) -> None:
+    c, _ = committer
+    await c.submit([EventWrite("visit", {}, None, anonymous_id="a1"),
+                    LinkWrite("a1", "u1"),
+                    EventWrite("click", {}, None, anonymous_id="a1")])
+    assert {(e.name, e.user_id) for e in await _events(store)} == {("visit", "u1"),
+                                                                  ("click", "u1")}
+
+
+async def test_submit_after_close_is_unavailable(
+        store: Store, committer: tuple[GroupCommitter, Sink]) -> None:
+    c, _ = committer
+    await c.close()
+    with pytest.raises(StoreUnavailable):
+        await c.submit([UserWrite("u1", {})])
+
+
+async def test_event_after_a_forget_recreates_the_user_row(
+        store: Store, committer: tuple[GroupCommitter, Sink]) -> None:
+    c, _ = committer
+    await c.submit([EventWrite("a", {}, None, user_id="u1")])
+    await c.submit([ForgetWrite("u1")])
+    await c.submit([EventWrite("b", {}, None, user_id="u1")])
+    async with store.connect() as conn:
+        ids = [r.id for r in await conn.execute(sa.select(schema.users.c.id))]
+    assert ids == ["u1"]
+    assert [e.name for e in await _events(store)] == ["b"]
