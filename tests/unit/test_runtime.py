@@ -1,0 +1,36 @@
+"""rt commands: what a flow yields, and the clear errors for misuse."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from segflowd.errors import FlowError
+from segflowd.runtime import Command, Runtime
+
+rt = Runtime(lambda name: True)
+
+
+def test_waits_are_absolute_seconds_and_timeouts_accept_intervals() -> None:
+    assert rt.wait(days=1, hours=2) == Command("wait", None, {"seconds": 93600.0})
+    assert rt.wait_for_event("purchase", timeout="2d").args == {"timeout": 172800.0}
+    assert rt.wait_for_event("purchase", timeout=dt.timedelta(hours=1)).args == {
+        "timeout": 3600.0}
+    aware = dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert rt.wait_until(aware).args == {"at": "2026-01-01T10:00:00"}
+
+
+def test_the_args_hash_is_stable_and_tells_arguments_apart() -> None:
+    assert rt.send_email("a", x=1).hash == rt.send_email("a", x=1).hash
+    assert rt.send_email("a", x=1).hash != rt.send_email("a", x=2).hash
+    assert rt.opened("a").hash != rt.clicked("a").hash
+
+
+def test_misuse_is_a_flow_error_with_a_sentence() -> None:
+    with pytest.raises(FlowError, match="positive duration"):
+        rt.wait(seconds=-5)
+    with pytest.raises(FlowError, match="JSON-able"):
+        rt.send_email("welcome", when=object())
+    with pytest.raises(FlowError, match="takes a datetime"):
+        rt.wait_until("tomorrow")  # type: ignore[arg-type]
