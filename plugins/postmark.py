@@ -1,0 +1,108 @@
+"""The ``postmark`` provider: Postmark's ``/email/batch`` API over httpx.
+
+Options: ``server_token`` (or ``server_token_env``), ``message_stream`` (default
+``outbound``; broadcasts usually go to a ``broadcast`` stream), ``base_url`` (default
+``https://api.postmarkapp.com``), ``timeout`` (seconds), ``max_batch`` (at most 500).
+
+Each message in a batch has its own ``ErrorCode``: 0 sent; 406 (inactive recipient)
+fails the message and suppresses the address; 100/405/412/429 are transient; any
+other code is permanent. HTTP 429 and 5xx fail the whole call transiently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+
+from segflowd.errors import ProviderError
+from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
+
+from ._options import Options
+
+DEFAULT_BASE_URL = "https://api.postmarkapp.com"
+DEFAULT_STREAM = "outbound"
+DEFAULT_TIMEOUT = 30.0  # seconds per API call
+MAX_BATCH = 500  # Postmark's limit for /email/batch
+INACTIVE_RECIPIENT = 406
+TRANSIENT_CODES = frozenset({100, 405, 412, 429})  # maintenance, credits, pending, rate
+
+
+class PostmarkProvider:
+    """Sends up to 500 messages per API call."""
+
+    def __init__(self, ctx: ProviderContext) -> None:
+        o = Options(ctx, "postmark", ("server_token", "message_stream", "base_url", "timeout",
+                                      "max_batch"))
+        self.token = o.text("server_token", required=True)
+        self.stream = o.text("message_stream", DEFAULT_STREAM)
+        self.base_url = o.text("base_url", DEFAULT_BASE_URL).rstrip("/")
+        self.max_batch = o.integer("max_batch", MAX_BATCH)
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise ProviderError(f"[providers.{ctx.name}].max_batch: must be 1..{MAX_BATCH}")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, timeout=o.number("timeout", DEFAULT_TIMEOUT),
+            headers={"Accept": "application/json", "X-Postmark-Server-Token": self.token})
+
+    def _payload(self, msg: OutgoingMessage) -> dict[str, object]:
+        body: dict[str, object] = {
+            "From": msg.sender, "To": msg.to, "Subject": msg.subject,
+            "HtmlBody": msg.html, "TextBody": msg.text, "MessageStream": self.stream,
+            "TrackOpens": False, "TrackLinks": "None",  # segflowd tracks, where asked to
+            "Headers": [{"Name": n, "Value": v} for n, v in msg.headers],
+            "Metadata": {"segflow_message": str(msg.id)},
+        }
+        if msg.reply_to:
+            body["ReplyTo"] = msg.reply_to
+        return body
+
+    async def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        if not messages:
+            return []
+        try:
+            resp = await self._client.post("/email/batch",
+                                           json=[self._payload(m) for m in messages])
+        except httpx.HTTPError as exc:
+            return [SendResult(ok=False, error=f"postmark: {type(exc).__name__}: {exc}",
+                               transient=True)] * len(messages)
+        if resp.status_code == 429 or resp.status_code >= 500:
+            return [SendResult(ok=False, error=f"postmark HTTP {resp.status_code}",
+                               transient=True)] * len(messages)
+        if resp.status_code != 200:
+            detail = _error_text(resp)
+            code = _code(resp)
+            return [SendResult(ok=False, error=f"postmark HTTP {resp.status_code}: {detail}",
+                               transient=code in TRANSIENT_CODES)] * len(messages)
+        answers = resp.json()
+        if not isinstance(answers, list) or len(answers) != len(messages):
+            raise ProviderError("postmark answered the batch with a malformed response")
+        return [_result(a) for a in answers]
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _result(answer: object) -> SendResult:
+    if not isinstance(answer, dict):
+        return SendResult(ok=False, error="postmark: malformed answer", transient=True)
+    code = int(answer.get("ErrorCode", -1))
+    if code == 0:
+        return SendResult(ok=True, provider_message_id=str(answer.get("MessageID") or ""))
+    error = f"postmark {code}: {answer.get('Message', '')}"
+    if code == INACTIVE_RECIPIENT:
+        return SendResult(ok=False, error=error, suppress=True)
+    return SendResult(ok=False, error=error, transient=code in TRANSIENT_CODES)
+
+
+def _code(resp: httpx.Response) -> int:
+    try:
+        return int(resp.json().get("ErrorCode", -1))
+    except (ValueError, AttributeError, TypeError):
+        return -1
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("Message", resp.text))[:500]
+    except (ValueError, AttributeError):
+        return resp.text[:500]

@@ -1,0 +1,96 @@
+"""The ``ses`` provider: Amazon SES v2 ``SendEmail`` with raw MIME content, over httpx.
+
+Requests are signed with AWS Signature Version 4 by ``httpx-auth``. Options: ``region``
+(required: the original's fault was ignoring it), ``access_key_id`` and
+``secret_access_key`` (or their ``_env`` forms), ``configuration_set``, ``endpoint_url``
+(default ``https://email.<region>.amazonaws.com``; point it at moto in tests),
+``timeout`` (seconds), ``concurrency`` is delivery's, ``max_batch``.
+
+Throttling (HTTP 429, ``TooManyRequestsException``, ``LimitExceededException``) and 5xx
+are transient; ``MessageRejected``, ``MailFromDomainNotVerifiedException`` and other
+4xx answers are permanent.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import anyio
+import httpx
+from httpx_auth import AWS4Auth
+
+from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
+
+from ._options import Options
+
+DEFAULT_TIMEOUT = 30.0  # seconds per API call
+MAX_BATCH = 50  # messages handed over per send(); SES takes one per call, sent in parallel
+PARALLEL_CALLS = 10  # SES API calls in flight within one send()
+TRANSIENT_TYPES = frozenset({"TooManyRequestsException", "LimitExceededException",
+                             "ThrottlingException", "InternalFailure", "ServiceUnavailable"})
+
+
+class SesProvider:
+    """One SES v2 API call per message, a few in parallel."""
+
+    def __init__(self, ctx: ProviderContext) -> None:
+        o = Options(ctx, "ses", ("region", "access_key_id", "secret_access_key",
+                                 "configuration_set", "endpoint_url", "timeout", "max_batch"))
+        self.region = o.text("region", required=True)
+        self.configuration_set = o.text("configuration_set")
+        self.endpoint = o.text("endpoint_url",
+                               f"https://email.{self.region}.amazonaws.com").rstrip("/")
+        self.max_batch = max(1, o.integer("max_batch", MAX_BATCH))
+        auth = AWS4Auth(access_id=o.text("access_key_id", required=True),
+                        secret_key=o.text("secret_access_key", required=True),
+                        region=self.region, service="ses")
+        self._client = httpx.AsyncClient(base_url=self.endpoint, auth=auth,
+                                         timeout=o.number("timeout", DEFAULT_TIMEOUT))
+        self._limit = anyio.Semaphore(PARALLEL_CALLS)
+
+    async def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        results: list[SendResult | None] = [None] * len(messages)
+
+        async def one(i: int, msg: OutgoingMessage) -> None:
+            async with self._limit:
+                results[i] = await self._send_one(msg)
+
+        async with anyio.create_task_group() as tg:
+            for i, msg in enumerate(messages):
+                tg.start_soon(one, i, msg)
+        return [r or SendResult(ok=False, error="ses: no answer", transient=True)
+                for r in results]
+
+    async def _send_one(self, msg: OutgoingMessage) -> SendResult:
+        body: dict[str, object] = {
+            "FromEmailAddress": msg.sender,
+            "Destination": {"ToAddresses": [msg.to]},
+            "Content": {"Raw": {"Data": base64.b64encode(msg.mime).decode("ascii")}},
+        }
+        if self.configuration_set:
+            body["ConfigurationSetName"] = self.configuration_set
+        try:
+            resp = await self._client.post("/v2/email/outbound-emails", json=body)
+        except httpx.HTTPError as exc:
+            return SendResult(ok=False, error=f"ses: {type(exc).__name__}: {exc}",
+                              transient=True)
+        if resp.status_code == 200:
+            return SendResult(ok=True, provider_message_id=str(resp.json().get("MessageId")))
+        kind = (resp.headers.get("x-amzn-errortype", "").split(":")[0]
+                or _json_field(resp, "__type") or _json_field(resp, "code"))
+        message = _json_field(resp, "message") or _json_field(resp, "Message") or resp.text[:300]
+        error = f"ses HTTP {resp.status_code} {kind}: {message}"
+        transient = resp.status_code == 429 or resp.status_code >= 500 or kind in TRANSIENT_TYPES
+        return SendResult(ok=False, error=error, transient=transient)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _json_field(resp: httpx.Response, key: str) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return ""
+    return str(data.get(key, "")) if isinstance(data, dict) else ""

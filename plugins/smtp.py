@@ -1,0 +1,123 @@
+"""The ``smtp`` provider: aiosmtplib over TLS, STARTTLS or plain, with one reused connection.
+
+Options: ``host``, ``port`` (default 587), ``security`` (``starttls`` the default, ``tls``
+for implicit TLS on 465, ``none``), ``username``/``password`` (or ``password_env``),
+``timeout`` (seconds), ``validate_certs`` (default true), ``max_batch``.
+
+5xx answers for a recipient are permanent (550/551/553 also suppress the address); 4xx
+answers and lost connections are transient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+from collections.abc import Sequence
+
+import aiosmtplib
+import anyio
+
+from segflowd.errors import ProviderError
+from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
+
+from ._options import Options
+
+DEFAULT_PORT = 587
+DEFAULT_TIMEOUT = 30.0  # seconds per SMTP command
+MAX_BATCH = 50  # messages per send() call, all over the one connection
+SUPPRESS_CODES = frozenset({550, 551, 553})  # mailbox unavailable / not local / bad name
+
+
+class SmtpProvider:
+    """Sends over one SMTP connection, reconnecting when the server drops it."""
+
+    def __init__(self, ctx: ProviderContext) -> None:
+        o = Options(ctx, "smtp", ("host", "port", "security", "username", "password",
+                                  "timeout", "validate_certs", "max_batch"))
+        self.host = o.text("host", required=True)
+        self.port = o.integer("port", DEFAULT_PORT)
+        self.security = o.text("security", "starttls").lower()
+        if self.security not in ("starttls", "tls", "none"):
+            raise ProviderError(f"[providers.{ctx.name}].security: must be starttls, tls "
+                                "or none")
+        self.username = o.text("username")
+        self.password = o.text("password")
+        self.timeout = o.number("timeout", DEFAULT_TIMEOUT)
+        validate = ctx.options.get("validate_certs", True)
+        self.validate_certs = validate if isinstance(validate, bool) else \
+            str(validate).lower() in ("1", "true", "yes")
+        self.max_batch = max(1, o.integer("max_batch", MAX_BATCH))
+        self._client: aiosmtplib.SMTP | None = None
+        self._lock = anyio.Lock()
+        self.connections = 0  # connections opened so far (connection reuse is visible)
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        if self._client is not None and self._client.is_connected:
+            return self._client
+        client = aiosmtplib.SMTP(
+            hostname=self.host, port=self.port, timeout=self.timeout,
+            use_tls=self.security == "tls",
+            start_tls=self.security == "starttls",
+            validate_certs=self.validate_certs,
+        )
+        await client.connect()
+        if self.username:
+            try:
+                await client.login(self.username, self.password)
+            except BaseException:
+                client.close()
+                raise
+        self._client = client
+        self.connections += 1
+        return client
+
+    async def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        results: list[SendResult] = []
+        async with self._lock:
+            for msg in messages:
+                results.append(await self._send_one(msg))
+        return results
+
+    async def _send_one(self, msg: OutgoingMessage) -> SendResult:
+        try:
+            client = await self._connect()
+            errors, reply = await client.sendmail(
+                email.utils.parseaddr(msg.sender)[1], [email.utils.parseaddr(msg.to)[1]],
+                msg.mime)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0] if exc.recipients else None
+            code = refused.code if refused is not None else 550
+            return _answer(code, str(refused.message if refused else exc))
+        except aiosmtplib.SMTPResponseException as exc:
+            await self._drop()
+            return _answer(exc.code, exc.message)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self._drop()
+            return SendResult(ok=False, error=f"smtp: {type(exc).__name__}: {exc}",
+                              transient=True)
+        if errors:
+            code, text = next(iter(errors.values()))
+            return _answer(code, text)
+        return SendResult(ok=True, provider_message_id=reply.strip() or msg.message_id)
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail too
+                client.close()
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and client.is_connected:
+            try:
+                with anyio.move_on_after(self.timeout):
+                    await client.quit()
+            except aiosmtplib.SMTPException:
+                client.close()
+
+
+def _answer(code: int, text: str) -> SendResult:
+    error = f"smtp {code}: {text}"
+    if 400 <= code < 500:
+        return SendResult(ok=False, error=error, transient=True)
+    return SendResult(ok=False, error=error, suppress=code in SUPPRESS_CODES)
