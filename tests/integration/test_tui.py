@@ -1,0 +1,185 @@
+"""segflow-tui driven headless (Textual's Pilot) against a daemon running in-process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import anyio
+import pytest
+from control_harness import make_config, running_daemon, seed, short_tmp
+from textual.pilot import Pilot
+from textual.widgets import DataTable, Input, RichLog, Select, Static
+
+from segflow_tui.app import FEED_LINES, SegflowTUI, main
+from segflow_tui.backend import SocketBackend
+from segflow_tui.render import FeedFilter
+from segflow_tui.screens import ActionScreen, ConfirmScreen, FunnelScreen, HelpScreen
+from segflowd.config import Config
+
+pytestmark = pytest.mark.anyio
+
+SIZE = (150, 45)
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    with short_tmp() as d:
+        yield d
+
+
+def tui(config: Config) -> SegflowTUI:
+    return SegflowTUI(SocketBackend(config.daemon.control_socket), poll_interval=0.2,
+                      feed_interval=0.05, retry_interval=0.1)
+
+
+async def until(pilot: Pilot[None], cond: Callable[[], bool], within: float = 15) -> None:
+    with anyio.fail_after(within):
+        while not cond():
+            await pilot.pause(0.05)
+
+
+def text(app: SegflowTUI, selector: str) -> str:
+    return str(app.query_one(selector, Static).content)
+
+
+def rows(app: SegflowTUI, selector: str) -> int:
+    return app.query_one(selector, DataTable).row_count
+
+
+async def test_screens_show_the_daemons_data_and_keys_navigate_them(
+        sqlite_url: str, folder: Path) -> None:
+    config = make_config(folder, sqlite_url)
+    from segflowd.store import Store
+
+    store = Store.open(sqlite_url)
+    await store.migrate()
+    await seed(store)
+    await store.close()
+    async with running_daemon(config) as d:
+        app = tui(config)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.refreshes >= 1)
+            assert "connected to segflowd 0.1.0" in text(app, "#conn")
+            assert "store:  sqlite, healthy" in text(app, "#summary")
+            await pilot.press("2")
+            assert app.query_one("#tabs").active == "campaigns"  # type: ignore[attr-defined]
+            assert rows(app, "#campaigns-table") == 2
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, FunnelScreen))
+            assert app.screen.query_one("#funnel", DataTable).row_count == 3
+            await pilot.press("escape")
+            await pilot.press("4")
+            assert rows(app, "#segments-table") == 2
+            await pilot.press("5")
+            app.query_one("#user-id").focus()
+            await pilot.press(*"u2", "enter")
+            await until(pilot, lambda: "welcome_1" in text(app, "#timeline"))
+            assert "550 mailbox unavailable" in text(app, "#timeline")
+            await pilot.press("6")  # enter left the field: digits switch screens again
+            assert rows(app, "#messages-table") == 3
+            await pilot.press("x")
+            await until(pilot, lambda: rows(app, "#messages-table") == 1)
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape")
+            await pilot.press("3")
+            d.kernel.bus.publish("flow.entered", user_id="u1", campaign="welcome")
+            d.kernel.bus.publish("flow.entered", user_id="u2", campaign="welcome")
+            feed = app.query_one("#feed", RichLog)
+            await until(pilot, lambda: len(feed.lines) >= 2)
+            await pilot.press("slash", *"user:u2", "escape", "4")
+            assert app.query_one("#tabs").active == "segments"  # type: ignore[attr-defined]
+            await pilot.press("3")
+            await until(pilot, lambda: len(feed.lines) == 1)
+            assert "user_id=u2" in feed.lines[0].text
+
+
+async def test_an_admin_action_runs_only_after_confirmation(sqlite_url: str, folder: Path) -> None:
+    calls: list[Mapping[str, object]] = []
+
+    async def pause(args: Mapping[str, object]) -> object:
+        calls.append(dict(args))
+        return None
+
+    async def restart(args: Mapping[str, object]) -> object:
+        calls.append(dict(args))
+        return {"restarted": args["instance"]}
+
+    config = make_config(folder, sqlite_url)
+    actions = {"campaign.pause": pause, "instance.restart": restart}
+    async with running_daemon(config, actions=actions):
+        app = tui(config)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.refreshes >= 1)
+            await pilot.press("2", "p")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")
+            await until(pilot, lambda: app.last_action == ("campaign.pause", "cancelled"))
+            await pilot.press("p")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await until(pilot, lambda: app.last_action == ("campaign.pause", "ok"))
+            await pilot.press("u", "y")  # resume: no service registered it
+            await until(pilot, lambda: app.last_action is not None
+                        and app.last_action[0] == "campaign.resume")
+            resumed = app.last_action
+            await pilot.press("a")  # any action the daemon offers, with typed arguments
+            assert isinstance(app.screen, ActionScreen)
+            app.screen.query_one("#action-name", Select).value = "instance.restart"
+            app.screen.query_one("#action-args", Input).focus()
+            await pilot.press(*"instance=7", "enter")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await until(pilot, lambda: app.last_action == ("instance.restart", "ok"))
+    assert calls == [{"campaign": "welcome"}, {"instance": 7}]
+    assert resumed == ("campaign.resume", "campaign.resume is not available in this daemon")
+
+
+async def test_tui_says_the_daemon_restarted_and_reconnects_by_itself(
+        sqlite_url: str, folder: Path) -> None:
+    config = make_config(folder, sqlite_url)
+    app = tui(config)
+    async with app.run_test(size=SIZE) as pilot:
+        async with running_daemon(config):
+            await until(pilot, lambda: app.connected)
+        await until(pilot, lambda: not app.connected)
+        assert "lost the daemon" in text(app, "#conn")
+        async with running_daemon(config):
+            await until(pilot, lambda: app.reconnects == 1 and app.connected)
+            assert "(the daemon restarted)" in text(app, "#conn")
+            seen = app.refreshes
+            await until(pilot, lambda: app.refreshes > seen)
+
+
+async def test_stays_responsive_while_the_daemon_streams_1000_events_per_second(
+        sqlite_url: str, folder: Path) -> None:
+    config = make_config(folder, sqlite_url)
+    typed = "kind:event user:u17-1"
+    async with running_daemon(config) as d:
+        app = tui(config)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.refreshes >= 1)
+            await pilot.press("3", "slash")
+            for burst in range(25):  # 2,500 events over ~2.5 s, typing all along
+                for i in range(100):
+                    d.kernel.bus.publish("event.ingested", user_id=f"u{burst}-{i}", name="x")
+                if burst < len(typed):
+                    await pilot.press(typed[burst] if typed[burst] != " " else "space")
+                await anyio.sleep(0.1)
+            await until(pilot, lambda: app.events_seen + app.missed_total >= 2500)
+            await pilot.pause(0.2)
+            feed = app.query_one("#feed", RichLog)
+            assert app.query_one("#feed-filter", Input).value == typed
+            assert app.feed_filter == FeedFilter(kind="event", user="u17-1")
+            assert [line.text.split()[2] for line in feed.lines] == ["user_id=u17-1"]
+            assert len(app._recent) == FEED_LINES  # bounded, however much was streamed
+
+
+def test_missing_socket_at_start_is_one_sentence(folder: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--socket", str(folder / "none.sock")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("segflow-tui: no control socket at ")
+    assert err.count("\n") == 1
