@@ -267,7 +267,7 @@ class Stepper:
         v: dict[str, object] = {"seq": r.seq + 1, "status": "running", "wake_at": None,
                                 "wait_event": None, "updated_at": now}
         if cmd.kind == "condition":
-            r.cmd_result, r.cmd_error = await self._condition(cmd)
+            r.cmd_result, r.cmd_error = await self._condition(cmd, r.user_id)
         elif cmd.kind in ("opened", "clicked"):
             r.cmd_result = await self._engaged(r.user_id, str(cmd.name),
                                                "open" if cmd.kind == "opened" else "click")
@@ -400,16 +400,18 @@ class Stepper:
 
     # -- commands that read ----------------------------------------------------------
 
-    async def _condition(self, cmd: Command) -> tuple[object, str | None]:
+    async def _condition(self, cmd: Command, user_id: str) -> tuple[object, str | None]:
         source = str(cmd.name)
         runner = self.svc.conditions
         if runner is None:
             raise FlowError(f"condition on source {source!r}: no data sources are configured "
                             f"(add [sources.{source}] to segflow.toml)")
         params = cmd.args.get("params")
+        # DirectFlow's conditions name the user <%= profile_id %>: the flow's user, unless
+        # the flow passes its own.
+        values = {"profile_id": user_id, **(params if isinstance(params, dict) else {})}
         try:
-            ok = await runner.condition(source, str(cmd.args["sql"]),
-                                        dict(params) if isinstance(params, dict) else {})
+            ok = await runner.condition(source, str(cmd.args["sql"]), values)
         except KeyError:
             raise FlowError(f"condition on unknown source {source!r}: add [sources.{source}]"
                             " to segflow.toml") from None

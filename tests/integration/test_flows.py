@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import load_config
 from segflowd.flows import FlowService
-from segflowd.hooks import IngestBatch, MembershipChange, StoredEvent
+from segflowd.hooks import ConditionRunner, IngestBatch, MembershipChange, StoredEvent
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.schema import events, flow_instances, flow_journal, messages, segment_members, users
@@ -54,9 +54,10 @@ class Harness:
                       bus=self.bus, metrics=Metrics())
 
     @contextlib.asynccontextmanager
-    async def running(self, app: Segflow) -> AsyncIterator[FlowService]:
+    async def running(self, app: Segflow, *, conditions: ConditionRunner | None = None
+                      ) -> AsyncIterator[FlowService]:
         """A FlowService on this store; leaving the block stops it (like a daemon exit)."""
-        svc = FlowService(self.kernel(app), workers=2)
+        svc = FlowService(self.kernel(app), workers=2, conditions=conditions)
         self.svc = svc
         async with anyio.create_task_group() as tg:
             await tg.start(svc.run)
@@ -459,6 +460,45 @@ async def test_a_condition_without_data_sources_fails_naming_the_source(h: Harne
     assert inst.status == "failed"
     assert "'crm'" in inst.error
     assert "Traceback" not in inst.error
+
+
+class Conditions:
+    """A ConditionRunner that answers from a table and records what it was asked."""
+
+    def __init__(self, premium: set[str]) -> None:
+        self.premium = premium
+        self.asked: list[tuple[str, str, dict[str, object]]] = []
+
+    async def condition(self, source: str, sql: str, params: Mapping[str, object]) -> bool:
+        self.asked.append((source, sql, dict(params)))
+        return params.get("profile_id") in self.premium
+
+
+def premium_check(ctx: Any, rt: Any) -> Generator[object, object, object]:
+    ok = yield rt.condition("crm", "SELECT true AS result WHERE '<%= profile_id %>' = 'x'")
+    yield rt.wait(days=1)
+    yield rt.send_email("premium" if ok else "basic")
+
+
+async def test_a_condition_binds_the_flows_user_and_is_not_asked_again_on_replay(
+        h: Harness) -> None:
+    app = make_app("cond", premium_check)
+    await h.user("ana")
+    await h.user("ben")
+    first = Conditions(premium={"ana"})
+    async with h.running(app, conditions=first):
+        await h.join("ana", "seg")
+        await h.join("ben", "seg")
+    assert sorted((src, p["profile_id"]) for src, _sql, p in first.asked) == [
+        ("crm", "ana"), ("crm", "ben")]
+    # After a restart the flows replay past the condition from the journal: the source
+    # is not asked again, and each user gets what the first answer decided.
+    second = Conditions(premium={"ben"})  # the database changed its mind meanwhile
+    async with h.running(app, conditions=second):
+        await h.advance(2 * DAY)
+    assert second.asked == []
+    assert await h.sent("ana") == [("premium", 1.0)]
+    assert await h.sent("ben") == [("basic", 1.0)]
 
 
 async def test_a_paused_campaign_takes_no_entries_and_keeps_its_waits(h: Harness) -> None:
