@@ -237,12 +237,17 @@ class _Parser:
                 opts = self._env_named(group, tname, dict(table))
                 resolved = self._resolve_env_keys(opts, f"{group}.{tname}")
                 named[group][tname] = NamedTable(tname, resolved)
+        email = typing.cast(EmailConfig, sections["email"])
+        if email.provider == EmailConfig.provider and email.provider not in named["providers"]:
+            # The embedded default needs no table: the file outbox with its defaults.
+            named["providers"][email.provider] = NamedTable(email.provider,
+                                                            {"plugin": email.provider})
         config = Config(
             path=cfg_path,
             daemon=typing.cast(DaemonConfig, sections["daemon"]),
             store=typing.cast(StoreConfig, sections["store"]),
             http=typing.cast(HttpConfig, sections["http"]),
-            email=typing.cast(EmailConfig, sections["email"]),
+            email=email,
             providers=named["providers"],
             sources=named["sources"],
         )

@@ -39,6 +39,16 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert c.store.url == f"sqlite+aiosqlite:///{tmp_path / 'var' / 'segflow.db'}"
 
 
+def test_default_outbox_provider_needs_no_providers_table(tmp_path: Path) -> None:
+    c = load_config(write(tmp_path, '[daemon]\napp = "app.py:app"\n'), {})
+    assert c.email.provider == "outbox"
+    assert c.providers["outbox"].options == {"plugin": "outbox"}
+    # a provider other than the default still needs its table
+    err = error_of(write(tmp_path, '[daemon]\napp = "app.py:app"\n[email]\n'
+                                   'provider = "postmark"\n'))
+    assert err.key == "email.provider"
+
+
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
     err = error_of(tmp_path / "absent.toml")
     assert err.file == str(tmp_path / "absent.toml")
