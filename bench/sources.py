@@ -28,6 +28,7 @@ from pathlib import Path
 
 import anyio
 import sqlalchemy as sa
+from _stores import KINDS, store_url  # bench/ is on sys.path when run as a script
 
 from segflowd.app import Segflow
 from segflowd.audiences import AudienceService
@@ -41,7 +42,6 @@ from segflowd.store import Store
 from segflowd.testing import FakeClock
 
 POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-MARIADB = "mysql+aiomysql://root@127.0.0.1:3306"
 PRELOAD_SAMPLE = 2_000  # profiles whose context is built in the preload figure
 
 SCHEMA = [
@@ -98,24 +98,6 @@ def customer_database(profiles: int) -> Iterator[str]:
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
-@contextmanager
-def store_url(kind: str, folder: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite+aiosqlite:///{folder / 'store.db'}"
-        return
-    name = f"segflow_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(sa.engine.make_url(MARIADB).set(drivername="mysql+pymysql"),
-                             poolclass=sa.pool.NullPool)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    try:
-        yield f"{MARIADB}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
         admin.dispose()
 
 
@@ -185,7 +167,7 @@ def main() -> None:
     p.add_argument("--store", choices=("sqlite", "mariadb", "both"), default="both")
     args = p.parse_args()
     profiles = args.profiles or (10_000 if args.quick else 100_000)
-    kinds = ("sqlite", "mariadb") if args.store == "both" else (args.store,)
+    kinds = KINDS if args.store == "both" else (args.store,)
     with customer_database(profiles) as crm_url:
         for kind in kinds:
             anyio.run(bench_store, kind, crm_url, profiles)
