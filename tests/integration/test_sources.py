@@ -160,6 +160,26 @@ async def test_statement_timeout_cancels_a_slow_query(postgres_url: str) -> None
         await src.close()
 
 
+async def test_pooled_connections_the_database_closed_are_replaced_without_an_error(
+        crm: Source, postgres_url: str) -> None:
+    assert await crm.fetch(PREMIUM, {"profile_id": "u-ada"}, what="condition", limit=1)
+    assert len(await crm.fetch(AUDIENCE, {"community_id": 1}, what="audience")) == 2
+    # The database drops every segflowd session (a restart, a proxy's idle timeout).
+    admin = sa.create_engine(
+        sa.engine.make_url(postgres_url).set(drivername="postgresql+psycopg2"),
+        poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        killed = conn.execute(sa.text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'segflowd'")).scalar()
+    admin.dispose()
+    assert killed >= 1
+    (row,) = await crm.fetch(PREMIUM, {"profile_id": "u-ada"}, what="condition", limit=1)
+    assert row["result"] is True
+    assert len(await crm.fetch(AUDIENCE, {"community_id": 1}, what="audience")) == 2
+    assert crm.statistics().errors == 0
+
+
 async def test_unreachable_source_is_a_clear_error_naming_it() -> None:
     src = source_for("gone", "postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout=1)
     try:
