@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from .errors import SegflowError
 from .hooks import OutboxWaker
-from .outbox import enqueue
+from .outbox import Queued, enqueue_many
 from .schema import broadcasts, segment_members
 
 if TYPE_CHECKING:
@@ -242,11 +242,10 @@ class BroadcastService:
         if user_ids:
             async with self.k.store.begin() as conn:
                 if row.template is not None:
-                    now = clock.now()
-                    for uid in user_ids:
-                        await enqueue(conn, kind="broadcast", template=row.template, now=now,
-                                      user_id=uid, dedupe_key=f"bc:{bid}:{uid}",
-                                      data=dict(row.data or {}))
+                    await enqueue_many(conn, [
+                        Queued(kind="broadcast", template=row.template, user_id=uid,
+                               dedupe_key=f"bc:{bid}:{uid}", data=dict(row.data or {}))
+                        for uid in user_ids], now=clock.now())
                 await conn.execute(sa.update(broadcasts).where(b.id == bid).values(
                     after=user_ids[-1], done=done, updated_at=clock.now()))
         if not user_ids:

@@ -8,8 +8,9 @@ is committed together with the step that decided it and exists exactly once (the
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import sqlalchemy as sa
@@ -17,9 +18,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .schema import messages
 
-__all__ = ["MessageKind", "enqueue"]
+__all__ = ["MessageKind", "Queued", "enqueue", "enqueue_many"]
 
 MessageKind = Literal["campaign", "transaction", "test", "broadcast"]
+DEDUPE_CHUNK = 500  # dedupe keys looked up per query in enqueue_many
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    """One message for :func:`enqueue_many` (the keywords of :func:`enqueue`)."""
+
+    kind: MessageKind
+    template: str
+    user_id: str | None
+    dedupe_key: str
+    data: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    campaign: str | None = None
+    instance_id: int | None = None
+    to_address: str | None = None
 
 
 async def enqueue(
@@ -46,3 +62,31 @@ async def enqueue(
     ))
     pk = result.inserted_primary_key
     return int(pk[0]) if pk is not None else None
+
+
+async def enqueue_many(conn: AsyncConnection, items: Sequence[Queued], *,
+                       now: dt.datetime) -> int:
+    """Queue many messages in two statements per chunk (a round of flow steps, a batch of
+    a broadcast); those whose ``dedupe_key`` was queued before are skipped. Returns how
+    many were queued. Same guarantees as :func:`enqueue`, without its round trips."""
+    queued = 0
+    for lo in range(0, len(items), DEDUPE_CHUNK):
+        chunk = items[lo:lo + DEDUPE_CHUNK]
+        keys = [q.dedupe_key for q in chunk]
+        seen = {r[0] for r in await conn.execute(
+            sa.select(messages.c.dedupe_key).where(messages.c.dedupe_key.in_(keys)))}
+        rows = []
+        for q in chunk:
+            if q.dedupe_key in seen:
+                continue
+            seen.add(q.dedupe_key)  # a key twice in one call is queued once
+            rows.append({
+                "user_id": q.user_id, "kind": q.kind, "campaign": q.campaign,
+                "transaction": None, "instance_id": q.instance_id, "template": q.template,
+                "to_address": q.to_address, "data": dict(q.data), "status": "queued",
+                "attempts": 0, "next_attempt_at": now, "dedupe_key": q.dedupe_key,
+                "created_at": now, "updated_at": now})
+        if rows:
+            await conn.execute(sa.insert(messages), rows)
+            queued += len(rows)
+    return queued

@@ -28,6 +28,7 @@ from .errors import FlowError
 from .journal import Divergence, FlowCrashed, JournalRow, Replay, result_for_flow
 from .runtime import WAIT_KINDS, Command
 from .schema import engagement, events, flow_instances, flow_journal, messages, users
+from .store import is_unavailable
 
 if TYPE_CHECKING:
     from .flows import FlowService, _Work
@@ -237,16 +238,19 @@ class Stepper:
                 await self._prepare_step(r, now, reads)
             except FlowError as exc:
                 r.end, r.end_error = "failed", str(exc)
+        down: Exception | None = None  # the store went away in the middle
         try:
             async with self.k.store.begin() as conn:
                 await self._write_all(conn, runs, now)
         except Exception as exc:
-            if len(runs) == 1 and not isinstance(exc, _Lost):
-                raise
+            if (len(runs) == 1 or is_unavailable(exc)) and not isinstance(exc, _Lost):
+                raise  # nothing of the round was written; the caller knows what to do
             if not isinstance(exc, _Lost):
                 log.warning("flow.group_retry", steps=len(runs), error=str(exc)[:300])
             for r in runs:  # one transaction each: a lost or bad step fails alone
-                r.lost = False
+                r.lost = down is not None
+                if r.lost:
+                    continue
                 try:
                     async with self.k.store.begin() as conn:
                         await self._write(conn, r, now)
@@ -255,9 +259,13 @@ class Stepper:
                 except Exception as one:
                     log.error("flow.step_error", instance=r.iid, error=str(one)[:300])
                     r.lost = True
+                    if is_unavailable(one):
+                        down = one  # the rest stay as the store has them
         for r in runs:
             if not r.lost:
                 self._after(r, now)
+        if down is not None:
+            raise down
 
     async def _prepare_step(self, r: _Run, now: dt.datetime, reads: dict[str, object]
                             ) -> None:
@@ -327,12 +335,13 @@ class Stepper:
                 ).values(result=r.fix))
         if rows:
             await conn.execute(sa.insert(flow_journal), rows)
-        for r in runs:
-            if not r.end and r.cmd is not None and r.cmd.kind == "send_email":
-                await outbox.enqueue(
-                    conn, kind="campaign", template=str(r.cmd.name), now=now,
-                    user_id=r.user_id, dedupe_key=f"flow:{r.iid}:{r.seq}",
-                    data=dict(r.cmd.args), campaign=r.campaign.name, instance_id=r.iid)
+        sends = [outbox.Queued(kind="campaign", template=str(r.cmd.name), user_id=r.user_id,
+                               dedupe_key=f"flow:{r.iid}:{r.seq}", data=dict(r.cmd.args),
+                               campaign=r.campaign.name, instance_id=r.iid)
+                 for r in runs
+                 if not r.end and r.cmd is not None and r.cmd.kind == "send_email"]
+        if sends:
+            await outbox.enqueue_many(conn, sends, now=now)
         for r in runs:
             r.lost = False
 
