@@ -24,7 +24,10 @@ from ._options import Options
 
 DEFAULT_PORT = 587
 DEFAULT_TIMEOUT = 30.0  # seconds per SMTP command
-MAX_BATCH = 50  # messages per send() call, all over the one connection
+# One message per send() call by default: SMTP hands messages over one at a time, so with
+# one per call a crash leaves at most one message per delivery worker `unknown` (a larger
+# batch would leave all of it). The connection is kept across calls either way.
+MAX_BATCH = 1
 SUPPRESS_CODES = frozenset({550, 551, 553})  # mailbox unavailable / not local / bad name
 
 

@@ -29,7 +29,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from .clock import Clock
-from .errors import TemplateError
+from .errors import StoreUnavailable, TemplateError
 from .hooks import ContextProvider
 from .http import Router
 from .kernel import Kernel
@@ -55,6 +55,7 @@ log = structlog.get_logger("segflowd.delivery")
 DEFAULT_CONCURRENCY = 1  # parallel send calls per provider
 DEFAULT_RATE = 0.0  # messages per second per provider; 0 means unlimited
 TEST_WAIT = 30.0  # seconds "email.test" waits for its message to be sent
+RECORD_RETRY = 1.0  # seconds between attempts to record sent messages while the store is down
 MARKETING_TOPIC = "marketing"
 MARKETING_KINDS = frozenset({"campaign", "broadcast"})
 FINAL = frozenset({"sent", "failed", "suppressed", "unknown"})
@@ -233,11 +234,12 @@ class DeliveryService:
         while not self._stopping:
             try:
                 n = await self.run_once()
+                if n == 0 and not self._stopping:
+                    await self._refresh_depth()
             except Exception as exc:  # the store went away: keep the worker, try later
                 log.warning("delivery.error", worker=index, error=f"{type(exc).__name__}: {exc}")
                 n = 0
             if n == 0 and not self._stopping:
-                await self._refresh_depth()
                 await self._idle(self.k.config.email.poll_interval)
 
     async def _idle(self, seconds: float) -> None:
@@ -258,7 +260,8 @@ class DeliveryService:
         now = self.k.clock.now()
         async with self.k.store.begin() as conn:
             rows = (await conn.execute(
-                sa.select(messages.c.id, messages.c.user_id, messages.c.template)
+                sa.select(messages.c.id, messages.c.user_id, messages.c.template,
+                          messages.c.message_id)
                 .where(messages.c.status == "sending"))).all()
             if rows:
                 await conn.execute(
@@ -268,9 +271,10 @@ class DeliveryService:
                             last_error="the process stopped while sending: may or may not "
                                        "have been delivered (not re-sent)"))
         for r in rows:
-            log.warning("message.unknown", message=r.id, user_id=r.user_id, template=r.template)
+            log.warning("message.unknown", message=r.id, user_id=r.user_id, template=r.template,
+                        message_id=r.message_id)
             self.k.bus.publish("message.unknown", message=r.id, user_id=r.user_id,
-                               template=r.template)
+                               template=r.template, message_id=r.message_id)
             self.k.metrics.inc("segflow_messages_total", status="unknown")
         self._totals["unknown"] += len(rows)
         return [r.id for r in rows]
@@ -307,7 +311,17 @@ class DeliveryService:
             finally:
                 c.in_flight -= len(to_send)
                 c.batches += 1
-        await self._record(prepared, dict(zip([id(p) for p in to_send], results, strict=True)))
+        outcomes = dict(zip([id(p) for p in to_send], results, strict=True))
+        while True:
+            try:
+                await self._record(prepared, outcomes)
+                break
+            except StoreUnavailable as exc:
+                # The outcomes are known; left `sending` they would turn `unknown` at the
+                # next start. Keep them until the store answers again.
+                log.warning("delivery.record_retry", messages=len(prepared),
+                            error=str(exc)[:300], retry_in_s=RECORD_RETRY)
+                await self.k.clock.sleep(RECORD_RETRY)
         return len(rows)
 
     async def _claim(self, size: int) -> list[Mapping[str, Any]]:
@@ -325,7 +339,17 @@ class DeliveryService:
                                           messages.c.status == "queued")
                 .values(status="sending", attempts=messages.c.attempts + 1,
                         provider=self.provider_name, updated_at=now))
-        return [dict(r, attempts=r["attempts"] + 1) for r in rows]
+            # The Message-ID is stored before any byte leaves: a send cut by a crash is
+            # `unknown` and still names what the provider may have delivered.
+            fresh = {int(r["id"]): make_message_id(int(r["id"]), self._sender_domain)
+                     for r in rows if not r["message_id"]}
+            if fresh:
+                await conn.execute(
+                    sa.update(messages).where(messages.c.id == sa.bindparam("b_id"))
+                    .values(message_id=sa.bindparam("b_mid")),
+                    [{"b_id": i, "b_mid": mid} for i, mid in fresh.items()])
+        return [dict(r, attempts=r["attempts"] + 1,
+                     message_id=r["message_id"] or fresh[int(r["id"])]) for r in rows]
 
     async def _prepare_batch(self, rows: Sequence[Mapping[str, Any]]) -> list[_Prepared]:
         """Read what the batch needs in three queries, then render it off the event loop."""

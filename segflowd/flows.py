@@ -30,8 +30,9 @@ from .errors import FlowError
 from .hooks import ConditionRunner, IngestBatch, MembershipChange, OutboxWaker, StoredEvent
 from .http import Router
 from .kernel import Kernel
-from .schema import campaign_settings, flow_instances, segment_members
+from .schema import campaign_settings, flow_instances, segment_changes, segment_members
 from .steps import Stepper
+from .store import is_unavailable
 from .versions import reconcile_versions, record_versions
 from .wheel import TimerWheel, WheelStatistics
 
@@ -46,6 +47,8 @@ WORKERS = 8  # concurrent step workers (each holds at most one store connection)
 LOAD_CHUNK = 5000  # waits the loader moves into the wheel per query
 MEMBERSHIP_CHUNK = 500  # users whose memberships are read per query on entries and exits
 LOAD_RETRY = 5.0  # seconds before the loader tries a store that failed again
+RESYNC_RETRY = 1.0  # seconds between attempts to pick up work an outage dropped
+CATCH_UP_CHANGES = 10_000  # newest segment changes handed to flows again at start
 STATS_REFRESH = 30.0  # seconds between recounts of instances per campaign and state
 LATENESS_WINDOW = 10_000  # fired timers kept for the lateness percentile
 _EPOCH = dt.datetime(1970, 1, 1)
@@ -116,6 +119,12 @@ class FlowService:
         self._event_batches: collections.deque[list[StoredEvent]] = collections.deque()
         self._idle_waiters: list[anyio.Event] = []
         self._ticking = False
+        self._resync = anyio.Event()  # set when a store outage may have dropped work
+        self._held: list[MembershipChange] = []  # entries and exits the store refused
+        # While catching up at start: (campaign, user) -> their newest instance's start,
+        # and the (campaign, user) pairs with a live instance.
+        self._started_since: dict[tuple[str, str], dt.datetime] | None = None
+        self._live_pairs: set[tuple[str, str]] = set()
         self._stepper = Stepper(self)
         k.stats["flows"] = self.statistics
         k.stats["wheel"] = self.wheel_statistics
@@ -170,7 +179,46 @@ class FlowService:
         self._loaded_until = None
         await self._load(now)
         await self._recount()
+        await self._catch_up_membership()
         self._started = True
+
+    async def _catch_up_membership(self) -> None:
+        """Hand over again the newest segment changes: the segment engine commits a change
+        before it tells flows, so a crash in between left an entry without its instance.
+        Replaying is safe: an entry is skipped where the campaign has an instance for the
+        user started at or after it, and an exit only ends what should have ended."""
+        watched = {s for c in self.k.app.campaigns.values() for s in (*c.segments, *c.exclude)}
+        if not watched:
+            return
+        sc, fi = segment_changes.c, flow_instances.c
+        async with self.k.store.connect() as conn:
+            top = int((await conn.execute(sa.select(sa.func.max(sc.id)))).scalar() or 0)
+            rows = (await conn.execute(
+                sa.select(sc.segment, sc.user_id, sc.entered, sc.at).where(
+                    sc.id > top - CATCH_UP_CHANGES, sc.segment.in_(watched))
+                .order_by(sc.id))).all()
+            if not rows:
+                return
+            since = min(r.at for r in rows)
+            uids = sorted({str(r.user_id) for r in rows})
+            started: dict[tuple[str, str], dt.datetime] = {}
+            live: set[tuple[str, str]] = set()
+            for lo in range(0, len(uids), MEMBERSHIP_CHUNK):
+                part = uids[lo:lo + MEMBERSHIP_CHUNK]
+                for c, u, t in await conn.execute(
+                        sa.select(fi.campaign, fi.user_id, sa.func.max(fi.created_at)).where(
+                            fi.user_id.in_(part), fi.created_at >= since)
+                        .group_by(fi.campaign, fi.user_id)):
+                    started[(str(c), str(u))] = t
+                live.update((str(c), str(u)) for c, u in await conn.execute(
+                    sa.select(fi.campaign, fi.user_id).where(fi.user_id.in_(part),
+                                                             fi.live == 1)))
+        self._started_since, self._live_pairs = started, live
+        try:
+            await self._apply_membership([MembershipChange(
+                str(r.segment), str(r.user_id), bool(r.entered), r.at) for r in rows])
+        finally:
+            self._started_since, self._live_pairs = None, set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.startup()
@@ -179,6 +227,7 @@ class FlowService:
             for _ in range(self.workers):
                 tg.start_soon(self._worker)
             tg.start_soon(self._recounter)
+            tg.start_soon(self._resyncer)
             task_status.started()
 
     async def drain(self) -> None:
@@ -354,29 +403,89 @@ class FlowService:
         try:
             await work
         except Exception as exc:  # a store outage must not kill the worker; work stays durable
+            if is_unavailable(exc):
+                self._store_failed(exc)
+                return
             log.error("flow.step_error", error=str(exc), exc_info=True)
+
+    # -- after a store outage --------------------------------------------------------
+
+    def _store_failed(self, exc: BaseException) -> None:
+        """Work failed because the store is down: it is durable there; resync later."""
+        log.warning("flow.store_unavailable", error=str(exc)[:300], retry_in_s=RESYNC_RETRY)
+        self._resync.set()
+
+    async def _resyncer(self) -> None:
+        """Once the store answers again, re-queue what an outage dropped: instances left
+        ``running``, waits already due (the wheel fired them into a failed step) and the
+        entries and exits that could not be applied. Re-queued work that was in fact done
+        finds its instance moved on and changes nothing."""
+        while True:
+            await self._resync.wait()
+            await self.k.clock.sleep(RESYNC_RETRY)
+            self._resync = anyio.Event()
+            held, self._held = self._held, []
+            fi = flow_instances.c
+            try:
+                if held:
+                    await self._apply_membership(held)
+                async with self.k.store.connect() as conn:
+                    running = [int(i) for (i,) in await conn.execute(sa.select(fi.id).where(
+                        fi.live == 1, fi.status == "running"))]
+                    due = [(int(i), str(c)) for i, c in await conn.execute(
+                        sa.select(fi.id, fi.campaign).where(
+                            fi.live == 1, fi.status == "waiting", fi.wake_at.is_not(None),
+                            fi.wake_at <= self.k.clock.now()))]
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                self._store_failed(exc)
+                continue
+            log.info("flow.resynced", running=len(running), due=len(due), entries=len(held))
+            for iid in running:
+                self._push(_Work(iid, "run"))
+            for iid, campaign in due:
+                if campaign not in self.paused:
+                    self._push(_Work(iid, "timer"))
 
     # -- entries and exits -----------------------------------------------------------
 
     async def membership_changed(self, changes: Sequence[MembershipChange]) -> None:
-        """Start instances whose campaign now holds; end dynamic ones that no longer do."""
+        """Start instances whose campaign now holds; end dynamic ones that no longer do.
+
+        While the store is down the changes are held and applied once it is back.
+        """
+        await self._apply_membership(changes)
+
+    async def _apply_membership(self, changes: Sequence[MembershipChange]) -> None:
         by_user: dict[str, list[MembershipChange]] = {}
         for ch in changes:
             by_user.setdefault(ch.user_id, []).append(ch)
         campaigns = list(self.k.app.campaigns.values())
         watched = {s for c in campaigns for s in (*c.segments, *c.exclude)}
         todo = [u for u, chs in by_user.items() if any(ch.segment in watched for ch in chs)]
-        for lo in range(0, len(todo), MEMBERSHIP_CHUNK):
-            chunk = todo[lo:lo + MEMBERSHIP_CHUNK]
-            mine: dict[str, set[str]] = {u: set() for u in chunk}
-            async with self.k.store.connect() as conn:
-                for seg, uid in await conn.execute(
-                        sa.select(segment_members.c.segment, segment_members.c.user_id)
-                        .where(segment_members.c.user_id.in_(chunk),
-                               segment_members.c.segment.in_(watched))):
-                    mine[str(uid)].add(str(seg))
-            for user_id in chunk:
-                await self._membership(user_id, by_user[user_id], mine[user_id], campaigns)
+        done: set[str] = set()
+        try:
+            for lo in range(0, len(todo), MEMBERSHIP_CHUNK):
+                chunk = todo[lo:lo + MEMBERSHIP_CHUNK]
+                mine: dict[str, set[str]] = {u: set() for u in chunk}
+                async with self.k.store.connect() as conn:
+                    for seg, uid in await conn.execute(
+                            sa.select(segment_members.c.segment, segment_members.c.user_id)
+                            .where(segment_members.c.user_id.in_(chunk),
+                                   segment_members.c.segment.in_(watched))):
+                        mine[str(uid)].add(str(seg))
+                for user_id in chunk:
+                    await self._membership(user_id, by_user[user_id], mine[user_id],
+                                           campaigns)
+                    done.add(user_id)
+        except Exception as exc:
+            if not is_unavailable(exc) or self._started_since is not None:
+                raise  # (at start, as any store failure there)
+            # The membership is committed; only its effect on flows is missing. Applied
+            # again later, an entry already made finds its instance and does nothing.
+            self._held.extend(ch for u in todo if u not in done for ch in by_user[u])
+            self._store_failed(exc)
 
     async def _membership(self, user_id: str, chs: list[MembershipChange], mine: set[str],
                           campaigns: list[CampaignDef]) -> None:
@@ -388,10 +497,17 @@ class FlowService:
             entering = any((ch.entered and ch.segment in c.segments)
                            or (not ch.entered and ch.segment in c.exclude) for ch in chs)
             if holds and entering:
+                if self._started_since is not None:  # catching up: was it entered since?
+                    latest = max(ch.at for ch in chs if (ch.entered and ch.segment in c.segments)
+                                 or (not ch.entered and ch.segment in c.exclude))
+                    last_start = self._started_since.get((c.name, user_id))
+                    if last_start is not None and last_start >= latest:
+                        continue
                 event_id = next((ch.event_id for ch in reversed(chs)
                                  if ch.event_id is not None), None)
                 await self.enter(c, user_id, event_id)
-            elif not holds and c.behavior == "dynamic":
+            elif not holds and c.behavior == "dynamic" and (
+                    self._started_since is None or (c.name, user_id) in self._live_pairs):
                 await self.exit_user(c.name, user_id)
 
     async def enter(self, c: CampaignDef, user_id: str, event_id: int | None = None
