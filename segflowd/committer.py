@@ -292,7 +292,10 @@ def _as_request_error(exc: BaseException) -> BaseException:
         return StoreUnavailable(f"store unavailable: {str(exc).splitlines()[0][:200]}")
     if isinstance(exc, IngestError):
         return exc
-    return IngestError(f"the store refused the data: {str(exc).splitlines()[0][:200]}")
+    # The database's own words name tables and drivers: they go to the log, not the client.
+    log.warning("ingest.refused", error=str(exc).splitlines()[0][:300])
+    return IngestError("the store refused the data (a value it cannot hold); nothing of "
+                       "this request was stored")
 
 
 async def _apply(store: Store, conn: AsyncConnection, groups: list[Sequence[Write]],

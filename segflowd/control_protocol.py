@@ -30,6 +30,8 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from . import strictjson
+
 __all__ = [
     "ACTIONS",
     "ERROR_CODES",
@@ -100,9 +102,11 @@ class Request:
 def decode_request(line: bytes) -> Request:
     """Parse one request line; BadRequest says what is wrong with it."""
     try:
-        data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = strictjson.loads(line)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise BadRequest(f"request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("request must be a JSON object with an 'op'")
     op = data.get("op")
@@ -120,8 +124,8 @@ def decode_request(line: bytes) -> Request:
 def request_id(line: bytes) -> object:
     """The id of a request line that failed to decode, when it can still be read."""
     try:
-        data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = strictjson.loads(line)
+    except (ValueError, RecursionError):
         return None
     return data.get("id") if isinstance(data, dict) else None
 

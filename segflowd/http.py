@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, unquote
 
 import structlog
 
+from . import strictjson
 from .errors import StoreUnavailable
 
 __all__ = [
@@ -104,7 +105,8 @@ class Request:
         if self._body is not None:
             return self._body
         declared = self.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        # isascii(): "²" (latin-1 0xB2) is a digit to str.isdigit() but not to int().
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise HTTPError(413, "too_large", f"request body over {limit} bytes")
         chunks: list[bytes] = []
         size = 0
@@ -140,13 +142,19 @@ class Request:
         if not raw.strip():
             raise HTTPError(400, "invalid_json", "request body is empty: expected a JSON object")
         try:
-            return json.loads(raw)
+            return strictjson.loads(raw)
         except UnicodeDecodeError:
             raise HTTPError(400, "invalid_json", "request body is not UTF-8") from None
         except json.JSONDecodeError as exc:
             raise HTTPError(400, "invalid_json",
                             f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                             f"column {exc.colno}") from None
+        except ValueError as exc:  # NaN, Infinity, 1e400, a lone surrogate, a huge integer
+            raise HTTPError(400, "invalid_json",
+                            f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPError(400, "invalid_json",
+                            "request body is not valid JSON: nested too deeply") from None
 
 
 def _inflate(raw: bytes, limit: int, *, gzip: bool) -> bytes:

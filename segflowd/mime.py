@@ -88,9 +88,14 @@ class MessageParts:
 
 
 def _header_value(value: str) -> str:
-    """A one-line header value, RFC 2047-encoded when it is not ASCII."""
+    """A one-line header value, RFC 2047-encoded when it is not ASCII.
+
+    An ASCII value holding ``=?`` is encoded too: sent as it is, a reader would decode
+    an encoded-word written into the data (``=?utf-8?q?=0D=0A...?=``) and show text the
+    template never rendered.
+    """
     value = one_line(value)
-    if value.isascii():
+    if value.isascii() and "=?" not in value:
         return value
     return email.header.Header(value, "utf-8", maxlinelen=998).encode()
 

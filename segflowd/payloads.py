@@ -116,7 +116,10 @@ def opt_time(value: object, field: str) -> dt.datetime | None:
         except ValueError:
             raise field_error(field, f"is not an ISO 8601 time: {value[:40]!r}") from None
         if parsed.tzinfo is not None:
-            parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+            try:
+                parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+            except OverflowError:  # 9999-12-31T23:00-14:00 is in year 10000 in UTC
+                raise field_error(field, "is out of range") from None
     else:
         raise field_error(field, f"must be an ISO 8601 string or Unix seconds, not {_kind(value)}")
     if not _YEAR_MIN <= parsed.year <= _YEAR_MAX:

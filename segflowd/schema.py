@@ -49,9 +49,13 @@ BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincre
 Json = sa.JSON().with_variant(mysql.JSON(), "mysql", "mariadb")
 LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 
+# Binary collation: ids and names compare byte for byte. utf8mb4_bin is PAD SPACE
+# ("ann " = "ann"), so a MariaDB server gets its no-pad variant at create time (see
+# _collation below). MySQL keeps utf8mb4_bin: its NO PAD utf8mb4_0900_bin needs 8.0.
+MYSQL_COLLATION = "utf8mb4_bin"
+MARIADB_COLLATION = "utf8mb4_nopad_bin"
 _mysql: dict[str, Any] = {
-    "mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin",
-    "mariadb_engine": "InnoDB", "mariadb_charset": "utf8mb4", "mariadb_collate": "utf8mb4_bin",
+    "mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": MYSQL_COLLATION,
 }
 
 schema_version = sa.Table(
@@ -332,3 +336,14 @@ broadcasts = sa.Table(
     sa.Index("ix_broadcasts_status", "status"),  # resuming running broadcasts at start
     **_mysql,
 )
+
+
+@sa.event.listens_for(metadata, "before_create")
+def _collation(target: sa.MetaData, connection: sa.Connection, **_kw: object) -> None:
+    # The URL says mysql:// for MySQL and MariaDB alike; the server is known only now.
+    if connection.dialect.name != "mysql":
+        return
+    collation = MARIADB_COLLATION if getattr(connection.dialect, "is_mariadb", False) \
+        else MYSQL_COLLATION
+    for table in target.tables.values():
+        table.dialect_kwargs["mysql_collate"] = collation

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+from urllib.parse import quote
 
 import sqlalchemy as sa
 import structlog
@@ -32,6 +33,7 @@ MARKETING_TOPIC = "marketing"
 PIXEL = base64.b64decode(b"R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 _NO_STORE = {"Cache-Control": "no-store, max-age=0"}
 _WEB_URL = re.compile(r"^https?://[^\s]+$", re.IGNORECASE)
+_URL_SAFE = "".join(map(chr, range(0x21, 0x7F)))  # printable ASCII is left as it is
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport"
@@ -91,7 +93,9 @@ class Tracking:
         if not _WEB_URL.match(url):  # signed by us, but never redirect off the web
             raise HTTPError(404, "not_found", "this link is not valid")
         await self._record("click", int(claims["m"]), url)
-        return Response(302, b"", "text/plain", {"Location": url, **_NO_STORE})
+        # A header is ASCII: a link with other characters (an IRI) goes out percent-encoded.
+        location = quote(url, safe=_URL_SAFE)
+        return Response(302, b"", "text/plain", {"Location": location, **_NO_STORE})
 
     async def unsubscribe_page(self, request: Request) -> Response:
         self._verify("u", request.params["token"])

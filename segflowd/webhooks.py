@@ -176,7 +176,7 @@ class Webhooks:
         raw = await request.body(WEBHOOK_BODY_LIMIT)
         try:
             msg = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             raise HTTPError(400, "invalid_json", "expected an SNS JSON message") from None
         if not isinstance(msg, dict):
             raise HTTPError(400, "invalid_payload", "expected an SNS JSON message")
