@@ -1,7 +1,8 @@
-"""Flow engine benchmarks on MariaDB; one JSON line per figure.
+"""Flow engine benchmarks on MariaDB (or SQLite, or both); one JSON line per figure.
 
     .venv/bin/python bench/flows.py            # full: 1M waiting instances, 1M wheel timers
     .venv/bin/python bench/flows.py --quick    # 50k waiting instances, 200k wheel timers
+    .venv/bin/python bench/flows.py --quick --store both
 
 Figures (baseline measured in the same run):
   start_to_ready     FlowService start (versions, wheel rebuilt, loader) with N waiting
@@ -14,8 +15,8 @@ Figures (baseline measured in the same run):
                      (target <= 1 s); baseline: p99 overshoot of a bare anyio.sleep
   wheel_*            the timer wheel against a heapq with lazy cancellation, same timers
 
-The database is ``$SEGFLOW_BENCH_MARIADB`` (default root@127.0.0.1:3306), a scratch
-schema created and dropped by the run.
+On MariaDB the store is a scratch database on ``$SEGFLOW_BENCH_MARIADB`` (default
+root@127.0.0.1:3306), created and dropped by the run; on SQLite a temporary file.
 """
 
 from __future__ import annotations
@@ -24,18 +25,17 @@ import argparse
 import datetime as dt
 import heapq
 import json
-import os
 import random
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import anyio
 import sqlalchemy as sa
 import structlog
+from _stores import KINDS, store_url  # bench/ is on sys.path when run as a script
 
 from segflowd.app import Segflow
 from segflowd.bus import Bus
@@ -49,14 +49,16 @@ from segflowd.schema import flow_instances, flow_journal, messages, users
 from segflowd.store import Store
 from segflowd.wheel import TimerWheel
 
-MARIADB = os.environ.get("SEGFLOW_BENCH_MARIADB", "mysql+aiomysql://root@127.0.0.1:3306")
+STORE_KIND = ["mariadb"]  # the store of the figures being measured (emit adds it)
 WAIT_HASH = Command("wait", None, {"seconds": 86400.0}).hash
 
 
 def emit(bench: str, figure: str, value: float, unit: str, baseline: float | None,
          target: str | None) -> None:
     ratio = None if not baseline else round(value / baseline, 3)
-    print(json.dumps({"bench": bench, "figure": figure, "value": round(value, 4), "unit": unit,
+    store = STORE_KIND[0] if bench == "flows" else "none"  # the wheel runs in memory
+    print(json.dumps({"bench": bench, "figure": figure, "store": store,
+                      "value": round(value, 4), "unit": unit,
                       "baseline": None if baseline is None else round(baseline, 4),
                       "ratio": ratio, "target": target}), flush=True)
 
@@ -129,82 +131,79 @@ async def run_service(k: Kernel, body: Any) -> tuple[FlowService, float, Any]:
     return svc, ready, out
 
 
-async def bench_store(n: int, due: int, rate: int, seconds: float) -> None:
-    base = sa.engine.make_url(MARIADB)
-    name = f"segflow_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base.set(drivername="mysql+pymysql", database=None))
-    with admin.connect() as c:
-        c.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    store = Store.open(base.set(database=name).render_as_string(hide_password=False),
-                       pool_size=10)
-    tmp = Path(tempfile.mkdtemp())
-    try:
-        await store.migrate()
-        app = make_app()
-        version = app.campaigns["bench"].version
-        k = kernel(store, app, tmp)
+async def bench_store(kind: str, n: int, due: int, rate: int, seconds: float) -> None:
+    with tempfile.TemporaryDirectory() as folder, store_url(kind, Path(folder)) as url:
+        STORE_KIND[0] = kind
+        store = Store.open(url, pool_size=10)
+        try:
+            await bench_on(store, Path(folder), n, due, rate, seconds)
+        finally:
+            await store.close()
 
-        async def nothing(svc: FlowService) -> None:
-            return None
 
-        _, empty_ready, _ = await run_service(k, nothing)
-        far = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(days=3)
-        t = time.perf_counter()
-        await seed(store, version, n, lambda i: far + dt.timedelta(seconds=i % 86400), 1)
-        print(f"# seeded {n} waiting instances in {time.perf_counter() - t:.1f} s",
-              file=sys.stderr)
-        rss0 = rss_mb()
-        _, ready, _ = await run_service(kernel(store, app, tmp), nothing)
-        rss1 = rss_mb()
-        emit("flows", "start_to_ready", ready, "s", empty_ready, None)
-        emit("flows", "rss", rss1, "MB", rss0, "<= 250 MB at 1M waiting")
+async def bench_on(store: Store, tmp: Path, n: int, due: int, rate: int,
+                   seconds: float) -> None:
+    await store.migrate()
+    app = make_app()
+    version = app.campaigns["bench"].version
+    k = kernel(store, app, tmp)
 
-        # wake -> send_email -> wait, for `due` overdue instances
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        await seed(store, version, due, lambda i: now - dt.timedelta(seconds=1), n + 1)
+    async def nothing(svc: FlowService) -> None:
+        return None
 
-        async def drain_sends(svc: FlowService) -> float:
-            t0 = time.perf_counter()
-            while await count_messages(store) < due:  # noqa: ASYNC110 - polls the store
-                await anyio.sleep(0.05)
-            await svc.settle(600)
-            return time.perf_counter() - t0
+    _, empty_ready, _ = await run_service(k, nothing)
+    far = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(days=3)
+    t = time.perf_counter()
+    await seed(store, version, n, lambda i: far + dt.timedelta(seconds=i % 86400), 1)
+    print(f"# seeded {n} waiting instances in {time.perf_counter() - t:.1f} s",
+          file=sys.stderr)
+    rss0 = rss_mb()
+    _, ready, _ = await run_service(kernel(store, app, tmp), nothing)
+    rss1 = rss_mb()
+    emit("flows", "start_to_ready", ready, "s", empty_ready, None)
+    emit("flows", "rss", rss1, "MB", rss0, "<= 250 MB at 1M waiting")
 
-        _, _, took = await run_service(kernel(store, app, tmp), drain_sends)
-        base_rate = await bare_steps(store, min(due, 2000), n + due + 1)
-        emit("flows", "wake_to_send", due / took, "instances/s", base_rate,
-             ">= 5000 steps/s")
-        emit("flows", "step_transactions", 2 * due / took, "steps/s", 2 * base_rate, None)
+    # wake -> send_email -> wait, for `due` overdue instances
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    await seed(store, version, due, lambda i: now - dt.timedelta(seconds=1), n + 1)
 
-        # lateness at `rate` due per second, for `seconds`
-        total = int(rate * seconds)
-        start = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=5)
-        first = n + due + 10_000
-        await seed(store, version, total,
-                   lambda i: start + dt.timedelta(seconds=i / rate), first)
-        before = await count_messages(store)
+    async def drain_sends(svc: FlowService) -> float:
+        t0 = time.perf_counter()
+        while await count_messages(store) < due:  # noqa: ASYNC110 - polls the store
+            await anyio.sleep(0.05)
+        await svc.settle(600)
+        return time.perf_counter() - t0
 
-        async def wait_all(svc: FlowService) -> None:
-            with anyio.fail_after(seconds + 120):
-                while await count_messages(store) < before + total:  # noqa: ASYNC110 - polls
-                    await anyio.sleep(0.1)
+    _, _, took = await run_service(kernel(store, app, tmp), drain_sends)
+    base_rate = await bare_steps(store, min(due, 2000), n + due + 1)
+    emit("flows", "wake_to_send", due / took, "instances/s", base_rate,
+         ">= 5000 steps/s")
+    emit("flows", "step_transactions", 2 * due / took, "steps/s", 2 * base_rate, None)
 
-        await run_service(kernel(store, app, tmp), wait_all)
-        wake_of: dict[int, float] = {}  # lateness by instance; wake_at follows from its id
-        async with store.connect() as conn:
-            for iid, created in await conn.execute(
-                    sa.select(messages.c.instance_id, messages.c.created_at)
-                    .where(messages.c.instance_id >= first)):
-                wake_of[int(iid)] = (created - (start + dt.timedelta(
-                    seconds=(int(iid) - first) / rate))).total_seconds()
-        late = sorted(wake_of.values())
-        p99 = late[int(len(late) * 0.99)] if late else float("nan")
-        emit("flows", "lateness_p99", p99, "s", await sleep_overshoot(), "<= 1 s")
-    finally:
-        await store.close()
-        with admin.connect() as c:
-            c.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.dispose()
+    # lateness at `rate` due per second, for `seconds`
+    total = int(rate * seconds)
+    start = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=5)
+    first = n + due + 10_000
+    await seed(store, version, total,
+               lambda i: start + dt.timedelta(seconds=i / rate), first)
+    before = await count_messages(store)
+
+    async def wait_all(svc: FlowService) -> None:
+        with anyio.fail_after(seconds + 120):
+            while await count_messages(store) < before + total:  # noqa: ASYNC110 - polls
+                await anyio.sleep(0.1)
+
+    await run_service(kernel(store, app, tmp), wait_all)
+    wake_of: dict[int, float] = {}  # lateness by instance; wake_at follows from its id
+    async with store.connect() as conn:
+        for iid, created in await conn.execute(
+                sa.select(messages.c.instance_id, messages.c.created_at)
+                .where(messages.c.instance_id >= first)):
+            wake_of[int(iid)] = (created - (start + dt.timedelta(
+                seconds=(int(iid) - first) / rate))).total_seconds()
+    late = sorted(wake_of.values())
+    p99 = late[int(len(late) * 0.99)] if late else float("nan")
+    emit("flows", "lateness_p99", p99, "s", await sleep_overshoot(), "<= 1 s")
 
 
 async def bare_steps(store: Store, m: int, first: int) -> float:
@@ -302,11 +301,13 @@ def bench_wheel(n: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small scale (50k instances)")
+    p.add_argument("--store", choices=(*KINDS, "both"), default="mariadb")
     args = p.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     n, due, wheel_n = (50_000, 5_000, 200_000) if args.quick else (1_000_000, 50_000, 1_000_000)
     bench_wheel(wheel_n)
-    anyio.run(bench_store, n, due, 1000, 5.0 if args.quick else 30.0)
+    for kind in KINDS if args.store == "both" else (args.store,):
+        anyio.run(bench_store, kind, n, due, 1000, 5.0 if args.quick else 30.0)
 
 
 if __name__ == "__main__":
