@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import aiosmtplib
 import anyio
+import anyio.lowlevel
 
 from segflowd.errors import ProviderError
 from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
@@ -28,6 +29,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds per SMTP command
 # one per call a crash leaves at most one message per delivery worker `unknown` (a larger
 # batch would leave all of it). The connection is kept across calls either way.
 MAX_BATCH = 1
+ABORT_TURNS = 3  # event-loop turns an aborted transport needs to close its socket
 SUPPRESS_CODES = frozenset({550, 551, 553})  # mailbox unavailable / not local / bad name
 
 
@@ -68,7 +70,7 @@ class SmtpProvider:
             try:
                 await client.login(self.username, self.password)
             except BaseException:
-                client.close()
+                await _abort(client)
                 raise
         self._client = client
         self.connections += 1
@@ -106,8 +108,7 @@ class SmtpProvider:
     async def _drop(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(Exception):  # closing a broken connection may fail too
-                client.close()
+            await _abort(client)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -124,3 +125,18 @@ def _answer(code: int, text: str) -> SendResult:
     if 400 <= code < 500:
         return SendResult(ok=False, error=error, transient=True)
     return SendResult(ok=False, error=error, suppress=code in SUPPRESS_CODES)
+
+
+async def _abort(client: aiosmtplib.SMTP) -> None:
+    """Drop a failed or broken connection at once. A graceful close of a TLS connection
+    waits for the server's close_notify, which a server that stalled (as after a refused
+    AUTH) never sends: the socket would stay open until garbage collection."""
+    transport = client.transport
+    if transport is None:
+        return
+    with contextlib.suppress(Exception):  # aborting a broken connection may fail too
+        transport.abort()  # type: ignore[attr-defined]  # a WriteTransport at runtime
+    # The socket is closed by a callback the abort schedules: let it run now, so a loop
+    # that ends right after this call does not leave the socket to the garbage collector.
+    for _ in range(ABORT_TURNS):
+        await anyio.lowlevel.checkpoint()

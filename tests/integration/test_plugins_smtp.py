@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import email
 import email.policy
+import gc
 import socket
 import ssl
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,7 +111,14 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[Inbox, int]]:
     try:
         yield inbox, port
     finally:
-        controller.stop()
+        # aiosmtpd stalls a session after a refused AUTH and, stopping, leaves that
+        # session's transport (its side, in its own thread's loop) unclosed. Collect it
+        # here, quietly: a leak of the test server, not of the code under test (whose
+        # side is aborted and closed; see segflow_plugins.smtp._abort).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            controller.stop()
+            gc.collect()
 
 
 def outgoing(i: int, to: str) -> object:
