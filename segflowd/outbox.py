@@ -38,6 +38,18 @@ class Queued:
     to_address: str | None = None
 
 
+def _queued_row(now: dt.datetime, *, kind: MessageKind, template: str, user_id: str | None,
+                dedupe_key: str | None, to_address: str | None,
+                data: Mapping[str, object] | None, campaign: str | None,
+                transaction: str | None, instance_id: int | None) -> dict[str, object]:
+    """The ``messages`` row of a message queued at ``now`` (one shape for both paths)."""
+    return {"user_id": user_id, "kind": kind, "campaign": campaign, "transaction": transaction,
+            "instance_id": instance_id, "template": template, "to_address": to_address,
+            "data": dict(data or {}), "status": "queued", "attempts": 0,
+            "next_attempt_at": now, "dedupe_key": dedupe_key, "created_at": now,
+            "updated_at": now}
+
+
 async def enqueue(
     conn: AsyncConnection, *, kind: MessageKind, template: str, now: dt.datetime,
     user_id: str | None, dedupe_key: str | None, to_address: str | None = None,
@@ -54,12 +66,10 @@ async def enqueue(
             sa.select(messages.c.id).where(messages.c.dedupe_key == dedupe_key))).first()
         if found is not None:
             return None
-    result = await conn.execute(sa.insert(messages).values(
-        user_id=user_id, kind=kind, campaign=campaign, transaction=transaction,
-        instance_id=instance_id, template=template, to_address=to_address,
-        data=dict(data or {}), status="queued", attempts=0, next_attempt_at=now,
-        dedupe_key=dedupe_key, created_at=now, updated_at=now,
-    ))
+    result = await conn.execute(sa.insert(messages).values(_queued_row(
+        now, kind=kind, template=template, user_id=user_id, dedupe_key=dedupe_key,
+        to_address=to_address, data=data, campaign=campaign, transaction=transaction,
+        instance_id=instance_id)))
     pk = result.inserted_primary_key
     return int(pk[0]) if pk is not None else None
 
@@ -80,12 +90,10 @@ async def enqueue_many(conn: AsyncConnection, items: Sequence[Queued], *,
             if q.dedupe_key in seen:
                 continue
             seen.add(q.dedupe_key)  # a key twice in one call is queued once
-            rows.append({
-                "user_id": q.user_id, "kind": q.kind, "campaign": q.campaign,
-                "transaction": None, "instance_id": q.instance_id, "template": q.template,
-                "to_address": q.to_address, "data": dict(q.data), "status": "queued",
-                "attempts": 0, "next_attempt_at": now, "dedupe_key": q.dedupe_key,
-                "created_at": now, "updated_at": now})
+            rows.append(_queued_row(
+                now, kind=q.kind, template=q.template, user_id=q.user_id,
+                dedupe_key=q.dedupe_key, to_address=q.to_address, data=q.data,
+                campaign=q.campaign, transaction=None, instance_id=q.instance_id))
         if rows:
             await conn.execute(sa.insert(messages), rows)
             queued += len(rows)
