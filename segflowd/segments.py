@@ -24,7 +24,7 @@ from .schema import segment_changes, segment_members, segment_state
 from .store import Store
 
 __all__ = ["CHANGES_CHUNK", "CompiledSegment", "apply_batch", "compile_segment", "db_message",
-           "probe_segment", "refresh_diff", "save_state", "segment_select"]
+           "membership_diff", "probe_segment", "refresh_diff", "save_state", "segment_select"]
 
 CHANGES_CHUNK = 5000  # membership changes read or deleted per statement
 
@@ -144,14 +144,13 @@ async def apply_batch(conn: AsyncConnection, seg: CompiledSegment, user_ids: Seq
                        causes: Mapping[str, int] | None) -> list[MembershipChange]:
     """Evaluate ``seg`` for ``user_ids`` at ``now`` and apply the difference (one transaction)."""
     m = segment_members
-    matches = {str(u) for u in (await conn.execute(seg.among(user_ids))).scalars()
-               if u is not None}
-    current = {str(r[0]): r[1] for r in (await conn.execute(
-        sa.select(m.c.user_id, m.c.evaluated_at)
-        .where(m.c.segment == seg.name, m.c.user_id.in_(list(user_ids))))).all()}
-    entered = sorted(matches - current.keys())
-    # The race rule: a member row put there by a newer evaluation is not undone.
-    exited = sorted(u for u, at in current.items() if u not in matches and at <= now)
+    entered: list[str] = []
+    exited: list[str] = []
+    diff = await conn.execute(membership_diff(seg, user_ids, now))
+    for row in diff.all():
+        (entered if row[1] == _ENTER else exited).append(str(row[0]))
+    entered.sort()
+    exited.sort()
     if entered:
         await conn.execute(sa.insert(m), [
             {"segment": seg.name, "user_id": u, "entered_at": now, "evaluated_at": now}
@@ -169,6 +168,39 @@ async def apply_batch(conn: AsyncConnection, seg: CompiledSegment, user_ids: Seq
     causes = causes or {}
     return [MembershipChange(segment=seg.name, user_id=u, entered=e, at=now,
                              event_id=causes.get(u)) for u, e in changed]
+
+
+# What a user is, to one batch's diff query: a match of the segment's SELECT, a member
+# put there at or before this evaluation, or a member put there by a newer one.
+_MATCH, _MEMBER, _NEWER_MEMBER = 1, 2, 4
+_ENTER, _EXIT = _MATCH, _MEMBER  # the only sums of distinct kinds that are changes
+
+
+def membership_diff(seg: CompiledSegment, user_ids: Sequence[str],
+                    now: dt.datetime) -> Select[object, int]:
+    """The changes of ``seg`` among ``user_ids`` at ``now``, as ``(user_id, kind)`` rows.
+
+    The segment's matches and the stored members are compared in the database, so a
+    batch that changes nothing returns no rows (rather than every match and every
+    member for Python to compare). ``kind`` is ``_ENTER`` (matches, not a member) or
+    ``_EXIT`` (a member, no longer matches). The race rule: a member row put there by
+    a newer evaluation (``evaluated_at > now``) is neither entered again nor exited.
+    Duplicate ids in the segment's result count once (``SUM(DISTINCT kind)``).
+    """
+    m = segment_members
+    ids = list(user_ids)
+    found = seg.among(ids).subquery("found")
+    fid = next(iter(found.c))
+    matches = sa.select(fid.label("uid"), sa.literal(_MATCH).label("kind")).where(
+        fid.is_not(None))
+    members = sa.select(
+        m.c.user_id.label("uid"),
+        sa.case((m.c.evaluated_at <= now, _MEMBER), else_=_NEWER_MEMBER).label("kind"),
+    ).where(m.c.segment == seg.name, m.c.user_id.in_(ids))
+    both = sa.union_all(matches, members).subquery("both_")
+    total = sa.func.sum(both.c.kind.distinct())
+    return (sa.select(both.c.uid, total).group_by(both.c.uid)
+            .having(total.in_([_ENTER, _EXIT])))
 
 
 async def refresh_diff(conn: AsyncConnection, seg: CompiledSegment,

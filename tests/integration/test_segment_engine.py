@@ -335,3 +335,35 @@ async def wait_for_async(get: Callable[[], Awaitable[object]], want: object) -> 
             return
         await anyio.sleep(POLL)
     pytest.fail(f"never became {want!r}")
+
+
+async def test_a_segment_returning_a_user_twice_enters_them_once_and_keeps_them(
+        store: Store, tmp_path: Path) -> None:
+    app = make_app()
+    # No DISTINCT: a buyer of two things is two rows of this segment's result.
+    app.segment("buyers", sql="SELECT user_id AS id FROM events WHERE name = 'purchase'")
+    clock = FakeClock(NOW)
+    sink = RecordingSink()
+    engine = SegmentService(kernel_for(store, app, clock, tmp_path), membership_sinks=[sink])
+    await engine.start()
+    h = H(store, clock, engine.k, sink, engine, itertools.count())
+    await h.tell(await h.user("max"), await h.event("max", "purchase", amount=1),
+                 await h.event("max", "purchase", amount=2))
+    await h.tell(await h.event("max", "purchase", amount=3))
+    assert await h.members("buyers") == {"max"}
+    assert h.sink.seen("buyers") == [("max", True)]
+
+
+async def test_an_incremental_evaluation_leaves_a_newer_evaluations_member_alone(h: H) -> None:
+    await h.user("ned", plan="free")
+    later = NOW + dt.timedelta(minutes=5)
+    async with h.store.begin() as conn:
+        await conn.execute(sa.insert(segment_members).values(
+            segment="pro", user_id="ned", entered_at=later, evaluated_at=later))
+    await h.tell(IngestBatch(users=frozenset({"ned"}), events=()))
+    assert await h.members("pro") == {"ned"}
+    assert h.sink.seen("pro") == []
+    await h.clock.advance(minutes=10)  # now the stored result is the older one
+    await h.tell(IngestBatch(users=frozenset({"ned"}), events=()))
+    assert await h.members("pro") == set()
+    assert h.sink.seen("pro") == [("ned", False)]
