@@ -5,8 +5,14 @@ full refresh against the bare segment SELECT, and peak RSS during the refresh.
     .venv/bin/python bench/segments.py --quick    # 50k users, 500k events
 
 Data is generated inside the server (MariaDB's sequence engine) so a 10M-event store
-takes seconds, not hours. Prints one JSON line per figure. A fresh database is created
+takes minutes, not hours. Prints one JSON line per figure. A fresh database is created
 and dropped (``--keep`` keeps it).
+
+The full scale runs on a private mariadbd of its own (``--server private``: a datadir
+under ``--tmp``, a free port, a buffer pool sized for 10M events), never the shared
+server: a small shared buffer pool makes the generator crawl once the events' indexes
+outgrow it, and production MariaDB is sized for its data too. ``--quick`` uses the
+shared server on 127.0.0.1:3306; ``--server URL`` picks any.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import gc
 import json
 import resource
+import shutil
 import statistics
 import time
 import uuid
@@ -35,8 +42,14 @@ from segflowd.metrics import Metrics
 from segflowd.schema import events, users
 from segflowd.segment_engine import DRAIN_BATCH, INGEST_TABLES, SegmentService
 from segflowd.store import Store
+from segflowd.testing import PrivateMariaDB
 
 SERVER = "mysql+aiomysql://root@127.0.0.1:3306"
+# The private server of the full scale: the whole data set (~3 GB with indexes) in memory,
+# a redo log big enough for 500k-row statements, no binary log.
+PRIVATE_OPTIONS = ("--skip-log-bin", "--skip-name-resolve", "--innodb-buffer-pool-size=6G",
+                   "--innodb-log-file-size=2G", "--innodb-flush-log-at-trx-commit=2",
+                   "--max-allowed-packet=64M")
 LATENCY_RATE = 1000.0  # events per second offered in the latency figure
 LATENCY_TICK = 0.01  # seconds between producer commits (10 events each at 1k/s)
 
@@ -134,14 +147,30 @@ async def generate(store: Store, n_users: int, n_events: int, now: object) -> fl
 
 
 async def main(args: argparse.Namespace) -> None:
+    server = args.server or (SERVER if args.quick else "private")
+    if server != "private":
+        await on_server(server, args)
+        return
+    private = PrivateMariaDB(Path(args.tmp) / f"segflow-bench-mariadb-{uuid.uuid4().hex[:8]}",
+                             options=PRIVATE_OPTIONS)
+    try:
+        private.install()
+        private.start()
+        await on_server(private.server_url, args)
+    finally:
+        private.stop()
+        shutil.rmtree(private.folder, ignore_errors=True)
+
+
+async def on_server(server: str, args: argparse.Namespace) -> None:
     n_users, n_events = (50_000, 500_000) if args.quick else (args.users, args.events)
     name = f"segflow_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(sa.engine.make_url(args.server).set(
+    admin = sa.create_engine(sa.engine.make_url(server).set(
         drivername="mysql+pymysql"), poolclass=sa.pool.NullPool)
     with admin.connect() as conn:
         conn.execute(sa.text("CREATE DATABASE " + admin.dialect.identifier_preparer.quote(name)
                              + " CHARACTER SET utf8mb4"))
-    store = Store.open(str(sa.engine.make_url(args.server).set(database=name)))
+    store = Store.open(str(sa.engine.make_url(server).set(database=name)))
     try:
         await run(store, n_users, n_events, args)
     finally:
@@ -275,7 +304,9 @@ if __name__ == "__main__":
     p.add_argument("--events", type=int, default=10_000_000)
     p.add_argument("--sample", type=int, default=20_000, help="users in the incremental run")
     p.add_argument("--latency-seconds", type=float, default=10.0)
-    p.add_argument("--server", default=SERVER)
+    p.add_argument("--server", default=None,
+                   help=f"'private' (the full scale's default) or a URL ({SERVER}, the "
+                        "--quick default)")
     p.add_argument("--tmp", default="/tmp")
     p.add_argument("--keep", action="store_true", help="keep the generated database")
     anyio.run(main, p.parse_args())

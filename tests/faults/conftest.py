@@ -9,7 +9,6 @@ mariadb-install-db the test skips with the reason; under ``CI=true`` it fails in
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "acceptance"))
 
 from daemon_harness import start_daemon
-from fault_harness import INSTALL_DB, MARIADBD, PrivateMariaDB, sink
+from fault_harness import sink
+
+from segflowd.testing import PrivateMariaDB
 
 __all__ = ["private_mariadb", "sink", "start_daemon"]
 
@@ -30,14 +31,12 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 @pytest.fixture
 def private_mariadb(tmp_path: Path) -> Iterator[PrivateMariaDB]:
     """A running mariadbd of this test's own, with an empty database ``test``."""
-    mariadbd = MARIADBD if os.access(MARIADBD, os.X_OK) else shutil.which("mariadbd")
-    install_db = shutil.which(INSTALL_DB)
-    if mariadbd is None or install_db is None:
+    if not PrivateMariaDB.available():
         message = "mariadbd and mariadb-install-db are needed for a private MariaDB server"
         if IN_CI:
             pytest.fail(f"{message}, and CI=true requires it")
         pytest.skip(message)
-    server = PrivateMariaDB(tmp_path / "mariadb", mariadbd, install_db)
+    server = PrivateMariaDB(tmp_path / "mariadb")
     server.install()
     server.start()
     try:

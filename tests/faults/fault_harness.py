@@ -1,5 +1,4 @@
-"""Tools of the fault tests: an SMTP sink, an HTTP load, the store read back, a private
-MariaDB server.
+"""Tools of the fault tests: an SMTP sink, an HTTP load, the store read back.
 
 - :class:`Sink` is an aiosmtpd server on a loopback port that records every message it
   receives by Message-ID; it can hold a message in DATA (so a kill lands mid-send) and go
@@ -8,7 +7,7 @@ MariaDB server.
   ``POST /v1/users/{id}/events``), records every answer and every acknowledged write.
 - :func:`snapshot` reads users, events, messages and flows back from the store (sync
   SQLAlchemy), for the "nothing acknowledged is lost" checks.
-- :class:`PrivateMariaDB` runs a mariadbd of the test's own (never the shared one).
+(A private MariaDB server of a test's own is :class:`segflowd.testing.PrivateMariaDB`.)
 """
 
 from __future__ import annotations
@@ -19,17 +18,13 @@ import dataclasses
 import datetime as dt
 import email.parser
 import json
-import os
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import pymysql
 import pytest
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
@@ -42,8 +37,6 @@ WAIT_SECONDS = 4  # the campaign's wait between its two sends
 SETTLE_TIMEOUT = 40.0  # seconds for every flow to finish and the outbox to empty
 HOLD_TIMEOUT = 15.0  # seconds for a message to reach the sink while it holds DATA
 REQUEST_TIMEOUT = 15.0  # seconds per load request
-MARIADB_START_TIMEOUT = 30.0  # seconds for a private mariadbd to accept connections
-MARIADB_STOP_TIMEOUT = 30.0  # seconds for a private mariadbd to exit after SIGTERM
 
 # A campaign for every user with an email: a send, a wait, a second send.
 APP_SOURCE = '''
@@ -456,90 +449,3 @@ def check_sink_against_store(sink: Sink, snap: Snapshot) -> None:
     assert not strangers, f"the sink got messages the store does not know: {strangers[:5]}"
     unsent = sorted(mid for mid, m in by_mid.items() if m["status"] == "sent" and mid not in got)
     assert not unsent, f"recorded as sent but never received: {unsent[:5]}"
-
-
-# -- a private MariaDB --------------------------------------------------------------------
-
-MARIADBD = "/usr/sbin/mariadbd"
-INSTALL_DB = "mariadb-install-db"
-# Small and quick: no binary log, a small buffer pool and redo log, no DNS.
-SERVER_OPTIONS = ("--skip-log-bin", "--innodb-buffer-pool-size=64M",
-                  "--innodb-log-file-size=16M", "--skip-name-resolve")
-
-
-class PrivateMariaDB:
-    """A mariadbd on its own datadir and port; :meth:`stop` and :meth:`start` at will."""
-
-    def __init__(self, folder: Path, mariadbd: str, install_db: str) -> None:
-        self.folder = folder
-        self.datadir = folder / "data"
-        self.port = free_port()
-        self.mariadbd = mariadbd
-        self.install_db = install_db
-        self.process: subprocess.Popen[bytes] | None = None
-        self.url = f"mysql+aiomysql://root@127.0.0.1:{self.port}/test"
-
-    def install(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with (self.folder / "install.log").open("wb") as log:
-            done = subprocess.run(
-                [self.install_db, "--no-defaults", f"--datadir={self.datadir}",
-                 f"--user={_user()}", "--auth-root-authentication-method=normal",
-                 "--skip-test-db", *SERVER_OPTIONS],
-                stdout=log, stderr=subprocess.STDOUT, timeout=MARIADB_START_TIMEOUT,
-                check=False)
-        if done.returncode != 0:
-            pytest.fail("mariadb-install-db failed:\n"
-                        + (self.folder / "install.log").read_text(errors="replace")[-3000:])
-
-    def start(self) -> None:
-        """Start mariadbd and return once it answers ``SELECT 1`` over TCP."""
-        assert self.process is None or self.process.poll() is not None
-        with (self.folder / "server.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [self.mariadbd, "--no-defaults", f"--datadir={self.datadir}",
-                 f"--port={self.port}", "--bind-address=127.0.0.1",
-                 f"--socket={self.folder / 'mysqld.sock'}",
-                 f"--pid-file={self.folder / 'mysqld.pid'}", f"--user={_user()}",
-                 *SERVER_OPTIONS], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + MARIADB_START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"mariadbd exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root",
-                                       connect_timeout=1)
-            except pymysql.err.OperationalError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"mariadbd not ready within {MARIADB_START_TIMEOUT} s:\n"
-                                f"{self.log()}")
-                time.sleep(0.05)
-                continue
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("CREATE DATABASE IF NOT EXISTS test CHARACTER SET utf8mb4")
-            finally:
-                conn.close()
-            return
-
-    def stop(self) -> None:
-        """SIGTERM, and wait for a clean shutdown (SIGKILL if it takes too long)."""
-        p = self.process
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(MARIADB_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-    def log(self) -> str:
-        path = self.folder / "server.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-
-def _user() -> str:
-    import pwd
-
-    return pwd.getpwuid(os.getuid()).pw_name

@@ -17,7 +17,6 @@ from fault_harness import (
     SETTLE_TIMEOUT,
     WAIT_SECONDS,
     Load,
-    PrivateMariaDB,
     Sink,
     campaign_app,
     check_sink_against_store,
@@ -29,6 +28,8 @@ from fault_harness import (
     utcnow,
     wait_for,
 )
+
+from segflowd.testing import PrivateMariaDB
 
 pytestmark = pytest.mark.slow
 
