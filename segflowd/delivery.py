@@ -10,7 +10,9 @@ it on purpose). Transient errors retry with exponential backoff and jitter up to
 so, suppress the address.
 
 Per provider (``[providers.NAME]``): ``rate`` (messages per second, token bucket; 0 is
-unlimited), ``burst`` and ``concurrency`` (parallel send calls).
+unlimited), ``burst``, ``concurrency`` (parallel send calls) and ``render_processes``
+(worker processes that render, see :mod:`segflowd.renderpool`; 0, the default, renders
+in the daemon's process).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ from .mime import (
 )
 from .outbox import MessageKind, enqueue
 from .providers import OutgoingMessage, Provider, ProviderContext, SendResult, load_provider
+from .renderpool import RenderJob, RenderPool, RenderPoolError, RenderResult, render_jobs
 from .schema import messages, subscriptions, suppressions, users
-from .templates import Renderer, add_tracking, sample_user
+from .templates import Rendered, Renderer, add_tracking, sample_user
 from .tokens import Signer, ephemeral_key
 
 __all__ = ["DeliveryService", "DeliveryStatistics", "ProviderStatistics",
@@ -54,6 +57,7 @@ log = structlog.get_logger("segflowd.delivery")
 
 DEFAULT_CONCURRENCY = 1  # parallel send calls per provider
 DEFAULT_RATE = 0.0  # messages per second per provider; 0 means unlimited
+DEFAULT_RENDER_PROCESSES = 0  # render worker processes; 0 renders in the daemon's process
 TEST_WAIT = 30.0  # seconds "email.test" waits for its message to be sent
 RECORD_RETRY = 1.0  # seconds between attempts to record sent messages while the store is down
 MARKETING_TOPIC = "marketing"
@@ -173,6 +177,8 @@ class DeliveryService:
         self.rate = float(str(self.options.get("rate", DEFAULT_RATE)))
         self.concurrency = max(1, int(str(self.options.get("concurrency", DEFAULT_CONCURRENCY))))
         self.burst = float(str(self.options.get("burst", max(1.0, self.rate))))
+        processes = int(str(self.options.get("render_processes", DEFAULT_RENDER_PROCESSES)))
+        self.render_pool = RenderPool(k.app, processes) if processes > 0 else None
         self._provider: Provider | None = (providers or {}).get(self.provider_name)
         self._bucket = TokenBucket(self.rate, self.burst, k.clock)
         self._counters = _Counters()
@@ -215,6 +221,8 @@ class DeliveryService:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         _ = self.provider  # a plugin that cannot load stops the start, clearly
         await self.recover()
+        if self.render_pool is not None:
+            self.render_pool.start()
         try:
             async with anyio.create_task_group() as tg:
                 for i in range(self.concurrency):
@@ -224,6 +232,8 @@ class DeliveryService:
             self._done.set()
             with anyio.CancelScope(shield=True):
                 await self.provider.aclose()
+                if self.render_pool is not None:
+                    await anyio.to_thread.run_sync(self.render_pool.close)
 
     async def drain(self) -> None:
         self._stopping = True
@@ -362,8 +372,9 @@ class DeliveryService:
                     p.status = "retry"
                     p.error = f"preparing the message: {type(exc).__name__}: {exc}"
             return prepared
-        # Rendering is CPU work (Jinja2, css-inline, inscriptis): a worker thread keeps
-        # the event loop (ingest, the control socket) responsive meanwhile.
+        # Rendering is CPU work (Jinja2, css-inline, the text part): a worker thread keeps
+        # the event loop (ingest, the control socket) responsive meanwhile, and hands the
+        # batch to the render processes where there are some.
         await anyio.to_thread.run_sync(self._render_all, prepared)
         return prepared
 
@@ -415,14 +426,32 @@ class DeliveryService:
                 p.data = data
 
     def _render_all(self, prepared: list[_Prepared]) -> None:
-        for p in prepared:
-            if p.status is None:
-                try:
-                    p.message = self._render(p)
-                except (TemplateError, InvalidAddress) as exc:
-                    p.status, p.error = "failed", str(exc)
+        todo = [p for p in prepared if p.status is None]
+        jobs: list[RenderJob] = []
+        unsubs: list[str] = []
+        for p in todo:
+            job, unsub = self._job(p)
+            jobs.append(job)
+            unsubs.append(unsub)
+        results: list[RenderResult] | None = None
+        if self.render_pool is not None and jobs:
+            try:
+                results = self.render_pool.render_many(jobs)
+            except RenderPoolError as exc:  # rendered here instead; the pool restarts
+                log.warning("delivery.render_pool_failed", error=str(exc))
+        if results is None:
+            results = render_jobs(self.renderer, jobs)
+        for p, result, unsub in zip(todo, results, unsubs, strict=True):
+            if isinstance(result, TemplateError):
+                p.status, p.error = "failed", str(result)
+                continue
+            try:
+                p.message = self._build(p, result, unsub)
+            except InvalidAddress as exc:
+                p.status, p.error = "failed", str(exc)
 
-    def _render(self, p: _Prepared) -> OutgoingMessage:
+    def _job(self, p: _Prepared) -> tuple[RenderJob, str]:
+        """The template and context to render ``p`` with, and its unsubscribe URL."""
         row, user, data, address = p.row, dict(p.user), p.data, p.address
         unsub = ""
         if row["kind"] in MARKETING_KINDS:
@@ -440,7 +469,10 @@ class DeliveryService:
                    "message": {"id": row["id"], "kind": row["kind"],
                                "campaign": row["campaign"], "template": row["template"]},
                    "unsubscribe_url": unsub}
-        rendered = self.renderer.render(row["template"], context)
+        return (str(row["template"]), context), unsub
+
+    def _build(self, p: _Prepared, rendered: Rendered, unsub: str) -> OutgoingMessage:
+        row, address = p.row, p.address
         html = rendered.html
         if self._tracks(row):
             mid = int(row["id"])

@@ -27,8 +27,8 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "segflow.providers"
 # Keys of a [providers.NAME] table that delivery reads itself; the plugin gets the rest.
-DELIVERY_OPTIONS = frozenset({"rate", "burst", "concurrency", "webhook_username",
-                              "webhook_password", "webhook_topic_arn"})
+DELIVERY_OPTIONS = frozenset({"rate", "burst", "concurrency", "render_processes",
+                              "webhook_username", "webhook_password", "webhook_topic_arn"})
 
 
 @dataclasses.dataclass(frozen=True)

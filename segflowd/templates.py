@@ -17,11 +17,10 @@ from typing import Any
 
 import css_inline
 import jinja2
-from inscriptis import get_text
-from inscriptis.model.config import ParserConfig
 
 from .app import Segflow, TemplateDef
 from .errors import TemplateError
+from .htmltext import html_to_text
 
 __all__ = ["COMPONENTS_DIR", "Rendered", "Renderer", "SampleData", "add_tracking",
            "html_to_text", "sample_user"]
@@ -32,11 +31,14 @@ NO_TRACK_ATTR = "data-segflow-notrack"  # an <a> with it keeps its own href (uns
 
 _ANCHOR = re.compile(r"<a\b[^>]*>", re.IGNORECASE)
 _HREF = re.compile(r"""(\shref\s*=\s*)(?:"([^"]*)"|'([^']*)')""", re.IGNORECASE)
-_TEXT_CONFIG = ParserConfig(display_links=True)
 # A whole start tag, attribute values may hold ">"; only such tags are touched.
 _START_TAG = re.compile(r"""<[A-Za-z][^\s/>"']*(?:\s+[^\s=/>"']+(?:\s*=\s*(?:"[^"]*"|'[^']*'"""
                         r"""|[^\s>"']+))?)*\s*/?>""")
 _QUOTED = re.compile(r'"[^"]*"')
+# Cheap test that _START_TAG's rewrite can change nothing: a tag it changes holds a double
+# quoted value with "<" or ">" (found from its "="), or a single-quoted value (whose '"'
+# would shift the pairing): neither present, no tag changes.
+_MAYBE_ANGLE_VALUE = re.compile(r"""=\s*+(?:"[^"<>]*+[<>]|')""")
 
 
 def _escape_angles(m: re.Match[str]) -> str:
@@ -127,17 +129,11 @@ class Renderer:
             raise TemplateError(f"{where}: CSS inlining failed: {exc}") from None
         # The inliner re-serializes HTML5-style, leaving "<" raw inside quoted attributes:
         # harmless to browsers, but escaped again here so no client ever sees a "<script".
-        inlined = _START_TAG.sub(_escape_angles, inlined)
+        if _MAYBE_ANGLE_VALUE.search(inlined) is not None:
+            inlined = _START_TAG.sub(_escape_angles, inlined)
         # A subject is one line: a CR/LF from data can never start a new header.
         subject = " ".join(subject.split())
         return Rendered(subject=subject, html=inlined, text=text)
-
-
-def html_to_text(html: str) -> str:
-    """The plain-text part: inscriptis' layout-aware text, links shown, blank runs folded."""
-    text = get_text(html, _TEXT_CONFIG)
-    lines = [line.rstrip() for line in text.splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
 def add_tracking(html: str, click_url: Callable[[str], str], pixel_url: str | None) -> str:

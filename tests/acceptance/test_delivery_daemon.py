@@ -61,8 +61,9 @@ async def _read(url: str) -> tuple[str, bool]:
     return str(status), unsub is not None
 
 
-def test_daemon_sends_from_the_outbox_and_serves_unsubscribe(sqlite_url: str,
-                                                             tmp_path: Path) -> None:
+@pytest.mark.parametrize("render_processes", [0, 1])  # in the daemon; a render pool
+def test_daemon_sends_from_the_outbox_and_serves_unsubscribe(
+        sqlite_url: str, tmp_path: Path, render_processes: int) -> None:
     port = _free_port()
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates" / "hello.html").write_text(
@@ -91,6 +92,7 @@ poll_interval = 0.2
 plugin = "outbox"
 path = "outbox"
 concurrency = 1
+render_processes = {render_processes}
 """)
     anyio.run(_seed, sqlite_url)
     log = (tmp_path / "daemon.log").open("wb")

@@ -340,3 +340,58 @@ async def test_a_failing_context_provider_retries_the_message_later(setup: Setup
     assert row["status"] == "queued"
     assert "customer database unreachable" in row["last_error"]
     assert row["next_attempt_at"] > NOW
+
+
+async def test_render_processes_render_the_batch_and_stop_with_the_service(
+        store: Store, tmp_path: Path) -> None:
+    """``render_processes``: the same messages, rendered by worker processes."""
+    import anyio
+
+    setup = make_kernel(store, tmp_path, options="render_processes = 1")
+    await add_user(setup.kernel.store, "u1", "ann@example.org", name="Ann")
+    await add_user(setup.kernel.store, "u2", "bo@example.org", name="Bo")
+    provider = ScriptedProvider()
+    svc = service(setup, provider)
+    assert svc.render_pool is not None
+    ok = await queue(setup)
+    bad = await queue(setup, user="u2", other="x")  # the template needs ``plan``
+    tracked = await queue(setup, template="tracked")
+    async with anyio.create_task_group() as tg:
+        await tg.start(svc.run)
+        with anyio.fail_after(60):  # the first batch waits for the workers to start
+            while svc.statistics().sent + svc.statistics().failed < 3:
+                svc.wake()
+                await anyio.sleep(0.05)
+        await svc.drain()
+        tg.cancel_scope.cancel()
+    assert svc.render_pool.batches >= 1
+    assert svc.render_pool._executor is None  # stopped with the service
+    assert sorted(m.id for m in provider.sent) == [ok, tracked]
+    mime = parse(provider.sent[0].mime)
+    assert mime["List-Unsubscribe"].startswith("<https://mail.example.com/u/")
+    assert "Your plan: pro" in mime.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    html = next(m for m in provider.sent if m.id == tracked).html
+    assert "https://mail.example.com/t/c/" in html  # tracking still added in the daemon
+    row = await message_row(setup.kernel.store, bad)
+    assert row["status"] == "failed"
+    assert "'plan' is undefined" in row["last_error"]
+
+
+async def test_a_broken_render_pool_falls_back_to_rendering_in_process(
+        store: Store, tmp_path: Path) -> None:
+    from segflowd.renderpool import RenderPoolError
+
+    setup = make_kernel(store, tmp_path, options="render_processes = 1")
+    await add_user(setup.kernel.store, "u1", "ann@example.org", name="Ann")
+    provider = ScriptedProvider()
+    svc = service(setup, provider)
+    assert svc.render_pool is not None
+
+    def broken(jobs: object) -> object:
+        raise RenderPoolError("render pool: BrokenProcessPool: a worker died")
+
+    svc.render_pool.render_many = broken  # type: ignore[method-assign, assignment]
+    mid = await queue(setup)
+    assert await svc.run_once() == 1
+    assert [m.id for m in provider.sent] == [mid]
+    assert (await message_row(setup.kernel.store, mid))["status"] == "sent"

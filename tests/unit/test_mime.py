@@ -95,3 +95,46 @@ def test_non_ascii_subject_and_names_are_encoded_and_parse_back() -> None:
     assert msg["Subject"] == "Héllo 🎉 " + ("long words " * 20).strip()
     assert msg["To"].addresses[0].display_name == "Zoë Ångström"
     assert msg.get_body(("html",)).get_content() == "<p>" + "é" * 300  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("raw", ["ann@example.org", "ann.lee+x@mail.example.co.uk",
+                                 "o'neil@e.com", "A@B", "x_y-z@ex-ample.com"])
+def test_a_bare_address_parses_as_the_stdlib_parses_it(raw: str) -> None:
+    """The fast path for plain recipients builds the Address the general path would."""
+    from email.headerregistry import Address
+
+    fast, general = parse_address(raw, "recipient"), Address(addr_spec=raw)
+    assert (fast.username, fast.domain, fast.addr_spec, fast.display_name, str(fast)) == (
+        general.username, general.domain, general.addr_spec, general.display_name,
+        str(general))
+
+
+@pytest.mark.parametrize("raw", ["ann@@example.org", "ann@example..org", "a b@example.org",
+                                 "ann@example.org\r\nBcc: x@y.z", "ann@"])
+def test_malformed_bare_addresses_are_still_refused(raw: str) -> None:
+    with pytest.raises(InvalidAddress):
+        parse_address(raw, "recipient")
+
+
+def test_ascii_parts_go_7bit_and_others_quoted_printable_and_both_parse_back() -> None:
+    long_line = "<p>" + "x" * 1200 + "</p>"
+    for html, text, cte in [("<p a=\"1\">Hello = there</p>", "Hello", "7bit"),
+                            ("<p>Héllo</p>", "Héllo", "quoted-printable"),
+                            (long_line, "long", "quoted-printable")]:
+        msg = parse(build_message(parts(html=html, text=text)).mime)
+        body = msg.get_body(("html",))
+        assert body is not None
+        assert body["Content-Transfer-Encoding"] == cte
+        assert body.get_content().replace("\r\n", "\n").rstrip("\n") == html
+        assert all(len(line) <= 998 for line in build_message(
+            parts(html=html, text=text)).mime.split(b"\r\n"))
+
+
+def test_a_body_holding_the_boundary_is_quoted_printable() -> None:
+    out = build_message(parts(html="<p>x</p>"))
+    boundary = out.mime.split(b'boundary="', 1)[1].split(b'"', 1)[0].decode()
+    html = f"<p>--{boundary}--</p>"
+    from segflowd.mime import _body
+
+    assert _body(html, boundary)[0] == "quoted-printable"
+    assert _body(html, boundary)[1].count(boundary.encode()) == 0

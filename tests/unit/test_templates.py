@@ -5,6 +5,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
 from segflowd.app import Segflow
@@ -100,3 +102,33 @@ def test_add_tracking_rewrites_web_links_only_and_adds_the_pixel() -> None:
     assert 'href="https://h/u/tok"' in out
     assert out.endswith('<img src="https://t/o/1" width="1" height="1" alt="" '
                         'style="display:block;border:0;width:1px;height:1px"></body></html>')
+
+
+_VALUE = st.builds(
+    lambda q, inner: q + inner.replace(q, "") + q if q else inner.replace('"', ""),
+    st.sampled_from(['"', "'", ""]),
+    st.lists(st.sampled_from(["a", "<", ">", '"', "'", " "]), max_size=4).map("".join))
+_ATTR = st.builds(lambda ws, name, eq, value: ws + name + (eq + value if eq else ""),
+                  st.sampled_from([" ", "  ", "\n"]), st.sampled_from(["x", "y"]),
+                  st.sampled_from(["", "=", " = ", "= "]), _VALUE)
+_TAG = st.builds(lambda name, attrs, end: "<" + name + "".join(attrs) + end,
+                 st.sampled_from(["a", "p"]), st.lists(_ATTR, max_size=3),
+                 st.sampled_from([">", "/>", " >"]))
+
+
+@hypothesis.settings(max_examples=1000, deadline=None)
+@hypothesis.given(st.lists(st.one_of(_TAG, st.sampled_from(["t", " ", "<", ">", '"', "'"])),
+                           min_size=1, max_size=4).map("".join))
+def test_the_angle_prefilter_never_skips_a_tag_the_rewrite_would_change(html: str) -> None:
+    """Skipping the attribute re-escaping when the cheap test finds nothing changes nothing."""
+    from segflowd.templates import _MAYBE_ANGLE_VALUE, _START_TAG, _escape_angles
+
+    if _MAYBE_ANGLE_VALUE.search(html) is None:
+        assert _START_TAG.sub(_escape_angles, html) == html
+
+
+def test_angles_in_attribute_values_are_escaped_after_inlining(tmp_path: Path) -> None:
+    r = make(tmp_path, {"t.html": '<p title="{{ user.bio }}" class="x">{{ user.name }}</p>'})
+    html = r.render("t", {"user": {"name": "A", "bio": "<b>&"}}).html
+    assert 'title="&lt;b&gt;&amp;"' in html
+    assert "<b>" not in html
