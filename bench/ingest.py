@@ -14,6 +14,11 @@ For each store (SQLite file, fresh MariaDB database) it measures, in one run:
   against the rows/s of a raw bulk insert into the same store's events table
   (target ≥ 0.5x).
 * ``acked_events_stored``: every event acknowledged with a 2xx is in the store (1.0x).
+* ``single_server_cpu_us`` / ``batch_server_cpu_us``: the server process's CPU time
+  (``/proc``, all threads) per request / per event, beside the bare app's per request.
+  Unlike requests/s it does not depend on how much of the machine the load generator
+  and other processes leave the server; ``server_busy`` and ``client_busy`` (CPU
+  seconds per second) on the rate lines tell which side set the pace.
 
 The servers run as subprocesses; the load comes from this process over loopback with a
 small keep-alive HTTP/1.1 client on raw asyncio streams (no client library in the way).
@@ -100,6 +105,14 @@ class Load:
         self.failed = 0
         self.latencies: list[float] = []
         self.acked_events = 0
+        self.server_cpu: float | None = None  # seconds of the server's CPU under this load
+        self.client_cpu = 0.0  # seconds of this process's CPU (the load generator)
+
+    def cpu_us_per_request(self) -> float | None:
+        """Server CPU per answered request: what the server costs, whoever limits the rate."""
+        if self.server_cpu is None or not self.ok + self.failed:
+            return None
+        return self.server_cpu / (self.ok + self.failed) * 1e6
 
 
 async def _connection(port: int, make: Callable[[int], tuple[bytes, int]], deadline: float,
@@ -137,9 +150,23 @@ def _request(method: str, path: str, body: bytes, headers: dict[str, str]) -> by
 
 
 def run_load(port: int, make: Callable[[int], tuple[bytes, int]], seconds: float,
-             connections: int) -> tuple[Load, float]:
+             connections: int, pid: int | None = None) -> tuple[Load, float]:
+    """Closed-loop load for ``seconds``; with ``pid``, the server's CPU time is measured."""
     load = Load()
     counter = iter(range(10**12))
+    cpu_before = cpu_seconds(pid) if pid else None
+    own_before = time.process_time()
+    try:
+        return load, _drive(port, make, seconds, connections, load, counter)
+    finally:
+        load.client_cpu = time.process_time() - own_before
+        cpu_after = cpu_seconds(pid) if pid else None
+        if cpu_before is not None and cpu_after is not None:
+            load.server_cpu = cpu_after - cpu_before
+
+
+def _drive(port: int, make: Callable[[int], tuple[bytes, int]], seconds: float,
+           connections: int, load: Load, counter: Iterator[int]) -> float:
 
     async def main() -> float:
         started = time.perf_counter()
@@ -151,8 +178,8 @@ def run_load(port: int, make: Callable[[int], tuple[bytes, int]], seconds: float
     with contextlib.suppress(ImportError):
         import uvloop
 
-        return load, uvloop.run(main())
-    return load, asyncio.run(main())
+        return uvloop.run(main())
+    return asyncio.run(main())
 
 
 def single_event(run_id: str) -> Callable[[int], tuple[bytes, int]]:
@@ -202,9 +229,19 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise SystemExit(f"server did not start:\n{log.read_text()[-2000:]}")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (all its threads); None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def server(args: list[str], port: int, probe: str, workdir: Path,
-           name: str) -> Iterator[None]:
+           name: str) -> Iterator[int]:
+    """Run a server process until the block ends; yields its pid."""
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir,
@@ -212,7 +249,7 @@ def server(args: list[str], port: int, probe: str, workdir: Path,
                                      if not k.startswith("SEGFLOW_")})
         try:
             _wait_http(f"http://127.0.0.1:{port}{probe}", proc, log)
-            yield
+            yield proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -223,7 +260,7 @@ def server(args: list[str], port: int, probe: str, workdir: Path,
 
 
 def segflowd(store_url: str, port: int, workdir: Path,
-             ingest_only: bool) -> contextlib.AbstractContextManager[None]:
+             ingest_only: bool) -> contextlib.AbstractContextManager[int]:
     (workdir / "app.py").write_text("from segflowd import Segflow\n\napp = Segflow()\n")
     config = workdir / "segflow.toml"
     config.write_text(f"""
@@ -342,20 +379,31 @@ def bench_store(kind: str, store_url: str, seconds: float, connections: int,
         raw_rate = raw_insert_rate(store_url, seconds)
         port = _free_port()
         run_id = uuid.uuid4().hex[:8]
-        with segflowd(store_url, port, workdir, ingest_only):
-            single, single_s = run_load(port, single_event(run_id), seconds, connections)
+        with segflowd(store_url, port, workdir, ingest_only) as pid:
+            single, single_s = run_load(port, single_event(run_id), seconds, connections,
+                                        pid)
             batch, batch_s = run_load(port, batch_events(run_id), seconds,
-                                      max(4, connections // 4))
+                                      max(4, connections // 4), pid)
         tags = {"store": kind, "daemon": "ingest-only" if ingest_only else "full",
                 "connections": connections, "seconds": seconds}
         emit("single_rps", single.ok / single_s, "req/s", baseline_rps, 0.6,
-             failed=single.failed, **tags)
+             failed=single.failed, client_busy=round(single.client_cpu / single_s, 2),
+             server_busy=None if single.server_cpu is None
+             else round(single.server_cpu / single_s, 2), **tags)
+        cpu, base_cpu = single.cpu_us_per_request(), baseline.cpu_us_per_request()
+        if cpu is not None:
+            # The server's own cost, read from /proc: unlike requests/s it does not depend on
+            # how much of the 2 cores the load generator (or anything else) leaves it.
+            emit("single_server_cpu_us", cpu, "us/req", base_cpu, None, **tags)
         emit("single_p50", _pct(single.latencies, 0.5), "ms", _pct(baseline.latencies, 0.5),
              None, **tags)
         emit("single_p99", _pct(single.latencies, 0.99), "ms", _pct(baseline.latencies, 0.99),
              None, **tags)
         emit("batch_events_per_s", batch.acked_events / batch_s, "events/s", raw_rate, 0.5,
              batch_size=BATCH_SIZE, failed=batch.failed, **tags)
+        if batch.server_cpu is not None and batch.acked_events:
+            emit("batch_server_cpu_us", batch.server_cpu / batch.acked_events * 1e6,
+                 "us/event", None, None, batch_size=BATCH_SIZE, **tags)
         emit("batch_p50", _pct(batch.latencies, 0.5), "ms", None, None, **tags)
         emit("batch_p99", _pct(batch.latencies, 0.99), "ms", None, None, **tags)
         acked = single.acked_events + batch.acked_events
@@ -392,11 +440,15 @@ def main() -> None:
     try:
         port = _free_port()
         with server([sys.executable, str(Path(__file__).resolve()), "--serve-baseline",
-                     str(port)], port, "/", workdir, "baseline"):
-            base, base_s = run_load(port, single_event("base"), seconds, connections)
+                     str(port)], port, "/", workdir, "baseline") as pid:
+            base, base_s = run_load(port, single_event("base"), seconds, connections, pid)
         baseline_rps = base.ok / base_s
+        busy = None if base.server_cpu is None else round(base.server_cpu / base_s, 2)
+        # server_busy well under 1.0 with client_busy near 1.0: the load generator, not the
+        # bare app, set the pace (the baseline is then a floor, and the ratio flatters).
         emit("baseline_bare_asgi_rps", baseline_rps, "req/s", None, None,
-             connections=connections, seconds=seconds)
+             connections=connections, seconds=seconds, server_busy=busy,
+             client_busy=round(base.client_cpu / base_s, 2))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for kind in args.stores.split(","):

@@ -12,10 +12,11 @@ request so only that request fails.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from . import schema, users
 from .clock import Clock
 from .errors import IngestError, StoreUnavailable
+from .eventinsert import COLUMNS, EventInserter
 from .hooks import IngestBatch, IngestSink, StoredEvent
 from .store import Store, is_unavailable
 
@@ -49,6 +51,8 @@ FLUSH_ROWS = 1000  # writes that start a flush at once
 KNOWN_USERS_MAX = 200_000  # user ids remembered as existing (about 20 MB at most)
 QUEUE_LIMIT = 50_000  # writes waiting before submit() answers "unavailable" (back-pressure)
 _IN_CHUNK = 500  # dedupe keys per IN (...) list
+IDLE_RELEASE = 1.0  # seconds without a flush before the held connection goes back to the pool
+RELEASE_TIMEOUT = 5.0  # seconds giving the connection back may take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,13 +116,27 @@ class CommitterStatistics:
 
 
 class _Pending:
-    __slots__ = ("done", "error", "result", "writes")
+    """One request's writes and the future its handler awaits.
 
-    def __init__(self, writes: Sequence[Write]) -> None:
+    A bare asyncio future rather than ``anyio.Event`` in a shielded scope: the daemon runs
+    on anyio's asyncio backend, and this is per request on the ingest hot path (0.2 µs
+    against 7 µs). A handler cancelled while waiting leaves the future cancelled; its
+    writes stay in the flush and are committed (or not) with it all the same.
+    """
+
+    __slots__ = ("future", "writes")
+
+    def __init__(self, writes: Sequence[Write], future: asyncio.Future[CommitResult]) -> None:
         self.writes = writes
-        self.done = anyio.Event()
-        self.result: CommitResult | None = None
-        self.error: BaseException | None = None
+        self.future = future
+
+    def resolve(self, result: CommitResult) -> None:
+        if not self.future.done():
+            self.future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 class GroupCommitter:
@@ -141,6 +159,11 @@ class GroupCommitter:
         self._last_rows = self._max_rows = 0
         self._last_ms: float | None = None
         self._returning: bool | None = None
+        self._events_insert: EventInserter | None = None
+        # The connection flushes use while writes keep coming: one pool checkout (pre-ping,
+        # reset on return) per busy spell instead of per flush. Given back after
+        # IDLE_RELEASE seconds without a flush, and at once after any failed flush.
+        self._conn: AsyncConnection | None = None
         # Users known to exist, so an event of theirs needs no INSERT IGNORE of the user.
         # This process is the only one that creates or forgets users in this store.
         self._known: set[str] = set()
@@ -156,18 +179,13 @@ class GroupCommitter:
             raise StoreUnavailable("ingest is not accepting writes (starting or stopping)")
         if self._queued_writes >= QUEUE_LIMIT:
             raise StoreUnavailable("ingest queue is full; retry later")
-        pending = _Pending(writes)
-        self._queue.append(pending)
+        future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(writes, future))
         self._queued_writes += len(writes)
         if (self._queued_writes >= self.flush_rows or len(self._queue) == 1
                 or len(self._queue) == self._expect):
             self._wake.set()
-        with anyio.CancelScope(shield=True):  # a client that went away still gets its commit
-            await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
+        return await future
 
     def statistics(self) -> CommitterStatistics:
         return CommitterStatistics(
@@ -186,6 +204,11 @@ class GroupCommitter:
         backlog = False  # writes arrived while the last flush ran: under load
         try:
             while not (self._closed and not self._queue):
+                if self._conn is not None and not self._wake.is_set():
+                    with anyio.move_on_after(IDLE_RELEASE):
+                        await self._wake.wait()
+                    if not self._wake.is_set():
+                        await self._release()  # idle: the pool checks it before next use
                 await self._wake.wait()
                 self._wake = anyio.Event()
                 if not self._queue:
@@ -204,16 +227,14 @@ class GroupCommitter:
                     await self._flush(batch)
                 finally:
                     for p in batch:  # cancelled mid-flush: nobody may wait forever
-                        if not p.done.is_set():
-                            p.error = StoreUnavailable("ingest stopped during the commit")
-                            p.done.set()
+                        p.fail(StoreUnavailable("ingest stopped during the commit"))
                 backlog = bool(self._queue)
         finally:
             self._running = False
             for p in self._queue:
-                p.error = StoreUnavailable("ingest stopped before this write was committed")
-                p.done.set()
+                p.fail(StoreUnavailable("ingest stopped before this write was committed"))
             self._queue = []
+            await self._release()
 
     async def close(self) -> None:
         """Stop taking writes; the run task flushes what is queued and returns."""
@@ -232,16 +253,14 @@ class GroupCommitter:
                 log.warning("ingest.flush_failed", rows=rows, requests=len(batch),
                             error=str(err))
                 for p in batch:
-                    p.error = err
-                    p.done.set()
+                    p.fail(err)
                 return
             # One request's data broke the transaction: commit each request alone.
             for p in batch:
                 await self._flush([p])
             return
         for p, r in zip(batch, results, strict=True):
-            p.result = r
-            p.done.set()
+            p.resolve(r)
         elapsed = (time.perf_counter() - started) * 1000
         self._flushes += 1
         self._writes += rows
@@ -274,9 +293,38 @@ class GroupCommitter:
     async def _commit_once(self, groups: list[Sequence[Write]]
                            ) -> tuple[list[CommitResult], IngestBatch]:
         now = self.clock.now()
-        async with self.store.begin() as conn:
-            return await _apply(self.store, conn, groups, now, self._can_return(conn),
-                                self._known)
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self.store.engine.connect()
+        try:
+            async with conn.begin():
+                return await _apply(self.store, conn, groups, now, self._can_return(conn),
+                                    self._known, self._inserter(conn))
+        except BaseException as exc:
+            # Whatever broke (or cancelled) the flush, the next one starts on a checked
+            # connection from the pool.
+            await self._release(broken=not isinstance(exc, Exception) or is_unavailable(exc))
+            raise
+
+    async def _release(self, *, broken: bool = False) -> None:
+        """Give the held connection back to the pool (dropped if it may be broken)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # Shielded (a cancelled flush still returns its connection) but bounded: a store
+        # that stopped answering must not hold up a shutdown.
+        with anyio.move_on_after(RELEASE_TIMEOUT, shield=True):
+            try:
+                if broken:
+                    await conn.invalidate()
+                await conn.close()
+            except Exception as exc:  # a dead connection may fail to close: it is gone
+                log.debug("ingest.connection_close_failed", error=str(exc).splitlines()[0][:200])
+
+    def _inserter(self, conn: AsyncConnection) -> EventInserter:
+        if self._events_insert is None:
+            self._events_insert = EventInserter(self.store, conn.dialect)
+        return self._events_insert
 
     def _can_return(self, conn: AsyncConnection) -> bool:
         if self._returning is None:
@@ -299,7 +347,7 @@ def _as_request_error(exc: BaseException) -> BaseException:
 
 
 async def _apply(store: Store, conn: AsyncConnection, groups: list[Sequence[Write]],
-                 now: dt.datetime, returning: bool, known: set[str]
+                 now: dt.datetime, returning: bool, known: set[str], inserter: EventInserter
                  ) -> tuple[list[CommitResult], IngestBatch]:
     """Apply every group's writes in order of kind, within one transaction."""
     ev = schema.events
@@ -350,7 +398,7 @@ async def _apply(store: Store, conn: AsyncConnection, groups: list[Sequence[Writ
 
     # Repeats inside this flush are dropped here; keys already stored are skipped by the
     # insert itself (INSERT IGNORE / ON CONFLICT DO NOTHING), which returns only new rows.
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []  # values in eventinsert.COLUMNS order
     slots: list[int] = []  # index into `events` of each row offered to the insert
     in_batch: dict[str, int] = {}
     for idx, e in enumerate(events):
@@ -358,17 +406,22 @@ async def _apply(store: Store, conn: AsyncConnection, groups: list[Sequence[Writ
             if e.dedupe_key in in_batch:
                 continue
             in_batch[e.dedupe_key] = idx
-        rows.append({"user_id": owner(e), "anonymous_id": e.anonymous_id, "name": e.name,
-                     "attributes": dict(e.attributes), "dedupe_key": e.dedupe_key,
-                     "created_at": e.created_at or now, "received_at": now})
+        attrs = e.attributes
+        rows.append((owner(e), e.anonymous_id, e.name,
+                     attrs if type(attrs) is dict else dict(attrs), e.dedupe_key,
+                     e.created_at or now, now))
         slots.append(idx)
     new_id: dict[int, int] = {}  # index into `events` → new row id
     if rows and returning:
-        result = await conn.execute(
-            store.insert_ignore(ev).returning(ev.c.id, ev.c.dedupe_key), rows)
+        if inserter.supported:
+            inserted: Iterable[tuple[int, str | None]] = await inserter.insert(conn, rows)
+        else:
+            inserted = await conn.execute(
+                store.insert_ignore(ev).returning(ev.c.id, ev.c.dedupe_key),
+                [dict(zip(COLUMNS, row, strict=True)) for row in rows])
         by_key: dict[str, int] = {}
         keyless: list[int] = []
-        for row_id, key in result:
+        for row_id, key in inserted:
             if key is None:
                 keyless.append(row_id)
             else:
@@ -376,14 +429,14 @@ async def _apply(store: Store, conn: AsyncConnection, groups: list[Sequence[Writ
         keyless.sort()  # auto-increment ids follow the order of the VALUES rows
         unkeyed = iter(keyless)
         for idx, row in zip(slots, rows, strict=True):
-            key = row["dedupe_key"]
+            key = row[4]
             if key is None:
                 new_id[idx] = next(unkeyed)
             elif key in by_key:
                 new_id[idx] = by_key[key]
     elif rows:  # pragma: no cover - MySQL proper has no INSERT ... RETURNING
         for idx, row in zip(slots, rows, strict=True):
-            done = await conn.execute(store.insert_ignore(ev), row)
+            done = await conn.execute(store.insert_ignore(ev), dict(zip(COLUMNS, row, strict=True)))
             if done.rowcount == 1 and done.inserted_primary_key:
                 new_id[idx] = int(done.inserted_primary_key[0])
     skipped = sorted(k for k, idx in in_batch.items() if idx not in new_id)

@@ -65,11 +65,15 @@ class Response:
         await send({"type": "http.response.body", "body": self.body})
 
 
+# json.dumps with these options builds a new encoder per call; one instance does the same.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def json_response(
     obj: object, status: int = 200, headers: Mapping[str, str] | None = None,
 ) -> Response:
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode()
-    return Response(status=status, body=body, headers=dict(headers or {}))
+    body = _ENCODER.encode(obj).encode()
+    return Response(status=status, body=body, headers=dict(headers) if headers else {})
 
 
 def error_response(status: int, code: str, message: str,

@@ -46,6 +46,16 @@ log = structlog.get_logger("segflowd.ingest")
 BUS_EVENTS_PER_COMMIT = 200  # "event.ingested" bus messages per commit, beyond: one summary
 
 
+_SUCCESS = b'{"success":true}'  # what Segment's API answers
+
+
+def _event_reply(event_id: int | None, duplicate: bool) -> Response:
+    """``{"id", "duplicate"}``, 202: written out, this is per request on the hot path."""
+    number = b"null" if event_id is None else str(int(event_id)).encode()
+    return Response(202, b'{"id":%s,"duplicate":%s}'
+                    % (number, b"true" if duplicate else b"false"))
+
+
 @dataclasses.dataclass(frozen=True)
 class IngestStatistics:
     requests: int
@@ -211,8 +221,7 @@ class IngestService:
             created_at=opt_time(body.get("timestamp"), "timestamp"),
             user_id=uid, dedupe_key=dedupe_key("n", uid, body.get("id"), "id"))
         result = await self._commit([write])
-        return json_response({"id": result.event_ids[0], "duplicate": result.duplicates[0]},
-                             202)
+        return _event_reply(result.event_ids[0], result.duplicates[0])
 
     # -- Segment ---------------------------------------------------------------------
 
@@ -222,7 +231,7 @@ class IngestService:
             writes = segment_api.parse_message(body, kind, field="body",
                                                max_event=await self._event_limit(request))
             await self._commit(writes)
-            return json_response({"success": True})
+            return Response(200, _SUCCESS)
 
         return handler
 
@@ -231,7 +240,7 @@ class IngestService:
         writes = segment_api.parse_batch(body, max_event=await self._event_limit(request))
         if writes:
             await self._commit(writes)
-        return json_response({"success": True})
+        return Response(200, _SUCCESS)
 
     # -- Customer.io -----------------------------------------------------------------
 

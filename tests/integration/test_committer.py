@@ -9,6 +9,7 @@ import anyio
 import pytest
 import sqlalchemy as sa
 
+from segflowd import committer as committer_module
 from segflowd import schema
 from segflowd.committer import EventWrite, ForgetWrite, GroupCommitter, LinkWrite, UserWrite
 from segflowd.errors import IngestError, StoreUnavailable
@@ -111,3 +112,45 @@ async def test_event_after_a_forget_recreates_the_user_row(
         ids = [r.id for r in await conn.execute(sa.select(schema.users.c.id))]
     assert ids == ["u1"]
     assert [e.name for e in await _events(store)] == ["b"]
+
+
+async def test_the_connection_is_kept_while_busy_and_given_back_when_idle(
+        store: Store, committer: tuple[GroupCommitter, Sink],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(committer_module, "IDLE_RELEASE", 0.05)
+    c, _ = committer
+    pool = store.engine.pool
+    await c.submit([EventWrite("a", {}, None, user_id="u1")])
+    assert pool.checkedout() == 1  # type: ignore[attr-defined]  # QueuePool's count
+    await c.submit([EventWrite("b", {}, None, user_id="u1")])
+    assert pool.checkedout() == 1  # type: ignore[attr-defined]
+    await anyio.sleep(0.5)  # ten times the idle time
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    await c.submit([EventWrite("c", {}, None, user_id="u1")])  # checked out again
+    assert [e.name for e in await _events(store)] == ["a", "b", "c"]
+
+
+async def test_a_waiter_cancelled_while_waiting_still_has_its_write_committed(
+        store: Store, committer: tuple[GroupCommitter, Sink]) -> None:
+    c, _ = committer
+    scope = anyio.CancelScope()
+    queued = anyio.Event()
+    kept: list[object] = []
+
+    async def abandoning() -> None:
+        with scope:
+            queued.set()  # submit queues its writes before it first waits
+            await c.submit([EventWrite("abandoned", {}, None, user_id="u1")])
+        assert scope.cancelled_caught
+
+    async def patient() -> None:
+        kept.append(await c.submit([EventWrite("kept", {}, None, user_id="u2")]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(abandoning)
+        tg.start_soon(patient)
+        await queued.wait()
+        scope.cancel()
+    await c.submit([EventWrite("after", {}, None, user_id="u1")])  # the committer goes on
+    assert sorted(e.name for e in await _events(store)) == ["abandoned", "after", "kept"]
+    assert len(kept) == 1
