@@ -148,8 +148,25 @@ class FlowService:
         return None
 
     async def startup(self) -> None:
-        """Versions, paused campaigns, the wheel rebuilt from the store, interrupted steps."""
-        store, app, now = self.k.store, self.k.app, self.k.clock.now()
+        """Versions, paused campaigns, the wheel rebuilt from the store, interrupted steps.
+
+        The independent reads run side by side, each on its own connection, so a start
+        with a million waiting instances costs its slowest read, not their sum.
+        """
+        now = self.k.clock.now()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._reconcile, now)
+            tg.start_soon(self._read_state)
+            tg.start_soon(self._count_far)
+            tg.start_soon(self._recount)
+        self.wheel = TimerWheel(_secs(now))
+        self._loaded_until = None
+        await self._load(now)
+        await self._catch_up_membership()
+        self._started = True
+
+    async def _reconcile(self, now: dt.datetime) -> None:
+        store, app = self.k.store, self.k.app
         await record_versions(store, app, now)
         for report in await reconcile_versions(store, app, now, apply=True):
             for inst, reason in report.diverged_instances:
@@ -162,25 +179,32 @@ class FlowService:
             if report.moved:
                 log.info("flow.versions_moved", campaign=report.campaign,
                          moved=report.moved, version=report.version)
-        async with store.connect() as conn:
+
+    async def _read_state(self) -> None:
+        """Paused campaigns, interrupted steps, and the events waits are waiting for."""
+        fi = flow_instances.c
+        async with self.k.store.connect() as conn:
             rows = await conn.execute(sa.select(campaign_settings.c.campaign)
                                       .where(campaign_settings.c.paused.is_(True)))
             self.paused = {r[0] for r in rows}
-            running = await conn.execute(sa.select(flow_instances.c.id).where(
-                flow_instances.c.live == 1, flow_instances.c.status == "running"))
-            for (iid,) in running:
+            for (iid,) in await conn.execute(self._running_query()):
                 self._push(_Work(int(iid), "run"))
+            self.awaited |= {str(r[0]) for r in await conn.execute(
+                sa.select(fi.wait_event).distinct().where(fi.wait_event.is_not(None)))}
+
+    def _running_query(self, campaign: str | None = None) -> sa.Select[Any]:
+        """Instances left ``running`` (a step was interrupted). Campaigns no longer in the
+        app are left out: they could not step anyway; naming the campaigns lets the store
+        use ``(campaign, status)`` instead of reading every instance."""
+        fi = flow_instances.c
+        names = [campaign] if campaign is not None else sorted(self.k.app.campaigns)
+        return sa.select(fi.id).where(fi.campaign.in_(names), fi.status == "running",
+                                      fi.live == 1)
+
+    async def _count_far(self) -> None:
+        async with self.k.store.connect() as conn:
             self._far = int((await conn.execute(sa.select(sa.func.count()).where(
                 flow_instances.c.wake_at.is_not(None)))).scalar() or 0)
-            self.awaited = {str(r[0]) for r in await conn.execute(
-                sa.select(flow_instances.c.wait_event).distinct().where(
-                    flow_instances.c.wait_event.is_not(None)))}
-        self.wheel = TimerWheel(_secs(now))
-        self._loaded_until = None
-        await self._load(now)
-        await self._recount()
-        await self._catch_up_membership()
-        self._started = True
 
     async def _catch_up_membership(self) -> None:
         """Hand over again the newest segment changes: the segment engine commits a change
@@ -257,7 +281,10 @@ class FlowService:
 
     def next_due(self) -> dt.datetime | None:
         """When the service next has something to do by the clock (tests step time to it)."""
-        cands = [t for t in (self.wheel.next_due(),) if t is not None]
+        # next_fire, not next_due: sleeping only until a deadline inside the current tick
+        # would wake to nothing, again and again, until the tick passed (a busy loop that
+        # starved the workers of the event loop)
+        cands = [t for t in (self.wheel.next_fire(),) if t is not None]
         if self._far_min is not None:
             cands.append(_secs(self._far_min) - self.horizon / 2)
         if not cands:
@@ -337,10 +364,12 @@ class FlowService:
         self._loading_until = until
         fi = flow_instances.c
         after: tuple[dt.datetime, int] | None = None
+        # With no campaign paused, id and wake_at are all it needs: the wake_at index holds
+        # both, so the store reads no rows (a paused campaign's waits are skipped here)
+        cols = (fi.id, fi.wake_at, fi.campaign) if self.paused else (fi.id, fi.wake_at)
         async with self.k.store.connect() as conn:
             while True:
-                q = sa.select(fi.id, fi.wake_at, fi.campaign).where(
-                    fi.wake_at.is_not(None), fi.wake_at < until)
+                q = sa.select(*cols).where(fi.wake_at.is_not(None), fi.wake_at < until)
                 if self._loaded_until is not None:
                     q = q.where(fi.wake_at >= self._loaded_until)
                 if after is not None:
@@ -348,13 +377,15 @@ class FlowService:
                                        sa.and_(fi.wake_at == after[0], fi.id > after[1])))
                 rows = (await conn.execute(q.order_by(fi.wake_at, fi.id).limit(LOAD_CHUNK))
                         ).all()
-                for iid, wake_at, campaign in rows:
-                    if campaign not in self.paused:
-                        self.wheel.add(int(iid), _secs(wake_at))
+                for row in rows:
+                    if len(row) < 3 or row[2] not in self.paused:
+                        self.wheel.add(int(row[0]), _secs(row[1]))
                     self._far = max(0, self._far - 1)
                 if len(rows) < LOAD_CHUNK:
                     break
                 after = (rows[-1][1], int(rows[-1][0]))
+                if self._started:  # a long load must not hold back the waits already due
+                    self._fire(self.k.clock.now())
                 await anyio.lowlevel.checkpoint()
             self._loaded_until = until
             found = (await conn.execute(sa.select(sa.func.min(fi.wake_at)).where(
@@ -430,8 +461,7 @@ class FlowService:
                 if held:
                     await self._apply_membership(held)
                 async with self.k.store.connect() as conn:
-                    running = [int(i) for (i,) in await conn.execute(sa.select(fi.id).where(
-                        fi.live == 1, fi.status == "running"))]
+                    running = [int(i) for (i,) in await conn.execute(self._running_query())]
                     due = [(int(i), str(c)) for i, c in await conn.execute(
                         sa.select(fi.id, fi.campaign).where(
                             fi.live == 1, fi.status == "waiting", fi.wake_at.is_not(None),
@@ -639,14 +669,14 @@ class FlowService:
         self.k.bus.publish(f"flow.{status}", campaign=campaign, user_id=user_id,
                            instance=iid, **extra)
 
-    def count_step(self) -> None:
-        self._steps += 1
-        self.k.metrics.inc("segflow_flow_steps_total")
+    def count_steps(self, n: int) -> None:
+        self._steps += n
+        self.k.metrics.inc("segflow_flow_steps_total", n)
         sec = int(time.monotonic())
         if self._step_times and self._step_times[-1][0] == sec:
-            self._step_times[-1] = (sec, self._step_times[-1][1] + 1)
+            self._step_times[-1] = (sec, self._step_times[-1][1] + n)
         else:
-            self._step_times.append((sec, 1))
+            self._step_times.append((sec, n))
 
     # -- statistics ------------------------------------------------------------------
 
@@ -722,9 +752,7 @@ class FlowService:
                     fi.wake_at < self._loaded_until))
                 for iid, wake_at in rows:
                     self.wheel.add(int(iid), _secs(wake_at))
-            running = await conn.execute(sa.select(fi.id).where(
-                fi.campaign == name, fi.live == 1, fi.status == "running"))
-            for (iid,) in running:
+            for (iid,) in await conn.execute(self._running_query(name)):
                 self._push(_Work(int(iid), "run"))
         self._kick.set()
         log.info("campaign.resumed", campaign=name)

@@ -75,16 +75,21 @@ async def enqueue(
 
 
 async def enqueue_many(conn: AsyncConnection, items: Sequence[Queued], *,
-                       now: dt.datetime) -> int:
+                       now: dt.datetime, look_up: bool = True) -> int:
     """Queue many messages in two statements per chunk (a round of flow steps, a batch of
     a broadcast); those whose ``dedupe_key`` was queued before are skipped. Returns how
-    many were queued. Same guarantees as :func:`enqueue`, without its round trips."""
+    many were queued. Same guarantees as :func:`enqueue`, without its round trips.
+
+    With ``look_up=False`` (the caller knows its keys are new) the look-up is left out:
+    a key queued before is then refused by the store (IntegrityError), never sent twice.
+    """
     queued = 0
     for lo in range(0, len(items), DEDUPE_CHUNK):
         chunk = items[lo:lo + DEDUPE_CHUNK]
         keys = [q.dedupe_key for q in chunk]
         seen = {r[0] for r in await conn.execute(
-            sa.select(messages.c.dedupe_key).where(messages.c.dedupe_key.in_(keys)))}
+            sa.select(messages.c.dedupe_key).where(messages.c.dedupe_key.in_(keys)))
+        } if look_up else set()
         rows = []
         for q in chunk:
             if q.dedupe_key in seen:

@@ -29,10 +29,32 @@ WAIT_KINDS = frozenset({"wait", "wait_until", "wait_for_event"})
 ReadAnswer = Callable[[str], tuple[bool, object]]
 
 
+HASH_CACHE = 4096  # argument hashes remembered (commands with scalar arguments only)
+_hashes: dict[tuple[object, ...], str] = {}
+# Scalar types whose (type, repr) pins down their JSON spelling: 1, 1.0 and True are equal
+# as dict keys but hash differently, and so do 0.0 and -0.0.
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def args_hash(kind: str, name: str | None, args: Mapping[str, object]) -> str:
     """A stable hash of a command's arguments: replay compares it, never the arguments."""
+    parts: list[object] = [kind, name]
+    for k, v in args.items():
+        if type(v) not in _SCALARS:
+            break
+        parts += (k, type(v), repr(v))
+    key = tuple(parts) if len(parts) == 2 + 3 * len(args) else None
+    if key is not None:
+        found = _hashes.get(key)
+        if found is not None:
+            return found
     blob = json.dumps([kind, name, args], sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:32]
+    if key is not None:
+        if len(_hashes) >= HASH_CACHE:
+            _hashes.clear()
+        _hashes[key] = digest
+    return digest
 
 
 @dataclasses.dataclass(frozen=True)

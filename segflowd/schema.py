@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -187,6 +187,8 @@ flow_instances = sa.Table(
     sa.Index("ix_flow_instances_wake", "wake_at"),  # the timer loader: due waits by time
     sa.Index("ix_flow_instances_user", "user_id", "wait_event"),  # wait_for_event matching
     sa.Index("ix_flow_instances_campaign_status", "campaign", "status"),  # funnels
+    # the versions live instances run: a start finds old ones by seeks, not by a scan
+    sa.Index("ix_flow_instances_live_version", "campaign", "live", "version"),
     **_mysql,
 )
 

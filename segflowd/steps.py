@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import outbox
@@ -41,17 +42,46 @@ _ACTIVE = ("running", "waiting")
 
 
 _fi = flow_instances.c
-GROUP_UPDATE_ROWS = 200  # instance updates per executemany
+GROUP_UPDATE_ROWS = 200  # instance updates per statement (or per executemany)
+# A round whose steps leave their instances in more distinct states than this fraction of
+# its steps is written row by row (executemany): one statement per state would be no fewer.
+MAX_STATES_PER_STEP = 0.25
 _SET = {"seq": "n_seq", "status": "n_status", "wake_at": "n_wake", "wait_event": "n_event",
         "live": "n_live", "ended_at": "n_ended", "error": "n_error", "updated_at": "n_updated"}
 
 
-# One statement for the round, run as executemany: each instance conditional on its seq.
-# live=1 leaves running, waiting or diverged; a diverged instance takes no step.
+# Row by row, run as executemany: each instance conditional on its seq. live=1 leaves
+# running, waiting or diverged; a diverged instance takes no step.
 _GROUP_UPDATE = sa.update(flow_instances).where(
     _fi.id == sa.bindparam("b_id"), _fi.seq == sa.bindparam("b_seq"), _fi.live == 1,
     _fi.status != "diverged",
 ).values(**{col: sa.bindparam(key) for col, key in _SET.items()})
+
+
+def _state_update(pairs: list[tuple[int, int]], state: tuple[object, ...]) -> sa.Update:
+    """One UPDATE moving every instance in ``pairs`` ((id, seq it started from)) to the
+    same new ``state`` (:func:`_state_of`); each row is still conditional on its own seq.
+    On MariaDB an executemany of UPDATEs is one round trip per row; this is one in all.
+    """
+    delta, status, wake, event, live, ended, error, updated = state
+    return sa.update(flow_instances).where(
+        _fi.id.in_([i for i, _ in pairs]),  # the primary key range; the pairs filter it
+        sa.tuple_(_fi.id, _fi.seq).in_(pairs), _fi.live == 1, _fi.status != "diverged",
+    ).values(seq=_fi.seq + delta, status=status, wake_at=wake, wait_event=event, live=live,
+             ended_at=ended, error=error, updated_at=updated)
+
+
+def _state_of(p: Mapping[str, object]) -> tuple[object, ...]:
+    """What an update sets, but for the instance's own seq (kept as its increment)."""
+    return (int(p["n_seq"]) - int(p["b_seq"]), p["n_status"],  # type: ignore[call-overload]
+            p["n_wake"], p["n_event"], p["n_live"], p["n_ended"], p["n_error"],
+            p["n_updated"])
+
+
+# What stepping reads of an instance (not its timestamps, version or error: every column
+# read costs a conversion per row)
+_LOAD_COLUMNS = (_fi.id, _fi.campaign, _fi.user_id, _fi.status, _fi.live, _fi.seq, _fi.wake_at,
+                 _fi.wait_event, _fi.entry_event_id, _fi.start_data)
 
 
 class _Lost(Exception):  # control flow: a conditional update matched no row
@@ -109,11 +139,12 @@ class Stepper:
         ids = [w.instance for w in works]
         async with self.k.store.connect() as conn:
             insts = {int(r.id): r for r in await conn.execute(
-                sa.select(flow_instances).where(fi.id.in_(ids)))}
+                sa.select(*_LOAD_COLUMNS).where(fi.id.in_(ids)))}
             journals: dict[int, list[JournalRow]] = collections.defaultdict(list)
-            for j in await conn.execute(sa.select(flow_journal).where(
-                    flow_journal.c.instance_id.in_(ids)).order_by(
-                    flow_journal.c.instance_id, flow_journal.c.seq)):
+            fj = flow_journal.c
+            for j in await conn.execute(sa.select(
+                    fj.instance_id, fj.seq, fj.kind, fj.name, fj.args_hash, fj.result, fj.reads
+                    ).where(fj.instance_id.in_(ids)).order_by(fj.instance_id, fj.seq)):
                 journals[int(j.instance_id)].append(
                     JournalRow(j.seq, j.kind, j.name, j.args_hash, j.result, j.reads or {}))
             uids = {str(i.user_id) for i in insts.values()}
@@ -243,7 +274,8 @@ class Stepper:
             async with self.k.store.begin() as conn:
                 await self._write_all(conn, runs, now)
         except Exception as exc:
-            if (len(runs) == 1 or is_unavailable(exc)) and not isinstance(exc, _Lost):
+            if is_unavailable(exc) or (len(runs) == 1 and not isinstance(
+                    exc, _Lost | IntegrityError)):
                 raise  # nothing of the round was written; the caller knows what to do
             if not isinstance(exc, _Lost):
                 log.warning("flow.group_retry", steps=len(runs), error=str(exc)[:300])
@@ -261,9 +293,15 @@ class Stepper:
                     r.lost = True
                     if is_unavailable(one):
                         down = one  # the rest stay as the store has them
-        for r in runs:
-            if not r.lost:
-                self._after(r, now)
+        done = [r for r in runs if not r.lost]
+        for r in done:
+            self._after(r, now)
+        stepped = [r for r in done if not r.end]
+        if stepped:
+            self.svc.count_steps(len(stepped))
+        if any(r.cmd is not None and r.cmd.kind == "send_email" for r in stepped):
+            for waker in self.svc.wakers:
+                waker.wake()
         if down is not None:
             raise down
 
@@ -298,7 +336,8 @@ class Stepper:
 
     async def _write_all(self, conn: AsyncConnection, runs: list[_Run], now: dt.datetime
                          ) -> None:
-        """The fast path: the round's steps as a few statements (executemany)."""
+        """The fast path: the round's steps as a few statements (instance updates grouped
+        by the state they set, multi-row inserts for journal rows and sends)."""
         updates: list[dict[str, object]] = []
         rows: list[dict[str, object]] = []
         for r in runs:
@@ -323,11 +362,7 @@ class Stepper:
                              "name": cmd.name, "args_hash": cmd.hash, "result": stored,
                              "reads": v.get("_reads") or None, "created_at": now})
             updates.append(p)
-        for lo in range(0, len(updates), GROUP_UPDATE_ROWS):
-            part = updates[lo:lo + GROUP_UPDATE_ROWS]
-            res = await conn.execute(_GROUP_UPDATE, part)
-            if res.rowcount != len(part):
-                raise _Lost  # someone moved an instance meanwhile: sort it out one by one
+        await self._update_instances(conn, updates)
         for r in runs:
             if r.fix is not None:
                 await conn.execute(sa.update(flow_journal).where(
@@ -341,9 +376,34 @@ class Stepper:
                  for r in runs
                  if not r.end and r.cmd is not None and r.cmd.kind == "send_email"]
         if sends:
-            await outbox.enqueue_many(conn, sends, now=now)
+            # No look-up first: a step's key is new unless its seq was taken, and then the
+            # update above matched nothing. Should one exist anyway, the unique key refuses
+            # it and the round is retried step by step, where enqueue skips it.
+            await outbox.enqueue_many(conn, sends, now=now, look_up=False)
         for r in runs:
             r.lost = False
+
+    async def _update_instances(self, conn: AsyncConnection,
+                                updates: list[dict[str, object]]) -> None:
+        """Every instance update of a round, each conditional on its seq; _Lost when one
+        matched no row (someone moved that instance meanwhile)."""
+        states: dict[tuple[object, ...], list[tuple[int, int]]] = {}
+        for p in updates:
+            states.setdefault(_state_of(p), []).append(
+                (p["b_id"], p["b_seq"]))  # type: ignore[arg-type]  # ints
+        if len(states) > max(1.0, len(updates) * MAX_STATES_PER_STEP):
+            for lo in range(0, len(updates), GROUP_UPDATE_ROWS):
+                part = updates[lo:lo + GROUP_UPDATE_ROWS]
+                res = await conn.execute(_GROUP_UPDATE, part)
+                if res.rowcount != len(part):
+                    raise _Lost
+            return
+        for state, pairs in states.items():
+            for lo in range(0, len(pairs), GROUP_UPDATE_ROWS):
+                some = pairs[lo:lo + GROUP_UPDATE_ROWS]
+                res = await conn.execute(_state_update(some, state))
+                if res.rowcount != len(some):
+                    raise _Lost
 
     async def _write(self, conn: AsyncConnection, r: _Run, now: dt.datetime) -> None:
         fi = flow_instances.c
@@ -391,10 +451,6 @@ class Stepper:
             return
         cmd = r.cmd
         assert cmd is not None
-        svc.count_step()
-        if cmd.kind == "send_email":
-            for waker in svc.wakers:
-                waker.wake()
         wake_at = r.values.get("wake_at")
         if isinstance(wake_at, dt.datetime):
             svc.schedule(r.iid, wake_at)

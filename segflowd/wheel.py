@@ -136,6 +136,15 @@ class TimerWheel:
                     return ((base + i) << shift) * RESOLUTION
         return self.now  # pragma: no cover - counts say something is somewhere
 
+    def next_fire(self) -> float | None:
+        """When :meth:`advance` can next return a timer (or must cascade): :meth:`next_due`
+        rounded up to the tick it fires on. A timer due 12.34 fires at tick 12.4, so a
+        caller that slept only until 12.34 would find nothing and ask again until then."""
+        due = self.next_due()
+        if due is None:
+            return None
+        return max(due, math.ceil(due / RESOLUTION - 1e-9) * RESOLUTION)
+
     def advance(self, now: float) -> list[tuple[Hashable, float]]:
         """Move to ``now``; return ``(key, deadline)`` of the timers that passed, oldest
         first within each tick (overdue ones first of all)."""

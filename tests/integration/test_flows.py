@@ -571,6 +571,74 @@ async def test_a_step_that_loses_a_race_with_an_exit_writes_nothing_the_rest_com
     assert [i.status for i in await h.instances()] == ["running", "exited", "running"]
 
 
+def waits_its_delay(ctx: Any, rt: Any) -> Generator[object, object, object]:
+    yield rt.send_email("hello")
+    yield rt.wait(hours=float(ctx.user["delay"]))
+    yield rt.send_email("bye")
+
+
+@pytest.mark.parametrize("delays", [[1, 1, 1, 1, 2, 2, 2, 2], [1, 2, 3, 4, 5, 6, 7, 8]],
+                         ids=["few-states", "a-state-each"])
+async def test_one_round_moves_each_instance_to_its_own_state(
+        h: Harness, delays: list[int]) -> None:
+    """A round's updates are grouped by the state they set (or, with too many states, row
+    by row); either way each instance gets its own wake time and seq."""
+    from segflowd.flows import _Work
+
+    app = make_app("delays", waits_its_delay)
+    uids = [f"d{i}" for i in range(len(delays))]
+    for uid, d in zip(uids, delays, strict=True):
+        await h.user(uid, delay=d)
+    async with h.running(app) as svc:
+        now = h.clock.now()
+        async with h.store.begin() as conn:
+            ids = [int((await conn.execute(sa.insert(flow_instances).values(
+                campaign="delays", user_id=uid, version=app.campaigns["delays"].version,
+                status="running", live=1, seq=0, created_at=now, updated_at=now))
+                ).inserted_primary_key[0]) for uid in uids]  # type: ignore[index]
+        await svc._stepper.run_batch([_Work(i, "run") for i in ids])  # one batch: 2 rounds
+        got = {i.user_id: i for i in await h.instances()}
+        for uid, d in zip(uids, delays, strict=True):
+            assert (got[uid].status, got[uid].seq) == ("waiting", 2)
+            assert got[uid].wake_at == now + dt.timedelta(hours=d)
+        await h.advance(9 * 3600)
+    assert [t for t, _ in await h.sent()].count("bye") == len(delays)
+
+
+@pytest.mark.parametrize("batch", [3, 1])
+async def test_a_send_whose_key_is_already_queued_is_not_queued_again_and_the_step_commits(
+        h: Harness, batch: int) -> None:
+    """Rounds queue their sends without looking keys up first: the unique key is the guard."""
+    from segflowd.flows import _Work
+
+    app = make_app("winback", winback, behavior="dynamic")
+    uids = ["q1", "q2", "q3"][:batch]
+    for uid in uids:
+        await h.user(uid)
+    async with h.running(app) as svc:
+        for uid in uids:
+            await h.join(uid, "seg")
+        insts = {i.user_id: i.id for i in await h.instances()}
+        for i in insts.values():  # this test steps by hand
+            svc.wheel.cancel(i)
+        planted = f"flow:{insts[uids[-1]]}:2"  # the key of that instance's next send
+        async with h.store.begin() as conn:
+            await conn.execute(sa.insert(messages).values(
+                user_id=uids[-1], kind="campaign", template="winback", status="sent",
+                attempts=1, dedupe_key=planted, created_at=h.clock.now(),
+                updated_at=h.clock.now()))
+        h.clock.set(h.clock.now() + dt.timedelta(days=1, seconds=1))
+        runs = await svc._stepper._load([_Work(insts[u], "timer") for u in uids])
+        await svc._stepper._round(runs)
+        assert [r.lost for r in runs] == [False] * batch
+    async with h.store.connect() as conn:
+        keys = [k for (k,) in await conn.execute(sa.select(messages.c.dedupe_key))]
+    assert keys.count(planted) == 1
+    assert sorted(k for k in keys if k.endswith(":2")) == sorted(
+        f"flow:{insts[u]}:2" for u in uids)
+    assert [i.seq for i in await h.instances()] == [3] * batch  # every step committed
+
+
 async def test_statistics_and_actions_report_state_and_refuse_bad_requests(
         h: Harness) -> None:
     from segflowd.errors import FlowError
@@ -650,3 +718,4 @@ async def test_start_flow_starts_once_per_key_with_data_as_ctx_data(h: Harness) 
     assert [(t, d) for t, d in rows] == [("launch", {"code": "X1"}),
                                          ("reminder", {"code": "X1"})]
     assert [i.status for i in await h.instances("vi")] == ["completed"]
+

@@ -34,3 +34,14 @@ def test_misuse_is_a_flow_error_with_a_sentence() -> None:
         rt.send_email("welcome", when=object())
     with pytest.raises(FlowError, match="takes a datetime"):
         rt.wait_until("tomorrow")  # type: ignore[arg-type]
+
+
+def test_cached_argument_hashes_tell_equal_but_differently_spelled_values_apart() -> None:
+    """1, 1.0 and True are one dict key but three JSON spellings (and so 0.0 and -0.0)."""
+    spellings = [1, 1.0, True, 0.0, -0.0, "1", None]
+    first = [rt.send_email("a", x=v).hash for v in spellings]
+    again = [rt.send_email("a", x=v).hash for v in spellings]  # now from the cache
+    assert first == again
+    assert len(set(first)) == len(spellings)
+    nested = rt.send_email("a", x=[1, 2]).hash  # not cached: not a scalar
+    assert nested == rt.send_email("a", x=[1, 2]).hash != rt.send_email("a", x=[1, 3]).hash

@@ -109,3 +109,15 @@ def test_wheel_matches_a_heap_under_random_adds_and_cancels() -> None:
     # the wheel may fire up to one tick earlier than the heap's strict cut above
     assert set(fired_h) <= set(fired_w)
     assert len(fired_w) == len(set(fired_w))
+
+
+def test_next_fire_is_the_tick_a_timer_fires_on_so_a_sleeper_never_wakes_to_nothing() -> None:
+    w = TimerWheel(now=0.0)
+    assert w.next_fire() is None
+    w.add("a", 12.34)
+    fire = w.next_fire()
+    assert fire is not None
+    assert 12.34 <= fire <= 12.34 + 0.1
+    assert w.advance(12.36) == []  # after the deadline, before its tick: nothing yet
+    assert w.next_fire() == fire  # so waking at 12.36 was early; next_fire says so
+    assert [k for k, _ in w.advance(fire + 1e-6)] == ["a"]
