@@ -63,6 +63,9 @@ class _Work:
     kind: WorkKind
     event: Mapping[str, object] | None = None  # for "event": the event as JSON
     event_name: str | None = None
+    # for "event": the instance's seq when it was found waiting; the event wakes that
+    # wait only, so a wake delivered again (after an outage) never wakes a later one
+    seq: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +122,10 @@ class FlowService:
         self._event_batches: collections.deque[list[StoredEvent]] = collections.deque()
         self._idle_waiters: list[anyio.Event] = []
         self._ticking = False
+        self._resyncing = False  # a resync is querying the store for dropped work
         self._resync = anyio.Event()  # set when a store outage may have dropped work
         self._held: list[MembershipChange] = []  # entries and exits the store refused
+        self._held_wakes: list[_Work] = []  # event wakes whose step the store refused
         # While catching up at start: (campaign, user) -> their newest instance's start,
         # and the (campaign, user) pairs with a live instance.
         self._started_since: dict[tuple[str, str], dt.datetime] | None = None
@@ -265,7 +270,8 @@ class FlowService:
             await self._until_idle()
 
     def _is_idle(self) -> bool:
-        return not (self._ready or self._busy or self._active_batches or self._ticking)
+        return not (self._ready or self._busy or self._active_batches or self._ticking
+                    or self._resyncing)
 
     async def _until_idle(self) -> None:
         while not self._is_idle():
@@ -419,8 +425,10 @@ class FlowService:
                 if any(w.kind == "event" and w.instance < 0 for w in batch):
                     await self._guarded(self._match_events())
                 steps = [w for w in batch if w.instance >= 0]
-                if steps:
-                    await self._guarded(self._stepper.run_batch(steps))
+                if steps and not await self._guarded(self._stepper.run_batch(steps)):
+                    # Timers and runs are found again in the store after an outage; an
+                    # event's wake is not (the event is long committed): keep it.
+                    self._held_wakes.extend(w for w in steps if w.kind == "event")
             finally:
                 for w in batch:
                     self._busy.discard(w.instance)
@@ -430,14 +438,16 @@ class FlowService:
                 self._notify_idle()
             await anyio.lowlevel.checkpoint()  # a burst of due steps must not starve ingest
 
-    async def _guarded(self, work: Awaitable[None]) -> None:
+    async def _guarded(self, work: Awaitable[None]) -> bool:
+        """Run ``work``; False if the store was unavailable (the outage is noted)."""
         try:
             await work
         except Exception as exc:  # a store outage must not kill the worker; work stays durable
             if is_unavailable(exc):
                 self._store_failed(exc)
-                return
+                return False
             log.error("flow.step_error", error=str(exc), exc_info=True)
+        return True
 
     # -- after a store outage --------------------------------------------------------
 
@@ -448,35 +458,50 @@ class FlowService:
 
     async def _resyncer(self) -> None:
         """Once the store answers again, re-queue what an outage dropped: instances left
-        ``running``, waits already due (the wheel fired them into a failed step) and the
-        entries and exits that could not be applied. Re-queued work that was in fact done
-        finds its instance moved on and changes nothing."""
+        ``running``, waits already due (the wheel fired them into a failed step), event
+        wakes whose step failed, events not yet matched to their waits, and the entries
+        and exits that could not be applied. Re-queued work that was in fact done finds
+        its instance moved on (an event wake: its seq) and changes nothing."""
         while True:
             await self._resync.wait()
             await self.k.clock.sleep(RESYNC_RETRY)
             self._resync = anyio.Event()
-            held, self._held = self._held, []
-            fi = flow_instances.c
+            self._resyncing = True  # not idle until what it finds is queued
             try:
-                if held:
-                    await self._apply_membership(held)
-                async with self.k.store.connect() as conn:
-                    running = [int(i) for (i,) in await conn.execute(self._running_query())]
-                    due = [(int(i), str(c)) for i, c in await conn.execute(
-                        sa.select(fi.id, fi.campaign).where(
-                            fi.live == 1, fi.status == "waiting", fi.wake_at.is_not(None),
-                            fi.wake_at <= self.k.clock.now()))]
-            except Exception as exc:
-                if not is_unavailable(exc):
-                    raise
-                self._store_failed(exc)
-                continue
-            log.info("flow.resynced", running=len(running), due=len(due), entries=len(held))
-            for iid in running:
-                self._push(_Work(iid, "run"))
-            for iid, campaign in due:
-                if campaign not in self.paused:
-                    self._push(_Work(iid, "timer"))
+                await self._resync_once()
+            finally:
+                self._resyncing = False
+                self._notify_idle()
+
+    async def _resync_once(self) -> None:
+        held, self._held = self._held, []
+        fi = flow_instances.c
+        try:
+            if held:
+                await self._apply_membership(held)
+            async with self.k.store.connect() as conn:
+                running = [int(i) for (i,) in await conn.execute(self._running_query())]
+                due = [(int(i), str(c)) for i, c in await conn.execute(
+                    sa.select(fi.id, fi.campaign).where(
+                        fi.live == 1, fi.status == "waiting", fi.wake_at.is_not(None),
+                        fi.wake_at <= self.k.clock.now()))]
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            self._store_failed(exc)
+            return
+        wakes, self._held_wakes = self._held_wakes, []
+        log.info("flow.resynced", running=len(running), due=len(due), entries=len(held),
+                 event_wakes=len(wakes), event_batches=len(self._event_batches))
+        for w in wakes:
+            self._push(w)
+        if self._event_batches:
+            self._push(_Work(-1, "event"))
+        for iid in running:
+            self._push(_Work(iid, "run"))
+        for iid, campaign in due:
+            if campaign not in self.paused:
+                self._push(_Work(iid, "timer"))
 
     # -- entries and exits -----------------------------------------------------------
 
@@ -629,23 +654,31 @@ class FlowService:
         """Wake instances waiting for the events of each batch: one query per batch."""
         fi = flow_instances.c
         while self._event_batches:
-            batch = [e for e in self._event_batches.popleft() if e.user_id is not None]
+            queued = self._event_batches.popleft()
+            batch = [e for e in queued if e.user_id is not None]
             if not batch:
                 continue
-            waiting: dict[tuple[str, str], list[int]] = {}
-            async with self.k.store.connect() as conn:
-                for iid, uid, name in await conn.execute(
-                        sa.select(fi.id, fi.user_id, fi.wait_event).where(
-                            fi.user_id.in_({e.user_id for e in batch}),
-                            fi.wait_event.in_({e.name for e in batch}),
-                            fi.status == "waiting")):
-                    waiting.setdefault((str(uid), str(name)), []).append(int(iid))
+            waiting: dict[tuple[str, str], list[tuple[int, int]]] = {}
+            try:
+                async with self.k.store.connect() as conn:
+                    for iid, uid, name, seq in await conn.execute(
+                            sa.select(fi.id, fi.user_id, fi.wait_event, fi.seq).where(
+                                fi.user_id.in_({e.user_id for e in batch}),
+                                fi.wait_event.in_({e.name for e in batch}),
+                                fi.status == "waiting")):
+                        waiting.setdefault((str(uid), str(name)), []).append(
+                            (int(iid), int(seq)))
+            except BaseException:
+                # Not matched (the store is down, or shutdown): back at the head of the
+                # queue, for the resync to match again.
+                self._event_batches.appendleft(queued)
+                raise
             for e in batch:
-                for iid in waiting.get((str(e.user_id), e.name), ()):
+                for iid, seq in waiting.get((str(e.user_id), e.name), ()):
                     data: dict[str, object] = {
                         "id": e.id, "name": e.name, "attributes": dict(e.attributes),
                         "created_at": e.created_at.isoformat()}
-                    self._push(_Work(iid, "event", data, e.name))
+                    self._push(_Work(iid, "event", data, e.name, seq))
 
     # -- stepping (see steps.py) -----------------------------------------------------
 

@@ -196,6 +196,8 @@ class Stepper:
         elif w.kind == "event":
             if inst.status != "waiting" or inst.wait_event != w.event_name:
                 return None
+            if w.seq is not None and int(inst.seq) != w.seq:
+                return None  # a later wait than the one this event was matched to
             self.svc.wheel.cancel(int(inst.id))
             pending = dict(w.event or {})
             fix = {"value": pending}

@@ -22,6 +22,7 @@ from segflowd import flows as flows_module
 from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import load_config
+from segflowd.errors import StoreUnavailable
 from segflowd.flows import FlowService
 from segflowd.hooks import ConditionRunner, IngestBatch, MembershipChange, StoredEvent
 from segflowd.kernel import Kernel
@@ -719,3 +720,81 @@ async def test_start_flow_starts_once_per_key_with_data_as_ctx_data(h: Harness) 
                                          ("reminder", {"code": "X1"})]
     assert [i.status for i in await h.instances("vi")] == ["completed"]
 
+
+
+@contextlib.contextmanager
+def store_down(store: Store, *, reads: bool) -> Generator[None, None, None]:
+    """The store refuses transactions (and reads, with ``reads``) as if it were down."""
+    @contextlib.asynccontextmanager
+    async def refused() -> AsyncIterator[Any]:
+        raise StoreUnavailable("store unavailable: test outage")
+        yield  # pragma: no cover - makes this an async generator
+
+    saved = store.begin, store.connect
+    store.begin = refused  # type: ignore[method-assign]
+    if reads:
+        store.connect = refused  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        store.begin, store.connect = saved  # type: ignore[method-assign]
+
+
+async def committed_event(h: Harness, uid: str, name: str, **attrs: object) -> IngestBatch:
+    now = h.clock.now()
+    async with h.store.begin() as conn:
+        res = await conn.execute(sa.insert(events).values(
+            user_id=uid, name=name, attributes=attrs, created_at=now, received_at=now))
+        eid = int(res.inserted_primary_key[0])  # type: ignore[index]
+    return IngestBatch(users=frozenset({uid}), events=(
+        StoredEvent(eid, uid, None, name, attrs, now, now),))
+
+
+async def test_an_event_that_arrives_while_the_store_is_down_still_wakes_its_wait(
+        h: Harness) -> None:
+    app = make_app("cart", awaiting)
+    await h.user("ida")
+    async with h.running(app) as svc:
+        await h.join("ida", "seg")
+        await h.advance(0.5 * DAY)
+        batch = await committed_event(h, "ida", "purchase", amount=12)
+        with store_down(h.store, reads=True):  # the match itself cannot run
+            svc.ingested(batch)
+            await h.settle()
+        assert await h.sent("ida") == []
+        await h.advance(2 * flows_module.RESYNC_RETRY)  # the store is back: resync
+    assert await h.sent("ida") == [("thanks", 0.5)]
+
+
+async def test_an_event_wake_whose_step_fails_in_an_outage_is_stepped_once_after_it(
+        h: Harness) -> None:
+    def twice(ctx: Any, rt: Any) -> Generator[object, object, object]:
+        first = yield rt.wait_for_event("purchase", timeout=dt.timedelta(days=5))
+        yield rt.send_email("first", amount=first.attributes["amount"])
+        second = yield rt.wait_for_event("purchase", timeout=dt.timedelta(days=5))
+        yield rt.send_email("second", amount=second.attributes["amount"] if second else None)
+
+    app = make_app("cart", twice)
+    await h.user("jan")
+    async with h.running(app) as svc:
+        await h.join("jan", "seg")
+        await h.advance(0.5 * DAY)
+        batch = await committed_event(h, "jan", "purchase", amount=1)
+        with store_down(h.store, reads=False):  # matched, but its step cannot commit
+            svc.ingested(batch)
+            await h.settle()
+        held = list(svc._held_wakes)
+        assert [(w.instance, w.kind) for w in held] == [(1, "event")]
+        assert await h.sent("jan") == []
+        await h.advance(2 * flows_module.RESYNC_RETRY)
+        assert await h.sent("jan") == [("first", 0.5)]
+        # The same wake delivered again (as when an outage hits after the step committed)
+        # finds the instance at a later wait for the same event name: it must not wake it.
+        for w in held:
+            svc._push(w)
+        await h.settle()
+        await h.advance(2 * flows_module.RESYNC_RETRY)
+    async with h.store.connect() as conn:
+        rows = (await conn.execute(sa.select(messages.c.template, messages.c.data)
+                                   .order_by(messages.c.id))).all()
+    assert [(t, d) for t, d in rows] == [("first", {"amount": 1})]
