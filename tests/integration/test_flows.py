@@ -119,15 +119,20 @@ class Harness:
         await self.svc.membership_changed([MembershipChange(segment, uid, False, now)])
         await self.settle()
 
-    async def event(self, uid: str, name: str, **attrs: object) -> None:
+    async def committed_event(self, uid: str, name: str, **attrs: object) -> IngestBatch:
+        """Commit an event and return the batch ingest would hand the flows."""
         now = self.clock.now()
         async with self.store.begin() as conn:
             res = await conn.execute(sa.insert(events).values(
                 user_id=uid, name=name, attributes=attrs, created_at=now, received_at=now))
             eid = int(res.inserted_primary_key[0])  # type: ignore[index]
+        return IngestBatch(users=frozenset({uid}), events=(
+            StoredEvent(eid, uid, None, name, attrs, now, now),))
+
+    async def event(self, uid: str, name: str, **attrs: object) -> None:
+        batch = await self.committed_event(uid, name, **attrs)
         assert self.svc is not None
-        self.svc.ingested(IngestBatch(users=frozenset({uid}), events=(
-            StoredEvent(eid, uid, None, name, attrs, now, now),)))
+        self.svc.ingested(batch)
         await self.settle()
 
     async def sent(self, uid: str | None = None) -> list[tuple[str, float]]:
@@ -740,16 +745,6 @@ def store_down(store: Store, *, reads: bool) -> Generator[None, None, None]:
         store.begin, store.connect = saved  # type: ignore[method-assign]
 
 
-async def committed_event(h: Harness, uid: str, name: str, **attrs: object) -> IngestBatch:
-    now = h.clock.now()
-    async with h.store.begin() as conn:
-        res = await conn.execute(sa.insert(events).values(
-            user_id=uid, name=name, attributes=attrs, created_at=now, received_at=now))
-        eid = int(res.inserted_primary_key[0])  # type: ignore[index]
-    return IngestBatch(users=frozenset({uid}), events=(
-        StoredEvent(eid, uid, None, name, attrs, now, now),))
-
-
 async def test_an_event_that_arrives_while_the_store_is_down_still_wakes_its_wait(
         h: Harness) -> None:
     app = make_app("cart", awaiting)
@@ -757,7 +752,7 @@ async def test_an_event_that_arrives_while_the_store_is_down_still_wakes_its_wai
     async with h.running(app) as svc:
         await h.join("ida", "seg")
         await h.advance(0.5 * DAY)
-        batch = await committed_event(h, "ida", "purchase", amount=12)
+        batch = await h.committed_event("ida", "purchase", amount=12)
         with store_down(h.store, reads=True):  # the match itself cannot run
             svc.ingested(batch)
             await h.settle()
@@ -779,7 +774,7 @@ async def test_an_event_wake_whose_step_fails_in_an_outage_is_stepped_once_after
     async with h.running(app) as svc:
         await h.join("jan", "seg")
         await h.advance(0.5 * DAY)
-        batch = await committed_event(h, "jan", "purchase", amount=1)
+        batch = await h.committed_event("jan", "purchase", amount=1)
         with store_down(h.store, reads=False):  # matched, but its step cannot commit
             svc.ingested(batch)
             await h.settle()
