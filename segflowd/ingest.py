@@ -32,6 +32,7 @@ from .kernel import Kernel
 from .payloads import (
     check_size,
     dedupe_key,
+    only_fields,
     opt_object,
     opt_time,
     require_id,
@@ -47,6 +48,9 @@ BUS_EVENTS_PER_COMMIT = 200  # "event.ingested" bus messages per commit, beyond:
 
 
 _SUCCESS = b'{"success":true}'  # what Segment's API answers
+# The native API's request bodies (openapi.yaml: UserUpdate, Event); anything else is a 400.
+_USER_FIELDS = frozenset({"attributes"})
+_EVENT_FIELDS = frozenset({"name", "attributes", "timestamp", "id"})
 
 
 def _event_reply(event_id: int | None, duplicate: bool) -> Response:
@@ -190,6 +194,8 @@ class IngestService:
         uid = require_id(request.params["id"], "id")
         body = await self._body(request)
         check_size(body, await self._event_limit(request), "body")
+        only_fields(body, _USER_FIELDS, "; a user's email and other attributes go in "
+                                        '"attributes"')
         attributes = opt_object(body.get("attributes"), "attributes")
         await self._commit([UserWrite(uid, attributes)])
         return json_response({"id": uid, "ok": True})
@@ -215,6 +221,7 @@ class IngestService:
         uid = require_id(request.params["id"], "id")
         body = await self._body(request)
         check_size(body, await self._event_limit(request), "body")
+        only_fields(body, _EVENT_FIELDS, '; event data goes in "attributes"')
         write = EventWrite(
             name=require_name(body.get("name"), "name"),
             attributes=opt_object(body.get("attributes"), "attributes"),

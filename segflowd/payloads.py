@@ -19,6 +19,7 @@ __all__ = [
     "check_size",
     "dedupe_key",
     "field_error",
+    "only_fields",
     "opt_id",
     "opt_object",
     "opt_time",
@@ -56,6 +57,16 @@ def require_object(value: object, field: str) -> dict[str, object]:
     if not isinstance(value, dict):
         raise field_error(field, f"must be a JSON object, not {_kind(value)}")
     return value
+
+
+def only_fields(body: dict[str, object], allowed: frozenset[str], hint: str) -> None:
+    """Refuse a top-level field the route does not read (a typo, or attributes put at the
+    top level), rather than accept the request and silently drop it."""
+    for key in body:
+        if key not in allowed:
+            known = ", ".join(f'"{k}"' for k in sorted(allowed))
+            raise field_error(key[:100], f"is not a field of this request (it takes {known}"
+                                         f"{hint})")
 
 
 def opt_object(value: object, field: str) -> dict[str, object]:

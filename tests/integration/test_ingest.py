@@ -332,6 +332,7 @@ async def test_customerio_needs_key_name_as_site_id_and_secret_as_api_key(h: Har
     ({"name": "x", "attributes": [1]}, "attributes: must be a JSON object"),
     ({"name": "x", "timestamp": "yesterday"}, "timestamp: is not an ISO 8601 time"),
     ({"name": "x", "id": {"a": 1}}, "id: must be a string"),
+    ({"name": "x", "amount": 5}, "amount: is not a field of this request"),
     ([1, 2], "body: must be a JSON object"),
 ])
 async def test_bad_event_is_400_naming_the_field(h: Harness, body: object, field: str) -> None:
@@ -339,6 +340,16 @@ async def test_bad_event_is_400_naming_the_field(h: Harness, body: object, field
     assert r.status_code == 400
     assert error_of(r)["message"].startswith(field)
     assert await h.rows(schema.events) == []
+
+
+async def test_user_fields_at_the_top_level_are_400_pointing_at_attributes(h: Harness) -> None:
+    r = await h.http.put("/v1/users/u1", headers=bearer(),
+                         json={"email": "a@example.com", "name": "Ann"})
+    assert r.status_code == 400
+    message = error_of(r)["message"]
+    assert message.startswith("email: is not a field of this request")
+    assert '"attributes"' in message
+    assert await h.rows(schema.users) == []
 
 
 async def test_invalid_json_is_400(h: Harness) -> None:

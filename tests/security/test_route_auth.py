@@ -48,6 +48,9 @@ BODY = json.dumps({
     "batch": [{"type": "track", "userId": "sec-user", "event": "signed_up"}],
     "anonymous_id": "anon-2",
 }).encode()
+# The native API refuses fields it does not read: its routes get only theirs.
+NATIVE_USER = json.dumps({"attributes": {"plan": "pro"}}).encode()
+NATIVE_EVENT = json.dumps({"attributes": {"plan": "pro"}, "name": "signed_up"}).encode()
 
 
 def basic(user: str, password: str) -> bytes:
@@ -99,7 +102,10 @@ async def daemon(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Daemon]:
 
 
 async def request(d: Daemon, method: str, template: str, auth: bytes | None,
-                  body: bytes = BODY) -> Reply:
+                  body: bytes | None = None) -> Reply:
+    if body is None:
+        body = (NATIVE_EVENT if template == "/v1/users/{id}/events"
+                else NATIVE_USER if template == "/v1/users/{id}" else BODY)
     path = template.replace("{id}", "sec-user").replace("{token}", "not-a-token")
     headers = [(b"content-type", b"application/json")]
     if auth is not None:
