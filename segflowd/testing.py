@@ -103,11 +103,11 @@ class PrivateMariaDB:
     """
 
     def __init__(self, folder: Path, options: Sequence[str] = MARIADB_OPTIONS) -> None:
-        mariadbd = MARIADBD if os.access(MARIADBD, os.X_OK) else shutil.which("mariadbd")
-        install_db = shutil.which(INSTALL_DB)
-        if mariadbd is None or install_db is None:
+        programs = _mariadb_programs()
+        if programs is None:
             raise RuntimeError(
                 "mariadbd and mariadb-install-db are needed for a private MariaDB server")
+        mariadbd, install_db = programs
         self.folder = folder
         self.datadir = folder / "data"
         self.options = tuple(options)
@@ -123,8 +123,7 @@ class PrivateMariaDB:
     @staticmethod
     def available() -> bool:
         """Whether this machine has the programs :class:`PrivateMariaDB` runs."""
-        return ((os.access(MARIADBD, os.X_OK) or shutil.which("mariadbd") is not None)
-                and shutil.which(INSTALL_DB) is not None)
+        return _mariadb_programs() is not None
 
     def install(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -187,6 +186,13 @@ class PrivateMariaDB:
     def log(self) -> str:
         path = self.folder / "server.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def _mariadb_programs() -> tuple[str, str] | None:
+    """(mariadbd, mariadb-install-db) on this machine, or None if either is missing."""
+    mariadbd = MARIADBD if os.access(MARIADBD, os.X_OK) else shutil.which("mariadbd")
+    install_db = shutil.which(INSTALL_DB)
+    return None if mariadbd is None or install_db is None else (mariadbd, install_db)
 
 
 def _user() -> str:
