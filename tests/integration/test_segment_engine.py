@@ -105,6 +105,13 @@ class H:
                         attributes=attributes, created_at=at or now, received_at=now)
         return IngestBatch(users=frozenset({uid}), events=(e,))
 
+    async def member_from_a_newer_evaluation(self, segment: str, uid: str) -> None:
+        """A member row put there by an evaluation 5 minutes after the clock's now."""
+        later = self.clock.now() + dt.timedelta(minutes=5)
+        async with self.store.begin() as conn:
+            await conn.execute(sa.insert(segment_members).values(
+                segment=segment, user_id=uid, entered_at=later, evaluated_at=later))
+
     async def members(self, segment: str) -> set[str]:
         async with self.store.connect() as conn:
             return {str(u) for u in (await conn.execute(
@@ -256,10 +263,7 @@ async def test_incremental_result_arriving_during_a_refresh_is_applied_after_it(
 
 async def test_a_refresh_never_removes_a_member_put_there_by_a_newer_evaluation(h: H) -> None:
     await h.user("jo", plan="free")
-    later = NOW + dt.timedelta(minutes=5)
-    async with h.store.begin() as conn:
-        await conn.execute(sa.insert(segment_members).values(
-            segment="pro", user_id="jo", entered_at=later, evaluated_at=later))
+    await h.member_from_a_newer_evaluation("pro", "jo")
     result = await h.engine.refresh("pro")
     assert (result.exited, result.size) == (0, 1)
     assert await h.members("pro") == {"jo"}
@@ -356,10 +360,7 @@ async def test_a_segment_returning_a_user_twice_enters_them_once_and_keeps_them(
 
 async def test_an_incremental_evaluation_leaves_a_newer_evaluations_member_alone(h: H) -> None:
     await h.user("ned", plan="free")
-    later = NOW + dt.timedelta(minutes=5)
-    async with h.store.begin() as conn:
-        await conn.execute(sa.insert(segment_members).values(
-            segment="pro", user_id="ned", entered_at=later, evaluated_at=later))
+    await h.member_from_a_newer_evaluation("pro", "ned")
     await h.tell(IngestBatch(users=frozenset({"ned"}), events=()))
     assert await h.members("pro") == {"ned"}
     assert h.sink.seen("pro") == []
