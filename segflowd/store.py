@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import importlib
+import json
 import pkgutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
@@ -27,7 +29,7 @@ from . import migrations, schema
 from .clock import utcnow
 from .errors import SchemaTooNew, StoreError, StoreUnavailable
 
-__all__ = ["Store", "StoreStatistics", "is_unavailable"]
+__all__ = ["Store", "StoreStatistics", "is_unavailable", "json_text"]
 
 log = structlog.get_logger("segflowd.store")
 
@@ -94,7 +96,7 @@ class Store:
                 pool_pre_ping=True,
                 connect_args={"connect_timeout": int(max(1, connect_timeout))},
             )
-        engine = create_async_engine(url, **kwargs)
+        engine = create_async_engine(url, json_serializer=json_text, **kwargs)
         if url.startswith("sqlite"):
             sa.event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
             sa.event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
@@ -226,6 +228,28 @@ class Store:
             dialect=self.dialect, schema_version=self.schema_version, pool_size=int(size),
             checked_out=int(checked), healthy=self._healthy, last_ping_ms=self._last_ping_ms,
         )
+
+
+# Types json.dumps does not write (or writes as their base type) go to json.dumps.
+_ORJSON_STRICT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+                  | orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+
+def json_text(value: object) -> str:
+    """The text of a JSON column's value: what ``json.dumps`` writes, but from orjson.
+
+    About ten times faster (every event's attributes pass here). orjson writes non-ASCII
+    as UTF-8 rather than ``\\u`` escapes and no blanks after separators: the same JSON
+    to every reader. Whatever orjson will not write as ``json.dumps`` would (integers
+    past 64 bits, keys that are not strings, datetimes, dataclasses, subclasses of
+    str, int, dict and list) goes to
+    ``json.dumps``, so those values are stored, or refused, as they always were. A NaN or
+    infinite float becomes null (``json.dumps`` would write ``NaN``, which is not JSON).
+    """
+    try:
+        return orjson.dumps(value, option=_ORJSON_STRICT).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: object) -> None:
