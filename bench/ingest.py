@@ -14,6 +14,12 @@ For each store (SQLite file, fresh MariaDB database) it measures, in one run:
   against the rows/s of a raw bulk insert into the same store's events table
   (target ≥ 0.5x).
 * ``acked_events_stored``: every event acknowledged with a 2xx is in the store (1.0x).
+* ``single_rps_no_store`` / ``single_server_cpu_us_no_store`` (with ``--ingest-only``,
+  once, before the stores):
+  the same single-event requests through segflowd's ingest with a committer that answers
+  each flush without touching the store. Against the bare app this is the floor of what
+  HTTP routing, auth, parsing, validation and the wait for the flush cost; the rest of
+  ``single_server_cpu_us`` is the store's.
 * ``single_server_cpu_us`` / ``batch_server_cpu_us``: the server process's CPU time
   (``/proc``, all threads) per request / per event, beside the bare app's per request.
   Unlike requests/s it does not depend on how much of the machine the load generator
@@ -82,14 +88,31 @@ def serve_baseline(port: int) -> None:
                 access_log=False, http="httptools", server_header=False, date_header=True)
 
 
-def serve_ingest_only(config_path: str) -> None:
-    """segflowd with the ingest service alone: what ingest costs without the engines."""
+def serve_ingest_only(config_path: str, *, no_store: bool = False) -> None:
+    """segflowd with the ingest service alone: what ingest costs without the engines.
+
+    ``no_store``: the group committer answers every flush without touching the store
+    (each event "new", id 0). Everything else (uvicorn, routing, auth, parsing,
+    validation, the committer's queue and the wait for the flush) runs as in segflowd:
+    this measures the floor under the single-event figure, what is left for the store.
+    """
     import anyio
 
     from segflowd.cli import _load
+    from segflowd.committer import CommitResult, EventWrite, GroupCommitter, Write
     from segflowd.daemon import Daemon
+    from segflowd.hooks import IngestBatch
     from segflowd.ingest import IngestService
 
+    if no_store:
+        async def answer(self: GroupCommitter, groups: list[list[Write]]
+                         ) -> tuple[list[CommitResult], IngestBatch]:
+            results = [CommitResult(tuple(0 for w in g if isinstance(w, EventWrite)),
+                                    tuple(False for w in g if isinstance(w, EventWrite)),
+                                    ()) for g in groups]
+            return results, IngestBatch(users=frozenset(), events=(), deleted=frozenset())
+
+        GroupCommitter._commit_once = answer  # type: ignore[method-assign,assignment]
     config, app = _load(config_path)
     daemon = Daemon(config, app, services=[])
     daemon.services = [IngestService(daemon.kernel)]
@@ -259,8 +282,8 @@ def server(args: list[str], port: int, probe: str, workdir: Path,
                 proc.wait()
 
 
-def segflowd(store_url: str, port: int, workdir: Path,
-             ingest_only: bool) -> contextlib.AbstractContextManager[int]:
+def segflowd(store_url: str, port: int, workdir: Path, ingest_only: bool, *,
+             no_store: bool = False) -> contextlib.AbstractContextManager[int]:
     (workdir / "app.py").write_text("from segflowd import Segflow\n\napp = Segflow()\n")
     config = workdir / "segflow.toml"
     config.write_text(f"""
@@ -282,8 +305,9 @@ provider = "outbox"
 plugin = "outbox"
 path = "outbox"
 """)
-    command = ([sys.executable, str(Path(__file__).resolve()), "--serve-ingest-only",
-                str(config)] if ingest_only
+    here = str(Path(__file__).resolve())
+    command = ([sys.executable, here, "--serve-no-store", str(config)] if no_store
+               else [sys.executable, here, "--serve-ingest-only", str(config)] if ingest_only
                else [sys.executable, "-m", "segflowd.cli", "run", "--config", str(config)])
     return server(command, port, "/healthz", workdir, "segflowd")
 
@@ -413,6 +437,26 @@ def bench_store(kind: str, store_url: str, seconds: float, connections: int,
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def no_store_floor(seconds: float, connections: int, baseline: Load,
+                   baseline_rps: float) -> None:
+    """Single events through segflowd with a committer that never touches the store."""
+    workdir = Path(tempfile.mkdtemp(prefix="segflow-bench-nostore-"))
+    try:
+        port = _free_port()
+        with segflowd(f"sqlite+aiosqlite:///{workdir}/unused.db", port, workdir, True,
+                      no_store=True) as pid:
+            load, load_s = run_load(port, single_event("nostore"), seconds, connections, pid)
+        tags = {"store": "none", "daemon": "ingest-only, no store", "connections": connections,
+                "seconds": seconds}
+        emit("single_rps_no_store", load.ok / load_s, "req/s", baseline_rps, None,
+             failed=load.failed, client_busy=round(load.client_cpu / load_s, 2), **tags)
+        cpu, base_cpu = load.cpu_us_per_request(), baseline.cpu_us_per_request()
+        if cpu is not None:
+            emit("single_server_cpu_us_no_store", cpu, "us/req", base_cpu, None, **tags)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="3 s phases, 32 connections")
@@ -423,6 +467,7 @@ def main() -> None:
                    help="run segflowd with the ingest service alone (no engines consuming)")
     p.add_argument("--serve-baseline", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--serve-ingest-only", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve-no-store", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     import structlog
 
@@ -433,6 +478,9 @@ def main() -> None:
         return
     if args.serve_ingest_only is not None:
         serve_ingest_only(args.serve_ingest_only)
+        return
+    if args.serve_no_store is not None:
+        serve_ingest_only(args.serve_no_store, no_store=True)
         return
     seconds = args.seconds or (3.0 if args.quick else 15.0)
     connections = args.connections or (32 if args.quick else 64)
@@ -451,6 +499,8 @@ def main() -> None:
              client_busy=round(base.client_cpu / base_s, 2))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.ingest_only:
+        no_store_floor(seconds, connections, base, baseline_rps)
     for kind in args.stores.split(","):
         kind = kind.strip()
         if kind == "sqlite":
