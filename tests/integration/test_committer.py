@@ -158,3 +158,41 @@ async def test_a_waiter_cancelled_while_waiting_still_has_its_write_committed(
     await c.submit([EventWrite("after", {}, None, user_id="u1")])  # the committer goes on
     assert sorted(e.name for e in await _events(store)) == ["abandoned", "after", "kept"]
     assert len(kept) == 1
+
+
+async def test_an_events_only_flush_waits_for_another_writer_without_stalling_the_loop(
+        sqlite_url: str) -> None:
+    # On SQLite the flush's BEGIN IMMEDIATE waits for the write lock in the driver's
+    # thread. Were it to wait on the event loop, the writer holding the lock could never
+    # finish: the flush would fail after busy_timeout with "database is locked".
+    store = Store.open(sqlite_url)
+    await store.migrate()
+    c = GroupCommitter(store, FakeClock(NOW))
+    pending_while_locked: list[bool] = []
+    results: list[object] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(c.run)
+            await c.submit([UserWrite("u1", {})])  # known from now on: events-only flushes
+            submitted = anyio.Event()
+
+            async def submit() -> None:
+                results.append(await c.submit([EventWrite("late", {}, None, user_id="u1")]))
+                submitted.set()
+
+            async with store.begin() as holder:  # BEGIN IMMEDIATE: holds the write lock
+                await holder.execute(sa.update(schema.users).values(email="held@example.com"))
+                tg.start_soon(submit)
+                await anyio.sleep(0.3)  # the loop runs on while the flush waits
+                pending_while_locked.append(not submitted.is_set())
+            await submitted.wait()
+            await c.close()
+    finally:
+        await store.close()
+    assert pending_while_locked == [True]
+    assert len(results) == 1
+    events = Store.open(sqlite_url)
+    try:
+        assert [e.name for e in await _events(events)] == ["late"]
+    finally:
+        await events.close()
