@@ -40,6 +40,13 @@ _DRIVERS = ("aiosqlite", "aiomysql")  # driver connections whose API this speaks
 Row = tuple[Any, ...]
 
 
+def _aiosqlite_runs_functions() -> bool:
+    import aiosqlite
+
+    return (callable(getattr(aiosqlite.Connection, "_execute", None))
+            and isinstance(getattr(aiosqlite.Connection, "_conn", None), property))
+
+
 class EventInserter:
     """INSERT-or-skip of events rows returning ``(id, dedupe_key)`` of the new ones."""
 
@@ -63,8 +70,11 @@ class EventInserter:
                           and (dialect.driver == "aiosqlite" or self._cursor_class is not None)
                           and bool(dialect.insert_executemany_returning))
         # insert(alone=True): SQLite, whose driver runs a whole transaction in one trip to
-        # its thread. On MySQL a transaction costs no extra trip to begin.
-        self.commits_alone = self.supported and dialect.driver == "aiosqlite"
+        # its thread. On MySQL a transaction costs no extra trip to begin. The trip uses
+        # aiosqlite's own queue (as SQLAlchemy's adapter does); an aiosqlite without it
+        # leaves every flush to SQLAlchemy's transaction.
+        self.commits_alone = (self.supported and dialect.driver == "aiosqlite"
+                              and _aiosqlite_runs_functions())
         self._lookups: dict[int, str] = {}
 
     def _sql(self, n: int) -> tuple[str, list[int] | None]:
