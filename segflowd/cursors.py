@@ -15,7 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .schema import engine_cursors, events
 
-__all__ = ["Cursor", "load_cursor", "max_event_id", "save_cursor"]
+__all__ = ["SAVE_INTERVAL", "Cursor", "load_cursor", "max_event_id", "save_cursor"]
+
+# Seconds a consumer's stored cursor may trail its work. Saving after every batch would
+# be a write transaction per ingest flush per consumer; a cursor that trails only means
+# more to catch up at start, and catching up is idempotent (segment evaluation is; a
+# transactional message has a dedupe key).
+SAVE_INTERVAL = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

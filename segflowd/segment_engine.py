@@ -38,6 +38,8 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import anyio
@@ -48,7 +50,7 @@ from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .app import evaluating_at
-from .cursors import Cursor, load_cursor, max_event_id, save_cursor
+from .cursors import SAVE_INTERVAL, Cursor, load_cursor, max_event_id, save_cursor
 from .errors import AppError, StoreUnavailable
 from .hooks import IngestBatch, MembershipChange, MembershipSink
 from .http import Router
@@ -151,6 +153,8 @@ class SegmentService:
         self._deferred: dict[str, set[str]] = {}  # segment -> users to evaluate after refresh
         self._seen_event_id = 0
         self._seen_at: dt.datetime | None = None
+        self._cursor_owed: Cursor | None = None  # the last round's, not saved yet
+        self._cursor_saved_at = -math.inf  # time.monotonic() of the last save
         self._wake = anyio.Event()
         self._sched_wake = anyio.Event()
         self._idle = anyio.Event()
@@ -187,6 +191,10 @@ class SegmentService:
             self._wake.set()
             await self._idle.wait()
             await anyio.lowlevel.checkpoint()
+        try:
+            await self._save_cursor(force=True)
+        except Exception as exc:  # at start, catching up from the older cursor redoes it
+            log.warning("segments.cursor_not_saved", error=db_message(exc))
 
     # -- startup ---------------------------------------------------------------------
 
@@ -307,11 +315,24 @@ class SegmentService:
             raise
         if mark.last_user_updated_at is not None:
             slack = mark.last_user_updated_at - dt.timedelta(seconds=CURSOR_SLACK)
-            with anyio.CancelScope(shield=True):
-                async with self.k.store.begin() as conn:
-                    await save_cursor(conn, CURSOR_NAME, Cursor(mark.last_event_id, slack),
-                                      self.k.clock.now())
+            self._cursor_owed = Cursor(mark.last_event_id, slack)
+            await self._save_cursor()
         return out
+
+    async def _save_cursor(self, *, force: bool = False) -> None:
+        """Save the cursor of the last round: at most every SAVE_INTERVAL seconds (the
+        drain loop comes back for a save it put off), or now with ``force``."""
+        cursor = self._cursor_owed
+        if cursor is None:
+            return
+        if not force and time.monotonic() - self._cursor_saved_at < SAVE_INTERVAL:
+            return
+        with anyio.CancelScope(shield=True):
+            async with self.k.store.begin() as conn:
+                await save_cursor(conn, CURSOR_NAME, cursor, self.k.clock.now())
+        if self._cursor_owed is cursor:
+            self._cursor_owed = None
+        self._cursor_saved_at = time.monotonic()
 
     async def evaluate_users(self, user_ids: Sequence[str], *,
                              causes: Mapping[str, int] | None = None,
@@ -364,7 +385,20 @@ class SegmentService:
 
     async def _drain_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            if self._cursor_owed is not None:
+                with anyio.move_on_after(SAVE_INTERVAL):
+                    await self._wake.wait()
+                if not self._wake.is_set():  # quiet for a while: save the cursor put off
+                    try:
+                        await self._save_cursor()
+                    except Exception as exc:
+                        if not (is_unavailable(exc) or isinstance(exc, StoreUnavailable)):
+                            raise
+                        log.warning("segments.store_unavailable", error=db_message(exc),
+                                    retry_in_s=SAVE_INTERVAL)
+                    continue
+            else:
+                await self._wake.wait()
             self._wake = anyio.Event()
             while self._dirty or any(not self._state[n].refreshing for n in self._deferred):
                 try:

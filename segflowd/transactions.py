@@ -20,6 +20,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import math
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -28,7 +30,7 @@ import structlog
 from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .cursors import Cursor, load_cursor, max_event_id, save_cursor
+from .cursors import SAVE_INTERVAL, Cursor, load_cursor, max_event_id, save_cursor
 from .errors import StoreUnavailable
 from .hooks import IngestBatch, OutboxWaker, StoredEvent
 from .http import Router
@@ -72,6 +74,7 @@ class TransactionService:
         self._wake = anyio.Event()
         self._seen_event_id = 0
         self._saved_event_id = 0
+        self._saved_at = -math.inf  # time.monotonic() of the last save by _save_seen
         self._started = False
         self._counts = collections.Counter[str]()
         kernel.stats["transactions"] = self.statistics
@@ -85,7 +88,11 @@ class TransactionService:
         await self.start()
         task_status.started()
         while True:
-            await self._wake.wait()
+            if self._seen_event_id > self._saved_event_id:  # a cursor save is owed
+                with anyio.move_on_after(SAVE_INTERVAL):
+                    await self._wake.wait()
+            else:
+                await self._wake.wait()
             self._wake = anyio.Event()
             try:
                 await self.process_pending()
@@ -101,6 +108,7 @@ class TransactionService:
         """Enqueue what is queued; anything left is caught up from the cursor at start."""
         try:
             await self.process_pending()
+            await self._save_seen(force=True)
         except Exception as exc:
             log.warning("transactions.drain_incomplete", pending=len(self._queue),
                         error=db_message(exc))
@@ -150,7 +158,7 @@ class TransactionService:
             caught += len(batch)
         if caught:
             log.info("transactions.catch_up", events=caught, up_to_event_id=top)
-        await self._save_seen()
+        await self._save_seen(force=True)
 
     async def process_pending(self) -> None:
         """Process every queued event (in batches of :data:`TX_BATCH`)."""
@@ -203,13 +211,19 @@ class TransactionService:
                 waker.wake()
         return [mid for mid, *_ in made]
 
-    async def _save_seen(self) -> None:
+    async def _save_seen(self, *, force: bool = False) -> None:
+        """Save the last event seen as the cursor: at most every SAVE_INTERVAL seconds
+        (the run loop comes back for a save it put off), or now with ``force``."""
         # Events up to the last one seen either matched nothing or were processed above.
-        if not self._queue and self._seen_event_id > self._saved_event_id:
-            async with self.k.store.begin() as conn:
-                await save_cursor(conn, CURSOR_NAME, Cursor(self._seen_event_id, None),
-                                  self.k.clock.now())
-            self._saved_event_id = self._seen_event_id
+        if self._queue or self._seen_event_id <= self._saved_event_id:
+            return
+        if not force and time.monotonic() - self._saved_at < SAVE_INTERVAL:
+            return
+        seen = self._seen_event_id
+        async with self.k.store.begin() as conn:
+            await save_cursor(conn, CURSOR_NAME, Cursor(seen, None), self.k.clock.now())
+        self._saved_event_id = max(self._saved_event_id, seen)
+        self._saved_at = time.monotonic()
 
     def statistics(self) -> TransactionStatistics:
         c = self._counts

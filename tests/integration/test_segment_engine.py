@@ -14,9 +14,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import func, select
 
+from segflowd import segment_engine
 from segflowd.app import Segflow, ago
 from segflowd.bus import Bus
 from segflowd.config import load_config
+from segflowd.cursors import load_cursor
 from segflowd.errors import AppError
 from segflowd.hooks import IngestBatch, MembershipChange, StoredEvent
 from segflowd.kernel import Kernel
@@ -368,3 +370,32 @@ async def test_an_incremental_evaluation_leaves_a_newer_evaluations_member_alone
     await h.tell(IngestBatch(users=frozenset({"ned"}), events=()))
     assert await h.members("pro") == set()
     assert h.sink.seen("pro") == [("ned", False)]
+
+
+async def _stored_cursor(store: Store, name: str) -> int | None:
+    async with store.connect() as conn:
+        cursor = await load_cursor(conn, name)
+    return None if cursor is None else cursor.last_event_id
+
+
+async def test_the_cursor_is_saved_at_most_once_a_second_and_never_lost(
+        h: H, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segment_engine, "SAVE_INTERVAL", 0.2)
+    first = await h.event("pia", "purchase", amount=10)
+    await h.tell(first)  # the first round saves its cursor
+    assert await _stored_cursor(h.store, "segments") == first.events[0].id
+    later = [await h.event("pia", "purchase", amount=10) for _ in range(3)]
+    for batch in later:  # rounds within the interval: no write transaction each
+        await h.tell(batch)
+    assert await _stored_cursor(h.store, "segments") == first.events[0].id
+    # The drain loop comes back for the save it put off once the interval is over ...
+    async with anyio.create_task_group() as tg:
+        await tg.start(h.engine.run)
+        await wait_for_async(lambda: _stored_cursor(h.store, "segments"),
+                             later[-1].events[0].id)
+        tg.cancel_scope.cancel()
+    # ... and a shutdown saves it at once.
+    last = await h.event("pia", "purchase", amount=10)
+    await h.tell(last)
+    await h.engine.drain()
+    assert await _stored_cursor(h.store, "segments") == last.events[0].id

@@ -7,13 +7,16 @@ import dataclasses
 import datetime as dt
 from pathlib import Path
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import select
 
+from segflowd import transactions
 from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import load_config
+from segflowd.cursors import load_cursor
 from segflowd.hooks import IngestBatch, StoredEvent
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
@@ -178,3 +181,39 @@ async def test_anonymous_events_send_nothing(h: H) -> None:
     await h.tx.process_pending()
     assert await h.messages() == []
     assert h.tx.statistics().no_user == 1
+
+
+async def _stored_cursor(store: Store) -> int | None:
+    async with store.connect() as conn:
+        cursor = await load_cursor(conn, "transactions")
+    return None if cursor is None else cursor.last_event_id
+
+
+async def test_events_matching_nothing_move_the_cursor_at_most_once_a_second(
+        h: H, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transactions, "SAVE_INTERVAL", 0.2)
+    await h.user("fay", "fay@example.com")
+    first = await h.event("fay", "page_viewed")
+    h.tx.ingested(first)
+    await h.tx.process_pending()  # the first save is not put off
+    assert await _stored_cursor(h.store) == first.events[0].id
+    later = [await h.event("fay", "page_viewed") for _ in range(3)]
+    for batch in later:  # no write transaction per batch of events nobody waits for
+        h.tx.ingested(batch)
+        await h.tx.process_pending()
+    assert await _stored_cursor(h.store) == first.events[0].id
+    async with anyio.create_task_group() as tg:  # the worker saves it after the interval
+        await tg.start(h.tx.run)
+        for _ in range(2000):
+            if await _stored_cursor(h.store) == later[-1].events[0].id:
+                break
+            await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert await _stored_cursor(h.store) == later[-1].events[0].id
+    last = await h.event("fay", "page_viewed")
+    h.tx.ingested(last)
+    await h.tx.drain()  # a shutdown saves it at once
+    assert await _stored_cursor(h.store) == last.events[0].id
+    # A matching event still moves the cursor in its own transaction, put off or not.
+    await h.tx.process((await h.event("fay", "purchase")).events)
+    assert await _stored_cursor(h.store) == last.events[0].id + 1
