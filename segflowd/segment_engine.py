@@ -385,30 +385,24 @@ class SegmentService:
 
     async def _drain_loop(self) -> None:
         while True:
-            if self._cursor_owed is not None:
+            if self._cursor_owed is not None:  # come back for it once it is due
                 with anyio.move_on_after(SAVE_INTERVAL):
                     await self._wake.wait()
-                if not self._wake.is_set():  # quiet for a while: save the cursor put off
-                    try:
-                        await self._save_cursor()
-                    except Exception as exc:
-                        if not (is_unavailable(exc) or isinstance(exc, StoreUnavailable)):
-                            raise
-                        log.warning("segments.store_unavailable", error=db_message(exc),
-                                    retry_in_s=SAVE_INTERVAL)
-                    continue
             else:
                 await self._wake.wait()
             self._wake = anyio.Event()
-            while self._dirty or any(not self._state[n].refreshing for n in self._deferred):
-                try:
+            try:
+                while self._dirty or any(not self._state[n].refreshing
+                                         for n in self._deferred):
                     await self.drain_once()
-                except Exception as exc:
-                    if not (is_unavailable(exc) or isinstance(exc, StoreUnavailable)):
-                        raise
-                    log.warning("segments.store_unavailable", error=db_message(exc),
-                                retry_in_s=RETRY_DELAY)
-                    await self.k.clock.sleep(RETRY_DELAY)
+                await self._save_cursor()  # a save the last rounds put off, once due
+            except Exception as exc:
+                if not (is_unavailable(exc) or isinstance(exc, StoreUnavailable)):
+                    raise
+                log.warning("segments.store_unavailable", error=db_message(exc),
+                            retry_in_s=RETRY_DELAY)
+                await self.k.clock.sleep(RETRY_DELAY)
+                self._wake.set()
 
     # -- scheduled refresh -----------------------------------------------------------
 
