@@ -253,6 +253,7 @@ def json_text(value: object) -> str:
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: object) -> None:
+    _stop_once(getattr(dbapi_conn, "_connection", None))
     # pysqlite's own transaction handling is off so BEGIN is ours (see _sqlite_on_begin).
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
@@ -261,6 +262,31 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: object) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT:d}")
     cur.close()
+
+
+def _stop_once(driver: Any) -> None:
+    """Make the aiosqlite connection's ``stop()`` answer once, then return None.
+
+    A query cancelled mid-way (a shutdown, a timeout) makes SQLAlchemy close the
+    connection in a shielded task and, the wait for it being cancelled too, stop
+    aiosqlite's thread at once. The close then calls ``stop()`` again and waits for an
+    answer from the thread that has just ended: that task never finishes, and at exit
+    ``asyncio.run`` waits for it forever (the daemon hangs after SIGTERM). With a second
+    ``stop()`` answering None there is nothing to wait for.
+    """
+    stop = getattr(driver, "stop", None)
+    if not callable(stop):  # not aiosqlite 0.22's connection: nothing to mend
+        return
+    stopped = False
+
+    def stop_once() -> object:
+        nonlocal stopped
+        if stopped:
+            return None
+        stopped = True
+        return stop()
+
+    driver.stop = stop_once
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import subprocess
+import sys
 
 import anyio
 import pytest
@@ -161,3 +163,34 @@ async def test_store_works_through_the_asyncmy_driver_too(mariadb_url: str) -> N
         assert await store.ping() is True
     finally:
         await store.close()
+
+
+_CANCELLED_QUERY = """
+import sys, time
+import anyio, sqlalchemy as sa
+from segflowd.store import Store
+
+SLOW = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000000)"
+        " SELECT count(*) FROM c")
+
+async def main():
+    store = Store.open(sys.argv[1])
+    await store.migrate()
+    with anyio.move_on_after(0.2):  # cancelled while the query runs in aiosqlite's thread
+        async with store.connect() as conn:
+            await conn.execute(sa.text(SLOW))
+    await store.close()
+
+anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+print("exited")
+"""
+
+
+def test_a_query_cancelled_mid_way_on_sqlite_does_not_hang_the_process_at_exit(
+        sqlite_url: str) -> None:
+    # aiosqlite 0.22 + SQLAlchemy: the connection's shielded close waited forever for a
+    # thread that had already stopped, and asyncio.run waited for it at exit.
+    done = subprocess.run([sys.executable, "-c", _CANCELLED_QUERY, sqlite_url],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("exited")
