@@ -49,6 +49,7 @@ log = structlog.get_logger("segflowd.committer")
 FLUSH_DELAY = 0.002  # seconds a flush waits for more writes to join it
 FLUSH_ROWS = 1000  # writes that start a flush at once
 KNOWN_USERS_MAX = 200_000  # user ids remembered as existing (about 20 MB at most)
+SMALL_FLUSH = 100  # writes: under load, a flush smaller waits for the clients just answered
 QUEUE_LIMIT = 50_000  # writes waiting before submit() answers "unavailable" (back-pressure)
 _IN_CHUNK = 500  # dedupe keys per IN (...) list
 IDLE_RELEASE = 1.0  # seconds without a flush before the held connection goes back to the pool
@@ -202,6 +203,7 @@ class GroupCommitter:
         self._running = True
         task_status.started()
         backlog = False  # writes arrived while the last flush ran: under load
+        cycle = 0  # requests of the last flush and those that queued up during it
         try:
             while not (self._closed and not self._queue):
                 if self._conn is not None and not self._wake.is_set():
@@ -213,11 +215,18 @@ class GroupCommitter:
                 self._wake = anyio.Event()
                 if not self._queue:
                     continue
-                if (not backlog and self._queued_writes < self.flush_rows and not self._closed
-                        and len(self._queue) < self._expect):
-                    # Coming out of idle: let concurrent requests join this flush. Under
-                    # load the previous flush was the window. Real time on purpose: this is
-                    # a batching window, not a time the data model sees.
+                if not backlog:
+                    target = self._expect
+                else:
+                    target = cycle if self._queued_writes < SMALL_FLUSH else 0
+                if (self._queued_writes < self.flush_rows and not self._closed
+                        and len(self._queue) < target):
+                    # Let concurrent requests join this flush. Coming out of idle: as many
+                    # as joined the last one. Under load, while the flush is small: the
+                    # clients the last flush just answered too, or the two halves of the
+                    # load flush in turn, each paying a transaction for half the rows.
+                    # Real time on purpose: a batching window, not a time the data sees.
+                    self._expect = target
                     with anyio.move_on_after(self.flush_delay):
                         await self._wake.wait()
                     self._wake = anyio.Event()
@@ -229,6 +238,7 @@ class GroupCommitter:
                     for p in batch:  # cancelled mid-flush: nobody may wait forever
                         p.fail(StoreUnavailable("ingest stopped during the commit"))
                 backlog = bool(self._queue)
+                cycle = len(batch) + len(self._queue)
         finally:
             self._running = False
             for p in self._queue:

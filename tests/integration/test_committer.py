@@ -11,7 +11,15 @@ import sqlalchemy as sa
 
 from segflowd import committer as committer_module
 from segflowd import schema
-from segflowd.committer import EventWrite, ForgetWrite, GroupCommitter, LinkWrite, UserWrite
+from segflowd.committer import (
+    CommitResult,
+    EventWrite,
+    ForgetWrite,
+    GroupCommitter,
+    LinkWrite,
+    UserWrite,
+    Write,
+)
 from segflowd.errors import IngestError, StoreUnavailable
 from segflowd.hooks import IngestBatch
 from segflowd.store import Store
@@ -196,3 +204,52 @@ async def test_an_events_only_flush_waits_for_another_writer_without_stalling_th
         assert [e.name for e in await _events(events)] == ["late"]
     finally:
         await events.close()
+
+
+async def test_under_load_a_small_flush_waits_for_the_clients_it_just_answered(
+        sqlite_url: str) -> None:
+    # Client A's write is being committed while B, C and D queue up. Flushing B, C and D
+    # at once would leave A for a flush of its own, and the clients would go on in two
+    # halves that flush in turn. Under load a small flush waits (up to flush_delay, long
+    # here) for the client the last flush just answered: the second flush holds all four.
+    store = Store.open(sqlite_url)
+    c = GroupCommitter(store, FakeClock(NOW), flush_delay=30.0)
+    sizes: list[int] = []
+    first_flush_started, release = anyio.Event(), anyio.Event()
+
+    async def commit(groups: list[list[Write]]) -> tuple[list[CommitResult], IngestBatch]:
+        sizes.append(len(groups))
+        if len(sizes) == 1:
+            first_flush_started.set()
+            await release.wait()
+        return ([CommitResult((0,), (False,), ()) for _ in groups],
+                IngestBatch(users=frozenset(), events=()))
+
+    c._commit_once = commit  # type: ignore[method-assign]  # a store that takes its time
+
+    def write(name: str) -> list[Write]:
+        return [EventWrite(name, {}, None, user_id=name)]
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(c.run)
+
+            async def client_a() -> None:
+                await c.submit(write("a"))
+                await anyio.sleep(0.01)  # the answer's way to the client and back
+                await c.submit(write("a"))
+
+            async with anyio.create_task_group() as clients:
+                clients.start_soon(client_a)
+                await first_flush_started.wait()
+                for name in "bcd":
+                    clients.start_soon(c.submit, write(name))
+                for _ in range(10_000):  # until B, C and D are queued
+                    if c.statistics().pending == 3:
+                        break
+                    await anyio.sleep(0.001)
+                release.set()
+            await c.close()
+    finally:
+        await store.close()
+    assert sizes == [1, 4]
