@@ -162,9 +162,9 @@ class IngestService:
         metrics.inc("segflow_ingest_flushes_total")
         if batch.events:
             metrics.inc("segflow_ingest_events_total", float(len(batch.events)))
-        for e in batch.events[:BUS_EVENTS_PER_COMMIT]:
-            bus.publish("event.ingested", event_id=e.id, user_id=e.user_id,
-                        anonymous_id=e.anonymous_id, name=e.name)
+        bus.publish_each("event.ingested", (
+            {"event_id": e.id, "user_id": e.user_id, "anonymous_id": e.anonymous_id,
+             "name": e.name} for e in batch.events[:BUS_EVENTS_PER_COMMIT]))
         if len(batch.events) > BUS_EVENTS_PER_COMMIT:
             bus.publish("ingest.batch", events=len(batch.events), users=len(batch.users))
         for uid in batch.deleted:

@@ -49,3 +49,18 @@ async def test_closed_subscription_stops_iteration() -> None:
     seen = [e.kind async for e in sub]
     assert seen == ["a"]
     assert bus.statistics().subscribers == 0
+
+
+async def test_publish_each_is_publish_for_every_item_at_one_time() -> None:
+    bus = Bus()
+    one = bus.publish("flow.step", n=-1)
+    events = bus.subscribe(kinds=frozenset({"event.ingested"}))
+    steps = bus.subscribe(kinds=frozenset({"flow"}), buffer=2)
+    bus.publish_each("event.ingested", ({"n": i} for i in range(3)))
+    got = events.drain()[0]
+    assert [(e.kind, e.data["n"]) for e in got] == [("event.ingested", i) for i in range(3)]
+    assert [e.seq for e in got] == [one.seq + 1, one.seq + 2, one.seq + 3]
+    assert len({e.at for e in got}) == 1
+    assert steps.pending() == 0  # the kind filter applies to each
+    assert list(bus.recent)[-3:] == got
+    assert bus.statistics().published == 4
