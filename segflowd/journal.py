@@ -16,11 +16,16 @@ import dataclasses
 import traceback
 from collections.abc import Callable, Generator, Mapping, Sequence
 
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from .app import CampaignDef
 from .errors import FlowError
 from .runtime import Command, Context, FlowEvent, Runtime
+from .schema import flow_journal
 
-__all__ = ["Divergence", "FlowCrashed", "JournalRow", "Replay", "result_for_flow"]
+__all__ = ["Divergence", "FlowCrashed", "JournalRow", "Replay", "load_journals",
+           "result_for_flow"]
 
 _MISSING = object()
 
@@ -35,6 +40,20 @@ class JournalRow:
     args_hash: str
     result: object  # {"value": v} | {"error": message} | None while pending
     reads: Mapping[str, object]  # read key -> [present, value]
+
+
+async def load_journals(conn: AsyncConnection, instance_ids: Sequence[int]
+                        ) -> dict[int, list[JournalRow]]:
+    """The journals of ``instance_ids`` in one query, each in seq order (an instance
+    with no rows has no entry). Only the columns replay reads are fetched."""
+    fj = flow_journal.c
+    journals: dict[int, list[JournalRow]] = {}
+    for j in await conn.execute(sa.select(
+            fj.instance_id, fj.seq, fj.kind, fj.name, fj.args_hash, fj.result, fj.reads
+            ).where(fj.instance_id.in_(instance_ids)).order_by(fj.instance_id, fj.seq)):
+        journals.setdefault(int(j.instance_id), []).append(
+            JournalRow(j.seq, j.kind, j.name, j.args_hash, j.result, j.reads or {}))
+    return journals
 
 
 class Divergence(Exception):

@@ -12,7 +12,6 @@ retried one transaction each, so one bad step cannot hold back the others.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime as dt
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from . import outbox
 from .app import CampaignDef
 from .errors import FlowError
-from .journal import Divergence, FlowCrashed, JournalRow, Replay, result_for_flow
+from .journal import (
+    Divergence,
+    FlowCrashed,
+    JournalRow,
+    Replay,
+    load_journals,
+    result_for_flow,
+)
 from .runtime import WAIT_KINDS, Command
 from .schema import engagement, events, flow_instances, flow_journal, messages, users
 from .store import is_unavailable
@@ -140,13 +146,7 @@ class Stepper:
         async with self.k.store.connect() as conn:
             insts = {int(r.id): r for r in await conn.execute(
                 sa.select(*_LOAD_COLUMNS).where(fi.id.in_(ids)))}
-            journals: dict[int, list[JournalRow]] = collections.defaultdict(list)
-            fj = flow_journal.c
-            for j in await conn.execute(sa.select(
-                    fj.instance_id, fj.seq, fj.kind, fj.name, fj.args_hash, fj.result, fj.reads
-                    ).where(fj.instance_id.in_(ids)).order_by(fj.instance_id, fj.seq)):
-                journals[int(j.instance_id)].append(
-                    JournalRow(j.seq, j.kind, j.name, j.args_hash, j.result, j.reads or {}))
+            journals = await load_journals(conn, ids)
             uids = {str(i.user_id) for i in insts.values()}
             people = {str(u.id): u for u in await conn.execute(
                 sa.select(users.c.id, users.c.email, users.c.attributes).where(

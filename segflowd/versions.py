@@ -18,8 +18,8 @@ import anyio.lowlevel
 import sqlalchemy as sa
 
 from .app import CampaignDef, Segflow
-from .journal import Divergence, JournalRow, Replay
-from .schema import campaign_versions, flow_instances, flow_journal
+from .journal import Divergence, Replay, load_journals
+from .schema import campaign_versions, flow_instances
 from .store import Store
 
 __all__ = ["VersionReport", "preview_lines", "reconcile_versions", "record_versions"]
@@ -68,7 +68,7 @@ async def reconcile_versions(store: Store, app: Segflow, now: dt.datetime, *,
     (through ``ix_flow_instances_live_version``): a start with nothing to move costs an
     index seek per campaign, however many instances wait.
     """
-    fi, fj = flow_instances.c, flow_journal.c
+    fi = flow_instances.c
     reports: list[VersionReport] = []
     for c in app.campaigns.values():
         version = c.version
@@ -88,11 +88,7 @@ async def reconcile_versions(store: Store, app: Segflow, now: dt.datetime, *,
                     pending, after = pending[1:], 0
                     continue
                 ids = [int(r[0]) for r in rows]
-                journals: dict[int, list[JournalRow]] = collections.defaultdict(list)
-                for j in await conn.execute(sa.select(flow_journal).where(
-                        fj.instance_id.in_(ids)).order_by(fj.instance_id, fj.seq)):
-                    journals[int(j.instance_id)].append(JournalRow(
-                        j.seq, j.kind, j.name, j.args_hash, j.result, j.reads or {}))
+                journals = await load_journals(conn, ids)
             chunk_moved: list[int] = []
             chunk_div: list[tuple[int, str]] = []
             for iid, user_id, old in rows:
