@@ -35,10 +35,10 @@ from _stores import KINDS, store_url  # bench/ is on sys.path when run as a scri
 
 from segflowd.app import Segflow
 from segflowd.config import load_config
-from segflowd.control import ControlService
-from segflowd.control_client import ControlClient
+from segflowd.control.client import ControlClient
+from segflowd.control.service import ControlService
 from segflowd.daemon import Daemon
-from segflowd.ingest import IngestService
+from segflowd.ingest.service import IngestService
 
 SECRET = "bench-secret"
 END = "bench.end"

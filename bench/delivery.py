@@ -7,13 +7,13 @@
 Figures (one JSON line each, baseline measured in the same run):
 
 * ``rendered_and_sent_per_s``: messages rendered (Jinja2 with the component library,
-  CSS inlined with css-inline, text part from :mod:`segflowd.htmltext`), built into MIME
+  CSS inlined with css-inline, text part from :mod:`segflowd.delivery.htmltext`), built into MIME
   and handed to the ``postmark`` provider (``/email/batch``, 500 per call) talking to a
   local HTTP server on loopback, all in this process. Target >= 2,000/s. Baseline: the
   same pipeline with Jinja only.
 * ``rendered_and_sent_per_cpu_s``: the same two runs per CPU-second of the process.
 * ``rendered_and_sent_per_s_poolN``: the same with rendering on a
-  :class:`~segflowd.renderpool.RenderPool` of ``--processes`` workers (delivery's
+  :class:`~segflowd.delivery.renderpool.RenderPool` of ``--processes`` workers (delivery's
   ``render_processes``), two batches in flight as two delivery workers would have.
   Baseline: the same pooled pipeline with Jinja only.
 * ``render_cost_per_message``: milliseconds to render one message fully (template,
@@ -38,10 +38,10 @@ import anyio
 
 from segflow_plugins.postmark import PostmarkProvider
 from segflowd.app import Segflow
-from segflowd.mime import MessageParts, build_message
+from segflowd.delivery.mime import MessageParts, build_message
+from segflowd.delivery.renderpool import RenderJob, RenderPool, RenderResult, worker_renderer
+from segflowd.delivery.templates import Rendered, Renderer
 from segflowd.providers import OutgoingMessage, ProviderContext
-from segflowd.renderpool import RenderJob, RenderPool, RenderResult, worker_renderer
-from segflowd.templates import Rendered, Renderer
 
 TARGET_PER_S = 2000.0
 TEMPLATE = """\

@@ -43,13 +43,13 @@ from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.clock import SystemClock
 from segflowd.config import load_config
-from segflowd.flows import FlowService
+from segflowd.flows.runtime import Command
+from segflowd.flows.service import FlowService
+from segflowd.flows.wheel import TimerWheel
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
-from segflowd.runtime import Command
 from segflowd.schema import flow_instances, flow_journal, messages, users
 from segflowd.store import Store
-from segflowd.wheel import TimerWheel
 
 STORE_KIND = ["mariadb"]  # the store of the figures being measured (emit adds it)
 WAIT_HASH = Command("wait", None, {"seconds": 86400.0}).hash

@@ -98,11 +98,11 @@ def serve_ingest_only(config_path: str, *, no_store: bool = False) -> None:
     """
     import anyio
 
-    from segflowd.cli import _load
-    from segflowd.committer import CommitResult, EventWrite, GroupCommitter, Write
+    from segflowd.cli.commands import _load
     from segflowd.daemon import Daemon
     from segflowd.hooks import IngestBatch
-    from segflowd.ingest import IngestService
+    from segflowd.ingest.committer import CommitResult, EventWrite, GroupCommitter, Write
+    from segflowd.ingest.service import IngestService
 
     if no_store:
         async def answer(self: GroupCommitter, groups: list[list[Write]]

@@ -40,7 +40,7 @@ from segflowd.hooks import IngestBatch, MembershipChange, StoredEvent
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.schema import events, users
-from segflowd.segment_engine import DRAIN_BATCH, INGEST_TABLES, SegmentService
+from segflowd.segments.engine import DRAIN_BATCH, INGEST_TABLES, SegmentService
 from segflowd.store import Store
 from segflowd.testing import PrivateMariaDB
 

@@ -31,13 +31,13 @@ import sqlalchemy as sa
 from _stores import KINDS, store_url  # bench/ is on sys.path when run as a script
 
 from segflowd.app import Segflow
-from segflowd.audiences import AudienceService
 from segflowd.bus import Bus
 from segflowd.config import load_config
-from segflowd.datasources import DataSources, PreloadContext
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
-from segflowd.sources import SourceService
+from segflowd.sources.audiences import AudienceService
+from segflowd.sources.datasources import DataSources, PreloadContext
+from segflowd.sources.pools import SourceService
 from segflowd.store import Store
 from segflowd.testing import FakeClock
 

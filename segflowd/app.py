@@ -17,16 +17,20 @@ import inspect
 import re
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import BindParameter
 
 from .errors import AppError
-
-if TYPE_CHECKING:
-    from .datasources import AudienceDef, DataSourceDef
+from .sourcedefs import (
+    AUDIENCE_SQL,
+    AudienceDef,
+    DataSourceDef,
+    check_definitions,
+    parse_query,
+)
 
 __all__ = [
     "Ago",
@@ -331,8 +335,6 @@ class Segflow:
         the audiences to choose from; ``preload`` gives per-profile template data
         (``profile``). ``<%= name %>`` placeholders are always bound parameters.
         """
-        from .datasources import DataSourceDef, parse_query
-
         origin = _caller()
         _check_name("data source", name, origin)
         if name in self.data_sources:
@@ -364,8 +366,6 @@ class Segflow:
         campaign names it in ``segments=`` like any segment, and entries and exits flow
         exactly as for SQL segments.
         """
-        from .datasources import AUDIENCE_SQL, AudienceDef
-
         origin = _caller()
         _check_name("segment", name, origin)
         if name in self.segments:
@@ -405,8 +405,6 @@ class Segflow:
                     out.append(f"{tpl.origin}: template {tpl.name!r}: file {f!r} not found in "
                                f"{self.templates_dir}")
         if self.data_sources or self.audiences:
-            from .datasources import check_definitions
-
             out.extend(check_definitions(self.data_sources, self.audiences))
         return out
 

@@ -23,26 +23,26 @@ from anyio.abc import TaskStatus
 
 from . import __version__
 from .app import Segflow
-from .audiences import AudienceService
-from .broadcasts import BroadcastService
 from .bus import Bus
 from .clock import Clock, SystemClock
 from .config import Config
-from .control import ControlService
-from .datasources import DataSources, PreloadContext
-from .delivery import DeliveryService
+from .control.service import ControlService
+from .delivery.service import DeliveryService
 from .errors import ListenError, SegflowError
-from .flows import FlowService
+from .flows.service import FlowService
 from .hooks import ContextProvider, IngestSink, MembershipSink, OutboxWaker
 from .http import Request, Response, Router, error_response, json_response
-from .ingest import IngestService
+from .ingest.service import IngestService
 from .kernel import Kernel
 from .metrics import Metrics, Sample
 from .sdnotify import Notifier
-from .segment_engine import SegmentService
-from .sources import SourceService
+from .segments.engine import SegmentService
+from .segments.transactions import TransactionService
+from .sources.audiences import AudienceService
+from .sources.broadcasts import BroadcastService
+from .sources.datasources import DataSources, PreloadContext
+from .sources.pools import SourceService
 from .store import Store
-from .transactions import TransactionService
 
 __all__ = ["Daemon", "DaemonStatistics", "Service", "build_services"]
 

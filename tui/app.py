@@ -35,7 +35,7 @@ from textual.widgets import (
     TabPane,
 )
 
-from segflowd.control_client import ControlClient, resolve_socket
+from segflowd.control.client import ControlClient, resolve_socket
 from segflowd.errors import ConfigError, ControlReplyError, ControlUnavailable
 
 from .backend import Backend, SocketBackend
@@ -257,7 +257,7 @@ class SegflowTUI(App[None]):
         self.refreshes += 1
 
     def _show_status(self, st: Mapping[str, object]) -> None:
-        from segflowd.cli_control import format_status
+        from segflowd.cli.control import format_status
 
         self.query_one("#summary", Static).update(Text(format_status(st)))
         history = _rows(st.get("history"))

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from segflowd.control_client import ControlClient, StreamBatch
+from segflowd.control.client import ControlClient, StreamBatch
 from segflowd.errors import ControlUnavailable
 
 __all__ = ["Backend", "SocketBackend"]

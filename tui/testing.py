@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import anyio
 
-from segflowd.control_client import StreamBatch
+from segflowd.control.client import StreamBatch
 from segflowd.errors import ControlReplyError
 
 __all__ = ["FixedBackend"]

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from segflowd.outbox import enqueue
+from segflowd.delivery.outbox import enqueue
 from segflowd.schema import messages, subscriptions, users
 from segflowd.store import Store
 

@@ -74,8 +74,8 @@ from pathlib import Path
 
 sys.path.insert(0, {harness!r})
 from delivery_harness import add_user, make_kernel, message_row
-from segflowd.delivery import DeliveryService
-from segflowd.outbox import enqueue
+from segflowd.delivery.service import DeliveryService
+from segflowd.delivery.outbox import enqueue
 from segflowd.providers import available_providers
 from segflowd.store import Store
 

@@ -24,9 +24,9 @@ from daemon_harness import EMPTY_APP, write_config
 from segflowd.app import Segflow
 from segflowd.config import load_config
 from segflowd.daemon import Daemon
-from segflowd.delivery import DeliveryService
+from segflowd.delivery.service import DeliveryService
+from segflowd.delivery.tokens import Signer
 from segflowd.http import Router
-from segflowd.tokens import Signer
 
 __all__ = ["Reply", "asgi_call", "assert_sane", "running", "signer_of"]
 

@@ -23,7 +23,7 @@ from asgi_daemon import asgi_call, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segflowd.control_protocol import ERROR_CODES, MAX_LINE, OPS, unix_address
+from segflowd.control.protocol import ERROR_CODES, MAX_LINE, OPS, unix_address
 from segflowd.daemon import Daemon
 
 pytestmark = pytest.mark.anyio

@@ -22,7 +22,7 @@ from segflowd import schema
 from segflowd.app import Segflow
 from segflowd.clock import Clock
 from segflowd.config import Config, load_config
-from segflowd.control import ControlService
+from segflowd.control.service import ControlService
 from segflowd.daemon import Daemon
 from segflowd.kernel import Action
 from segflowd.store import Store

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from segflowd.config import NamedTable
-from segflowd.sources import Source, open_source
+from segflowd.sources.pools import Source, open_source
 
 SCHEMA = [
     """CREATE TABLE communities (id integer PRIMARY KEY, community_name text NOT NULL,

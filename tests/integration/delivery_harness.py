@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import Config, load_config
-from segflowd.delivery import DeliveryService
+from segflowd.delivery.service import DeliveryService
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.providers import OutgoingMessage, SendResult

@@ -13,17 +13,17 @@ import sqlalchemy as sa
 from customer_db import AUDIENCE, DISCOVERY, INJECTION, PRELOAD, PREMIUM, seed_postgres
 
 from segflowd.app import Segflow
-from segflowd.audiences import AudienceService
 from segflowd.bus import Bus
 from segflowd.config import load_config
-from segflowd.datasources import DataSources, PreloadContext
 from segflowd.errors import SourceError
 from segflowd.hooks import IngestBatch, MembershipChange
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.schema import audience_members, users
-from segflowd.segment_engine import SegmentService
-from segflowd.sources import SourceService
+from segflowd.segments.engine import SegmentService
+from segflowd.sources.audiences import AudienceService
+from segflowd.sources.datasources import DataSources, PreloadContext
+from segflowd.sources.pools import SourceService
 from segflowd.store import Store
 from segflowd.testing import FakeClock
 

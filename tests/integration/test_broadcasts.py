@@ -11,12 +11,12 @@ import pytest
 import sqlalchemy as sa
 
 from segflowd.app import Segflow
-from segflowd.broadcasts import BroadcastError, BroadcastService
 from segflowd.bus import Bus
 from segflowd.config import load_config
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.schema import broadcasts, messages, segment_members, users
+from segflowd.sources.broadcasts import BroadcastError, BroadcastService
 from segflowd.store import Store
 from segflowd.testing import FakeClock
 

@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from segflowd import schema
-from segflowd.cli import main
+from segflowd.cli.commands import main
 
 APP = """\
 from sqlalchemy import select

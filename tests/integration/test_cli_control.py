@@ -10,7 +10,7 @@ import anyio
 import pytest
 from control_harness import make_config, running_daemon, short_tmp
 
-from segflowd.cli import main
+from segflowd.cli.commands import main
 
 pytestmark = pytest.mark.anyio
 

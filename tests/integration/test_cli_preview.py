@@ -10,7 +10,7 @@ import anyio
 import pytest
 from delivery_harness import add_user, write_app, write_config
 
-from segflowd.cli import main
+from segflowd.cli.commands import main
 from segflowd.config import load_config
 from segflowd.store import Store
 

@@ -9,9 +9,11 @@ import anyio
 import pytest
 import sqlalchemy as sa
 
-from segflowd import committer as committer_module
 from segflowd import schema
-from segflowd.committer import (
+from segflowd.errors import IngestError, StoreUnavailable
+from segflowd.hooks import IngestBatch
+from segflowd.ingest import committer as committer_module
+from segflowd.ingest.committer import (
     CommitResult,
     EventWrite,
     ForgetWrite,
@@ -20,8 +22,6 @@ from segflowd.committer import (
     UserWrite,
     Write,
 )
-from segflowd.errors import IngestError, StoreUnavailable
-from segflowd.hooks import IngestBatch
 from segflowd.store import Store
 from segflowd.testing import FakeClock
 

@@ -13,8 +13,8 @@ import anyio.lowlevel
 import pytest
 from control_harness import T0, make_config, running_daemon, seed, short_tmp, socket_mode
 
-from segflowd.control import ControlService, open_control_socket
-from segflowd.control_client import ControlClient
+from segflowd.control.client import ControlClient
+from segflowd.control.service import ControlService, open_control_socket
 from segflowd.errors import ControlReplyError, ControlSocketError, ControlUnavailable
 from segflowd.store import Store
 from segflowd.testing import FakeClock

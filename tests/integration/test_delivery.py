@@ -19,8 +19,8 @@ from delivery_harness import (
     service,
 )
 
-from segflowd.delivery import DeliveryService, TokenBucket, backoff
-from segflowd.outbox import enqueue
+from segflowd.delivery.outbox import enqueue
+from segflowd.delivery.service import DeliveryService, TokenBucket, backoff
 from segflowd.providers import SendResult
 from segflowd.schema import messages, subscriptions, suppressions
 from segflowd.store import Store
@@ -379,7 +379,7 @@ async def test_render_processes_render_the_batch_and_stop_with_the_service(
 
 async def test_a_broken_render_pool_falls_back_to_rendering_in_process(
         store: Store, tmp_path: Path) -> None:
-    from segflowd.renderpool import RenderPoolError
+    from segflowd.delivery.renderpool import RenderPoolError
 
     setup = make_kernel(store, tmp_path, options="render_processes = 1")
     await add_user(setup.kernel.store, "u1", "ann@example.org", name="Ann")

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from segflowd import schema
-from segflowd.eventinsert import COLUMNS, MAX_ROWS, EventInserter
+from segflowd.ingest.eventinsert import COLUMNS, MAX_ROWS, EventInserter
 from segflowd.store import Store, is_unavailable
 
 pytestmark = pytest.mark.anyio

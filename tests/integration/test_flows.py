@@ -18,19 +18,19 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from segflowd import flows as flows_module
 from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import load_config
 from segflowd.errors import StoreUnavailable
-from segflowd.flows import FlowService
+from segflowd.flows import work as flows_work
+from segflowd.flows.service import FlowService
+from segflowd.flows.versions import preview_lines, reconcile_versions
 from segflowd.hooks import ConditionRunner, IngestBatch, MembershipChange, StoredEvent
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.schema import events, flow_instances, flow_journal, messages, segment_members, users
 from segflowd.store import Store
 from segflowd.testing import FakeClock
-from segflowd.versions import preview_lines, reconcile_versions
 
 pytestmark = pytest.mark.anyio
 
@@ -441,7 +441,7 @@ async def test_a_crashing_flow_fails_its_instance_not_the_service(h: Harness) ->
 
 async def test_a_runaway_flow_is_failed_after_the_command_limit(
         h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flows_module, "MAX_COMMANDS_WITHOUT_WAIT", 25)
+    monkeypatch.setattr(flows_work, "MAX_COMMANDS_WITHOUT_WAIT", 25)
     app = make_app("loop", runaway)
     await h.user("jo")
     async with h.running(app):
@@ -530,7 +530,7 @@ async def test_a_paused_campaign_takes_no_entries_and_keeps_its_waits(h: Harness
 
 async def test_segflowd_check_prints_the_deploy_preview_per_changed_campaign(
         h: Harness, tmp_path: Path) -> None:
-    from segflowd.check import run_check
+    from segflowd.cli.check import run_check
 
     old, new = make_app("promo", v1), make_app("promo", v2)
     for uid, vip in (("u1", True), ("u2", False)):
@@ -554,7 +554,7 @@ async def test_segflowd_check_prints_the_deploy_preview_per_changed_campaign(
 
 async def test_a_step_that_loses_a_race_with_an_exit_writes_nothing_the_rest_commit(
         h: Harness) -> None:
-    from segflowd.flows import _Work
+    from segflowd.flows.service import _Work
 
     app = make_app("winback", winback, behavior="dynamic")
     for uid in ("p1", "p2", "p3"):
@@ -589,7 +589,7 @@ async def test_one_round_moves_each_instance_to_its_own_state(
         h: Harness, delays: list[int]) -> None:
     """A round's updates are grouped by the state they set (or, with too many states, row
     by row); either way each instance gets its own wake time and seq."""
-    from segflowd.flows import _Work
+    from segflowd.flows.service import _Work
 
     app = make_app("delays", waits_its_delay)
     uids = [f"d{i}" for i in range(len(delays))]
@@ -615,7 +615,7 @@ async def test_one_round_moves_each_instance_to_its_own_state(
 async def test_a_send_whose_key_is_already_queued_is_not_queued_again_and_the_step_commits(
         h: Harness, batch: int) -> None:
     """Rounds queue their sends without looking keys up first: the unique key is the guard."""
-    from segflowd.flows import _Work
+    from segflowd.flows.service import _Work
 
     app = make_app("winback", winback, behavior="dynamic")
     uids = ["q1", "q2", "q3"][:batch]
@@ -648,8 +648,8 @@ async def test_a_send_whose_key_is_already_queued_is_not_queued_again_and_the_st
 async def test_statistics_and_actions_report_state_and_refuse_bad_requests(
         h: Harness) -> None:
     from segflowd.errors import FlowError
-    from segflowd.flows import FlowStatistics
-    from segflowd.wheel import WheelStatistics
+    from segflowd.flows.service import FlowStatistics
+    from segflowd.flows.wheel import WheelStatistics
 
     app = make_app("onboarding", onboarding)
     await h.user("ro")
@@ -757,7 +757,7 @@ async def test_an_event_that_arrives_while_the_store_is_down_still_wakes_its_wai
             svc.ingested(batch)
             await h.settle()
         assert await h.sent("ida") == []
-        await h.advance(2 * flows_module.RESYNC_RETRY)  # the store is back: resync
+        await h.advance(2 * flows_work.RESYNC_RETRY)  # the store is back: resync
     assert await h.sent("ida") == [("thanks", 0.5)]
 
 
@@ -781,14 +781,14 @@ async def test_an_event_wake_whose_step_fails_in_an_outage_is_stepped_once_after
         held = list(svc._held_wakes)
         assert [(w.instance, w.kind) for w in held] == [(1, "event")]
         assert await h.sent("jan") == []
-        await h.advance(2 * flows_module.RESYNC_RETRY)
+        await h.advance(2 * flows_work.RESYNC_RETRY)
         assert await h.sent("jan") == [("first", 0.5)]
         # The same wake delivered again (as when an outage hits after the step committed)
         # finds the instance at a later wait for the same event name: it must not wake it.
         for w in held:
             svc._push(w)
         await h.settle()
-        await h.advance(2 * flows_module.RESYNC_RETRY)
+        await h.advance(2 * flows_work.RESYNC_RETRY)
     async with h.store.connect() as conn:
         rows = (await conn.execute(sa.select(messages.c.template, messages.c.data)
                                    .order_by(messages.c.id))).all()

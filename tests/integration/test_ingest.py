@@ -24,7 +24,7 @@ from segflowd.bus import Bus
 from segflowd.config import load_config
 from segflowd.hooks import IngestBatch
 from segflowd.http import Router
-from segflowd.ingest import IngestService
+from segflowd.ingest.service import IngestService
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.store import Store

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 
-from segflowd.outbox import DEDUPE_CHUNK, Queued, enqueue, enqueue_many
+from segflowd.delivery.outbox import DEDUPE_CHUNK, Queued, enqueue, enqueue_many
 from segflowd.schema import messages
 from segflowd.store import Store
 

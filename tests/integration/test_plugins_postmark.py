@@ -22,10 +22,10 @@ import sqlalchemy as sa
 from delivery_harness import add_user, make_kernel, message_row
 
 from segflow_plugins.postmark import PostmarkProvider
-from segflowd.delivery import DeliveryService
+from segflowd.delivery.mime import MessageParts, build_message
+from segflowd.delivery.outbox import enqueue
+from segflowd.delivery.service import DeliveryService
 from segflowd.errors import ProviderError
-from segflowd.mime import MessageParts, build_message
-from segflowd.outbox import enqueue
 from segflowd.providers import OutgoingMessage, ProviderContext
 from segflowd.schema import suppressions
 from segflowd.store import Store

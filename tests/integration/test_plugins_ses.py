@@ -13,9 +13,9 @@ import pytest
 from delivery_harness import add_user, make_kernel, message_row
 from moto.server import ThreadedMotoServer
 
-from segflowd.delivery import DeliveryService
-from segflowd.mime import MessageParts, build_message
-from segflowd.outbox import enqueue
+from segflowd.delivery.mime import MessageParts, build_message
+from segflowd.delivery.outbox import enqueue
+from segflowd.delivery.service import DeliveryService
 from segflowd.store import Store
 
 pytestmark = pytest.mark.anyio

@@ -22,9 +22,9 @@ from cryptography.x509.oid import NameOID
 from delivery_harness import add_user, make_kernel, message_row
 
 from segflow_plugins.smtp import SmtpProvider
-from segflowd.delivery import DeliveryService
-from segflowd.mime import MessageParts, build_message
-from segflowd.outbox import enqueue
+from segflowd.delivery.mime import MessageParts, build_message
+from segflowd.delivery.outbox import enqueue
+from segflowd.delivery.service import DeliveryService
 from segflowd.providers import ProviderContext
 from segflowd.schema import suppressions
 from segflowd.store import Store

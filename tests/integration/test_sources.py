@@ -23,7 +23,7 @@ from customer_db import (
 )
 
 from segflowd.errors import PlaceholderError, SourceError
-from segflowd.sources import Source
+from segflowd.sources.pools import Source
 
 pytestmark = pytest.mark.anyio
 

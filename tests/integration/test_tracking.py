@@ -12,12 +12,12 @@ import pytest
 import sqlalchemy as sa
 from delivery_harness import ScriptedProvider, Setup, add_user, make_kernel, parse, service
 
-from segflowd.delivery import DeliveryService
+from segflowd.delivery.outbox import enqueue
+from segflowd.delivery.service import DeliveryService
+from segflowd.delivery.tokens import Signer
 from segflowd.http import Router
-from segflowd.outbox import enqueue
 from segflowd.schema import engagement, subscriptions
 from segflowd.store import Store
-from segflowd.tokens import Signer
 
 pytestmark = pytest.mark.anyio
 

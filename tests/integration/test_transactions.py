@@ -12,18 +12,18 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import select
 
-from segflowd import transactions
 from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import load_config
-from segflowd.cursors import load_cursor
 from segflowd.hooks import IngestBatch, StoredEvent
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.schema import events, messages, subscriptions, suppressions, users
+from segflowd.segments import transactions
+from segflowd.segments.cursors import load_cursor
+from segflowd.segments.transactions import NO_EMAIL, TransactionService
 from segflowd.store import Store
 from segflowd.testing import FakeClock
-from segflowd.transactions import NO_EMAIL, TransactionService
 
 pytestmark = pytest.mark.anyio
 

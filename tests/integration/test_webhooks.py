@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 from delivery_harness import make_kernel
 
+from segflowd.delivery.webhooks import SnsVerifier, Webhooks
 from segflowd.http import Router
 from segflowd.schema import suppressions
 from segflowd.store import Store
-from segflowd.webhooks import SnsVerifier, Webhooks
 
 pytestmark = pytest.mark.anyio
 

@@ -21,8 +21,8 @@ from daemon_harness import API_SECRET
 
 from segflowd.app import Segflow
 from segflowd.daemon import Daemon
-from segflowd.delivery import DeliveryService
-from segflowd.outbox import enqueue
+from segflowd.delivery.outbox import enqueue
+from segflowd.delivery.service import DeliveryService
 from segflowd.schema import messages
 
 __all__ = ["SIGNING_KEY", "Delivered", "deliver", "mail_app", "put_user"]

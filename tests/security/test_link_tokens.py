@@ -22,8 +22,8 @@ from asgi_daemon import asgi_call, assert_sane, running
 from security_mail import OFFER, SIGNING_KEY, deliver, mail_app, put_user
 
 from segflowd.daemon import Daemon
+from segflowd.delivery.tokens import Signer
 from segflowd.schema import engagement, subscriptions, suppressions
-from segflowd.tokens import Signer
 
 pytestmark = pytest.mark.anyio
 

@@ -23,7 +23,7 @@ from customer_db import source_for
 from daemon_harness import API_SECRET
 
 from segflowd import schema
-from segflowd.control_protocol import unix_address
+from segflowd.control.protocol import unix_address
 from segflowd.daemon import Daemon
 from segflowd.errors import SourceError
 

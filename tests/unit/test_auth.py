@@ -6,9 +6,9 @@ import base64
 
 import pytest
 
-from segflowd.auth import Authenticator
 from segflowd.config import HttpKey
 from segflowd.http import HTTPError, Request
+from segflowd.ingest.auth import Authenticator
 
 AUTH = Authenticator([HttpKey("site-a", "secret-a"), HttpKey("site-b", "secret-b")])
 

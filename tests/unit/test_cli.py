@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from segflowd import __version__
-from segflowd.cli import _parser, main
+from segflowd.cli.commands import _parser, main
 
 
 @pytest.mark.parametrize(("argv", "command", "config"), [

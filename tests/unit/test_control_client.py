@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from segflowd.control_client import _unreachable, resolve_socket
+from segflowd.control.client import _unreachable, resolve_socket
 from segflowd.errors import ConfigError
 
 P = Path("/run/segflow/segflow.sock")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from segflowd.control_protocol import (
+from segflowd.control.protocol import (
     BadRequest,
     decode_request,
     dumps,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from segflowd.app import Segflow
-from segflowd.datasources import AUDIENCE_SQL, check_sources
 from segflowd.errors import AppError
+from segflowd.sourcedefs import AUDIENCE_SQL, check_sources
 
 AUDIENCE = ("SELECT u.id AS profile_id, u.email FROM users u JOIN memberships m "
             "ON u.id = m.user_id WHERE m.community_id = '<%= community_id %>'")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from segflowd.htmltext import html_to_text
+from segflowd.delivery.htmltext import html_to_text
+from segflowd.delivery.templates import Renderer, sample_user
 from segflowd.loader import load_app
-from segflowd.templates import Renderer, sample_user
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "saas"
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from segflowd.http import json_response
-from segflowd.ingest import _SUCCESS, _event_reply
+from segflowd.ingest.service import _SUCCESS, _event_reply
 
 
 @pytest.mark.parametrize(("event_id", "duplicate"),

@@ -9,8 +9,8 @@ import pytest
 
 from segflowd.app import Segflow
 from segflowd.errors import FlowError
-from segflowd.journal import Divergence, JournalRow, Replay
-from segflowd.runtime import Command, Runtime
+from segflowd.flows.journal import Divergence, JournalRow, Replay
+from segflowd.flows.runtime import Command, Runtime
 
 Gen = Generator[object, object, object]
 

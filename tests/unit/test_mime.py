@@ -8,7 +8,7 @@ import email.policy
 
 import pytest
 
-from segflowd.mime import InvalidAddress, MessageParts, build_message, parse_address
+from segflowd.delivery.mime import InvalidAddress, MessageParts, build_message, parse_address
 
 
 def parts(**over: object) -> MessageParts:
@@ -134,7 +134,7 @@ def test_a_body_holding_the_boundary_is_quoted_printable() -> None:
     out = build_message(parts(html="<p>x</p>"))
     boundary = out.mime.split(b'boundary="', 1)[1].split(b'"', 1)[0].decode()
     html = f"<p>--{boundary}--</p>"
-    from segflowd.mime import _body
+    from segflowd.delivery.mime import _body
 
     assert _body(html, boundary)[0] == "quoted-printable"
     assert _body(html, boundary)[1].count(boundary.encode()) == 0

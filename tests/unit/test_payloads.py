@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from segflowd.http import HTTPError
-from segflowd.payloads import check_size, dedupe_key, opt_id, opt_time, require_name
+from segflowd.ingest.payloads import check_size, dedupe_key, opt_id, opt_time, require_name
 
 
 @pytest.mark.parametrize(("value", "expected"), [

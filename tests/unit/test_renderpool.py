@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from segflowd.app import Segflow
-from segflowd.errors import TemplateError
-from segflowd.renderpool import (
+from segflowd.delivery.renderpool import (
     PARENT_CHECK,
     RenderJob,
     RenderPool,
     RenderPoolError,
     render_jobs,
 )
-from segflowd.templates import Rendered, Renderer
+from segflowd.delivery.templates import Rendered, Renderer
+from segflowd.errors import TemplateError
 
 PAGE = """\
 {% extends "segflow/layout.html" %}
@@ -119,7 +119,7 @@ _KILLED_PARENT = """\
 import os, signal, sys
 from pathlib import Path
 from segflowd.app import Segflow
-from segflowd.renderpool import RenderPool
+from segflowd.delivery.renderpool import RenderPool
 if __name__ == "__main__":
     app = Segflow(templates=Path(sys.argv[1]))
     app.template("page", subject="s", html="page.html")

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from segflowd.errors import FlowError
-from segflowd.runtime import Command, Runtime
+from segflowd.flows.runtime import Command, Runtime
 
 rt = Runtime(lambda name: True)
 

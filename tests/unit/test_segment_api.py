@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from segflowd.committer import EventWrite, LinkWrite, UserWrite
 from segflowd.http import HTTPError
-from segflowd.segment_api import parse_batch, parse_message
+from segflowd.ingest.committer import EventWrite, LinkWrite, UserWrite
+from segflowd.ingest.segment_api import parse_batch, parse_message
 
 LIMIT = 32 * 1024
 

@@ -8,7 +8,7 @@ from sqlalchemy.dialects import sqlite
 
 from segflowd.app import Segflow, ago
 from segflowd.schema import events, messages, users
-from segflowd.segments import compile_segment
+from segflowd.segments.query import compile_segment
 
 
 def make_app() -> Segflow:

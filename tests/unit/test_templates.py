@@ -10,8 +10,8 @@ import hypothesis.strategies as st
 import pytest
 
 from segflowd.app import Segflow
+from segflowd.delivery.templates import Renderer, add_tracking
 from segflowd.errors import TemplateError
-from segflowd.templates import Renderer, add_tracking
 
 
 def make(tmp_path: Path, files: dict[str, str], subject: str = "Hi {{ user.name }}") -> Renderer:
@@ -121,7 +121,7 @@ _TAG = st.builds(lambda name, attrs, end: "<" + name + "".join(attrs) + end,
                            min_size=1, max_size=4).map("".join))
 def test_the_angle_prefilter_never_skips_a_tag_the_rewrite_would_change(html: str) -> None:
     """Skipping the attribute re-escaping when the cheap test finds nothing changes nothing."""
-    from segflowd.templates import _MAYBE_ANGLE_VALUE, _START_TAG, _escape_angles
+    from segflowd.delivery.templates import _MAYBE_ANGLE_VALUE, _START_TAG, _escape_angles
 
     if _MAYBE_ANGLE_VALUE.search(html) is None:
         assert _START_TAG.sub(_escape_angles, html) == html

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from segflowd.delivery.tokens import MAX_TOKEN_LENGTH, Signer
 from segflowd.errors import TokenError
-from segflowd.tokens import MAX_TOKEN_LENGTH, Signer
 
 
 def test_a_signed_token_verifies_and_returns_its_data() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import random
 
-from segflowd.wheel import RESOLUTION, TimerWheel
+from segflowd.flows.wheel import RESOLUTION, TimerWheel
 
 
 def test_a_timer_fires_once_at_its_deadline_and_never_before() -> None:

@@ -1,0 +1,194 @@
+"""``segflowd status`` and the admin subcommands, over the control socket (for scripts).
+
+Each subcommand connects to ``--socket PATH`` (default: ``[daemon] control_socket`` of
+the config), sends one request and prints the reply. Exit status: 0 done; 1 the daemon
+is unreachable or refused (the reason is one line on stderr); 2 a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping
+
+import anyio
+
+from ..control.client import ControlClient, resolve_socket
+from ..errors import ConfigError, ControlError
+
+__all__ = ["add_parser", "format_duration", "format_status", "run"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+Args = Callable[[argparse.Namespace], dict[str, object]]
+
+# subcommand -> (action name, help, positional arguments, how to build the action's args)
+_ACTIONS: dict[str, tuple[str, str, tuple[tuple[str, type, str], ...], Args]] = {
+    "pause": ("campaign.pause", "pause a campaign: no new entries, no steps, timers kept",
+              (("campaign", str, "campaign name"),), lambda a: {"campaign": a.campaign}),
+    "resume": ("campaign.resume", "resume a paused campaign",
+               (("campaign", str, "campaign name"),), lambda a: {"campaign": a.campaign}),
+    "refresh": ("segment.refresh", "recompute a segment now",
+                (("segment", str, "segment name"),), lambda a: {"segment": a.segment}),
+    "test-email": ("email.test", "send a test email of a template to an address",
+                   (("template", str, "template name"), ("to", str, "email address")),
+                   lambda a: {"template": a.template, "to": a.to,
+                              **({"user": a.user} if a.user else {})}),
+    "retry": ("message.retry", "retry a failed message",
+              (("message_id", int, "message id"),), lambda a: {"message": a.message_id}),
+    "terminate": ("instance.terminate", "terminate a diverged or failed flow instance",
+                  (("instance_id", int, "instance id"),),
+                  lambda a: {"instance": a.instance_id}),
+    "restart": ("instance.restart", "restart a diverged or failed flow instance",
+                (("instance_id", int, "instance id"),),
+                lambda a: {"instance": a.instance_id}),
+    "audiences": ("audiences.list", "list the data sources' audiences", (),
+                  lambda a: {"source": a.source} if a.source else {}),
+    "broadcast": ("broadcast.launch", "launch a broadcast to a segment",
+                  (("segment", str, "the segment (or audience segment) to send to"),),
+                  lambda a: _broadcast_args(a)),
+}
+
+
+def _broadcast_args(a: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {"segment": a.segment}
+    for key in ("template", "campaign", "rate", "data"):
+        if getattr(a, key) is not None:
+            out[key] = getattr(a, key)
+    if a.name:
+        out["broadcast"] = a.name
+    return {**out, **_kv(a.arg)}
+
+
+def _kv(pairs: list[str] | None) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--arg wants KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               common: argparse.ArgumentParser) -> None:
+    control = argparse.ArgumentParser(add_help=False)
+    control.add_argument("--socket", metavar="PATH",
+                         help="the control socket (default: [daemon] control_socket)")
+    p = sub.add_parser("status", parents=[common, control],
+                       help="show the running daemon's status")
+    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+    p.set_defaults(handler=run, op="status")
+    for cmd, (action, help_text, positionals, _build) in _ACTIONS.items():
+        p = sub.add_parser(cmd, parents=[common, control], help=help_text)
+        for name, typ, meta in positionals:
+            p.add_argument(name, type=typ, help=meta)
+        if cmd == "test-email":
+            p.add_argument("--user", metavar="ID", help="render for this user's attributes")
+        if cmd == "audiences":
+            p.add_argument("source", nargs="?", help="only this data source")
+        if cmd == "broadcast":
+            what = p.add_mutually_exclusive_group(required=True)
+            what.add_argument("--template", metavar="NAME", help="send this template")
+            what.add_argument("--campaign", metavar="NAME", help="run this campaign's flow")
+            p.add_argument("--rate", type=float, metavar="N", help="users per second")
+            p.add_argument("--name", metavar="LABEL", help="a label for the broadcast")
+            p.add_argument("--data", metavar="JSON", help="extra template data (a JSON object)")
+            p.add_argument("--arg", action="append", metavar="KEY=VALUE",
+                           help="any further argument of the action (repeatable)")
+        p.add_argument("--json", action="store_true", help="print the reply as JSON")
+        p.set_defaults(handler=run, op="action", action=action, command_name=cmd)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        path = resolve_socket(args.socket, args.config)
+    except ConfigError as exc:
+        print(f"segflowd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.op == "action":
+        try:
+            action_args = _ACTIONS[args.command_name][3](args)
+        except argparse.ArgumentTypeError as exc:
+            print(f"segflowd: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    result: list[object] = []
+
+    async def main() -> None:
+        async with await ControlClient.connect(path) as client:
+            if args.op == "status":
+                result.append(await client.request("status"))
+            else:
+                result.append(await client.action(args.action, action_args))
+
+    try:
+        anyio.run(main)
+    except ControlError as exc:
+        print(f"segflowd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    (value,) = result
+    if args.json:
+        print(json.dumps(value, indent=2, sort_keys=True))
+    elif args.op == "status" and isinstance(value, dict):
+        print(format_status(value))
+    elif isinstance(value, str):
+        print(value)
+    else:
+        print(f"{args.action}: ok" + ("" if value is None else f" {json.dumps(value)}"))
+    return EXIT_OK
+
+
+def format_duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d {h:02d}h"
+    if h:
+        return f"{h}h {m:02d}m"
+    return f"{m}m {s:02d}s"
+
+
+def _num(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "-" if value is None else str(value)
+
+
+def format_status(st: Mapping[str, object]) -> str:
+    """The human form of a ``status`` reply (tolerates any field being absent)."""
+
+    def get(name: str) -> Mapping[str, object]:
+        value = st.get(name)
+        return value if isinstance(value, Mapping) else {}
+
+    store, rates, wheel, bus = get("store"), get("rates"), get("wheel"), get("bus")
+    outbox = get("outbox")
+    uptime = st.get("uptime_s")
+    lines = [
+        f"segflowd {st.get('version', '?')} (control protocol {st.get('protocol', '?')}), "
+        f"up {format_duration(float(uptime)) if isinstance(uptime, int | float) else '?'}",
+        f"store:  {store.get('dialect', '?')}, "
+        f"{'healthy' if store.get('healthy') else 'UNREACHABLE'}, "
+        f"schema {_num(store.get('schema_version'))}, "
+        f"{_num(store.get('checked_out'))}/{_num(store.get('pool_size'))} connections in use",
+        f"rates:  ingest {_num(rates.get('ingest_per_s'))}/s, "
+        f"sent {_num(rates.get('sent_per_s'))}/s, failed {_num(rates.get('failed_per_s'))}/s",
+        "outbox: " + (", ".join(f"{k} {_num(v)}" for k, v in outbox.items()) or "-"),
+        f"wheel:  {_num(wheel.get('size'))} timers, lateness {_num(wheel.get('lateness_s'))} s",
+        f"bus:    {_num(bus.get('published'))} published, "
+        f"{_num(bus.get('subscribers'))} subscribers, {_num(bus.get('dropped'))} dropped",
+    ]
+    for area, values in get("stats").items():
+        if isinstance(values, Mapping):
+            flat = ", ".join(f"{k}={_num(v)}" for k, v in values.items()
+                             if not isinstance(v, Mapping | list))
+            lines.append(f"{area + ':':<7} {flat}")
+    actions = st.get("actions")
+    if isinstance(actions, list):
+        lines.append("actions: " + (", ".join(str(a) for a in actions) or "none"))
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""Provider webhooks that feed the suppression list: bounces and spam complaints.
+
+``POST /webhooks/postmark`` takes Postmark's Bounce and SpamComplaint webhooks, with
+HTTP Basic auth (``webhook_username`` / ``webhook_password`` in the ``[providers.X]``
+table whose plugin is ``postmark``). ``POST /webhooks/ses`` takes Amazon SNS
+notifications of SES bounces and complaints: the SNS signature is verified against the
+certificate at ``SigningCertURL``, which must be an https URL on an ``amazonaws.com``
+SNS host; a ``SubscriptionConfirmation`` is confirmed by fetching its ``SubscribeURL``
+(also checked). Optionally ``webhook_topic_arn`` in the ``ses`` table pins the topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hmac
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from ..http import HTTPError, Request, Response, Router, json_response
+from ..kernel import Kernel
+from ..schema import suppressions
+
+__all__ = ["Fetch", "SnsVerifier", "Webhooks", "suppress"]
+
+log = structlog.get_logger("segflowd.webhooks")
+
+FETCH_TIMEOUT = 10.0  # seconds to fetch an SNS certificate or confirm a subscription
+WEBHOOK_BODY_LIMIT = 256 * 1024  # bytes
+# Postmark bounce types after which the address must not be mailed again.
+POSTMARK_HARD = frozenset({"HardBounce", "BadEmailAddress", "ManuallyDeactivated",
+                           "SpamNotification", "Blocked", "DMARCPolicy"})
+
+Fetch = Callable[[str], Awaitable[bytes]]
+
+
+async def _http_fetch(url: str) -> bytes:
+    async with httpx.AsyncClient(timeout=FETCH_TIMEOUT, follow_redirects=False) as client:
+        resp = await client.get(url)
+        resp.raise_for_status()
+        return resp.content
+
+
+def is_sns_url(url: str) -> bool:
+    """An https URL on an Amazon SNS host (``sns.<region>.amazonaws.com[.cn]``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    return (parts.scheme == "https" and parts.port in (None, 443) and host.startswith("sns.")
+            and (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn"))
+            and not parts.username and not parts.password)
+
+
+_SIGNED_FIELDS = {
+    "Notification": ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type"),
+    "SubscriptionConfirmation": ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token",
+                                 "TopicArn", "Type"),
+    "UnsubscribeConfirmation": ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token",
+                                "TopicArn", "Type"),
+}
+
+
+class SnsVerifier:
+    """Verifies SNS message signatures (versions 1 and 2); certificates are cached by URL."""
+
+    def __init__(self, fetch: Fetch | None = None) -> None:
+        self.fetch: Fetch = fetch or _http_fetch
+        self._certs: dict[str, x509.Certificate] = {}
+
+    async def verify(self, msg: Mapping[str, Any]) -> None:
+        """Return if ``msg`` is signed by SNS; raise ValueError saying why not otherwise."""
+        kind = msg.get("Type")
+        fields = _SIGNED_FIELDS.get(str(kind))
+        if fields is None:
+            raise ValueError(f"unknown SNS message type {kind!r}")
+        version = str(msg.get("SignatureVersion", ""))
+        if version not in ("1", "2"):
+            raise ValueError(f"unsupported SignatureVersion {version!r}")
+        cert_url = str(msg.get("SigningCertURL") or msg.get("SigningCertUrl") or "")
+        if not is_sns_url(cert_url) or not cert_url.endswith(".pem"):
+            raise ValueError("SigningCertURL is not an https amazonaws.com SNS certificate URL")
+        try:
+            signature = base64.b64decode(str(msg.get("Signature", "")), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("Signature is not base64") from None
+        text = "".join(f"{f}\n{msg[f]}\n" for f in fields if f in msg and msg[f] is not None)
+        cert = self._certs.get(cert_url)
+        if cert is None:
+            try:
+                cert = x509.load_pem_x509_certificate(await self.fetch(cert_url))
+            except Exception as exc:
+                raise ValueError(f"cannot load the signing certificate: {exc}") from None
+            self._certs[cert_url] = cert
+        key = cert.public_key()
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError("the signing certificate does not hold an RSA key")
+        algo = hashes.SHA1() if version == "1" else hashes.SHA256()  # SNS v1 is SHA1
+        try:
+            key.verify(signature, text.encode(), padding.PKCS1v15(), algo)
+        except InvalidSignature:
+            raise ValueError("the SNS signature does not verify") from None
+
+
+async def suppress(k: Kernel, address: str, reason: str, source: str, detail: str) -> bool:
+    """Add ``address`` to the suppression list (once); True if it was new."""
+    addr = address.strip().lower()
+    if not addr or "@" not in addr:
+        return False
+    now: dt.datetime = k.clock.now()
+    async with k.store.begin() as conn:
+        done = await conn.execute(k.store.insert_ignore(suppressions).values(
+            address=addr, reason=reason, source=source, detail=detail[:1000], created_at=now))
+    new = bool(done.rowcount)
+    if new:
+        log.info("address.suppressed", address=addr, reason=reason, source=source)
+        k.metrics.inc("segflow_suppressions_total", reason=reason)
+        k.bus.publish("address.suppressed", address=addr, reason=reason, source=source)
+    return new
+
+
+class Webhooks:
+    """The ``/webhooks/{postmark,ses}`` routes."""
+
+    def __init__(self, k: Kernel, *, sns: SnsVerifier | None = None) -> None:
+        self.k = k
+        self.sns = sns or SnsVerifier()
+
+    def register_routes(self, router: Router) -> None:
+        router.add("POST", "/webhooks/postmark", self.postmark)
+        router.add("POST", "/webhooks/ses", self.ses)
+
+    def _table(self, plugin: str) -> Mapping[str, object] | None:
+        for name, table in self.k.config.providers.items():
+            if str(table.options.get("plugin", name)) == plugin:
+                return table.options
+        return None
+
+    async def postmark(self, request: Request) -> Response:
+        opts = self._table("postmark") or {}
+        user, password = str(opts.get("webhook_username", "")), str(
+            opts.get("webhook_password", ""))
+        if not user or not password:
+            raise HTTPError(404, "not_found", "no postmark provider with webhook_username and "
+                                              "webhook_password is configured")
+        if not _basic_ok(request.headers.get("authorization", ""), user, password):
+            raise HTTPError(401, "unauthorized", "webhook credentials do not match",
+                            {"WWW-Authenticate": 'Basic realm="segflow"'})
+        body = await request.json(WEBHOOK_BODY_LIMIT)
+        if not isinstance(body, dict):
+            raise HTTPError(400, "invalid_payload", "expected a JSON object")
+        record = str(body.get("RecordType", ""))
+        address = str(body.get("Email", ""))
+        added = False
+        if record == "SpamComplaint":
+            added = await suppress(self.k, address, "complaint", "postmark",
+                                   str(body.get("Description", "spam complaint")))
+        elif record == "Bounce" and (body.get("Inactive") is True
+                                     or str(body.get("Type", "")) in POSTMARK_HARD):
+            added = await suppress(self.k, address, "bounce", "postmark",
+                                   f"{body.get('Type')}: {body.get('Description', '')}")
+        return json_response({"ok": True, "suppressed": added})
+
+    async def ses(self, request: Request) -> Response:
+        raw = await request.body(WEBHOOK_BODY_LIMIT)
+        try:
+            msg = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise HTTPError(400, "invalid_json", "expected an SNS JSON message") from None
+        if not isinstance(msg, dict):
+            raise HTTPError(400, "invalid_payload", "expected an SNS JSON message")
+        try:
+            await self.sns.verify(msg)
+        except ValueError as exc:
+            log.warning("webhook.refused", provider="ses", reason=str(exc))
+            raise HTTPError(403, "forbidden", f"SNS message refused: {exc}") from None
+        pinned = str((self._table("ses") or {}).get("webhook_topic_arn", ""))
+        if pinned and msg.get("TopicArn") != pinned:
+            raise HTTPError(403, "forbidden", "SNS message from an unexpected topic")
+        kind = msg["Type"]
+        if kind == "SubscriptionConfirmation":
+            url = str(msg.get("SubscribeURL", ""))
+            if not is_sns_url(url):
+                raise HTTPError(400, "invalid_payload", "SubscribeURL is not an SNS URL")
+            try:
+                await self.sns.fetch(url)
+            except Exception as exc:
+                raise HTTPError(502, "confirm_failed",
+                                f"confirming the subscription failed: {exc}") from None
+            log.info("webhook.subscribed", provider="ses", topic=msg.get("TopicArn"))
+            return json_response({"ok": True, "confirmed": True})
+        if kind != "Notification":
+            return json_response({"ok": True})
+        try:
+            note = json.loads(str(msg.get("Message", "")))
+        except ValueError:
+            raise HTTPError(400, "invalid_payload", "Message is not SES JSON") from None
+        count = 0
+        what = note.get("notificationType") or note.get("eventType") if isinstance(
+            note, dict) else None
+        if what == "Bounce" and isinstance(note.get("bounce"), dict):
+            b = note["bounce"]
+            if b.get("bounceType") == "Permanent":
+                for r in b.get("bouncedRecipients") or []:
+                    if isinstance(r, dict):
+                        count += await suppress(
+                            self.k, str(r.get("emailAddress", "")), "bounce", "ses",
+                            f"{b.get('bounceSubType', '')}: {r.get('diagnosticCode', '')}")
+        elif what == "Complaint" and isinstance(note.get("complaint"), dict):
+            c = note["complaint"]
+            for r in c.get("complainedRecipients") or []:
+                if isinstance(r, dict):
+                    count += await suppress(self.k, str(r.get("emailAddress", "")),
+                                            "complaint", "ses",
+                                            str(c.get("complaintFeedbackType", "complaint")))
+        return json_response({"ok": True, "suppressed": count})
+
+
+def _basic_ok(header: str, user: str, password: str) -> bool:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return hmac.compare_digest(given, f"{user}:{password}".encode())

@@ -1,0 +1,206 @@
+"""What a flow sees: ``rt`` (the commands it yields) and ``ctx`` (its recorded reads).
+
+A flow never performs effects: ``rt.send_email("welcome")`` only *describes* a send as a
+:class:`Command`; the flow service journals it and carries it out. Everything a flow
+reads of ``ctx`` between two yields is recorded (``reads``) so that a replay can answer
+the same reads with the same values even after the user's data changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import Literal
+
+from ..app import parse_interval
+from ..errors import FlowError
+
+__all__ = ["Command", "CommandKind", "Context", "FlowEvent", "Runtime", "args_hash"]
+
+CommandKind = Literal["send_email", "wait", "wait_until", "wait_for_event", "condition",
+                      "opened", "clicked", "exit"]
+WAIT_KINDS = frozenset({"wait", "wait_until", "wait_for_event"})
+
+# A read's key ("user.plan", "user", "event", "patched.x") and its answer: the value as
+# JSON, with ``present`` False for a missing key (``.get`` returns the default).
+ReadAnswer = Callable[[str], tuple[bool, object]]
+
+
+HASH_CACHE = 4096  # argument hashes remembered (commands with scalar arguments only)
+_hashes: dict[tuple[object, ...], str] = {}
+# Scalar types whose (type, repr) pins down their JSON spelling: 1, 1.0 and True are equal
+# as dict keys but hash differently, and so do 0.0 and -0.0.
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def args_hash(kind: str, name: str | None, args: Mapping[str, object]) -> str:
+    """A stable hash of a command's arguments: replay compares it, never the arguments."""
+    parts: list[object] = [kind, name]
+    for k, v in args.items():
+        if type(v) not in _SCALARS:
+            break
+        parts += (k, type(v), repr(v))
+    key = tuple(parts) if len(parts) == 2 + 3 * len(args) else None
+    if key is not None:
+        found = _hashes.get(key)
+        if found is not None:
+            return found
+    blob = json.dumps([kind, name, args], sort_keys=True, default=str, separators=(",", ":"))
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:32]
+    if key is not None:
+        if len(_hashes) >= HASH_CACHE:
+            _hashes.clear()
+        _hashes[key] = digest
+    return digest
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One yielded command. ``args`` is JSON-able; ``name`` is the template/event/source."""
+
+    kind: CommandKind
+    name: str | None = None
+    args: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return args_hash(self.kind, self.name, self.args)
+
+    def describe(self) -> str:
+        return f"{self.kind}({self.name!r})" if self.name is not None else f"{self.kind}()"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowEvent:
+    """An event as a flow sees it (``ctx.event``, the result of ``wait_for_event``)."""
+
+    id: int
+    name: str
+    attributes: Mapping[str, object]
+    created_at: str  # ISO 8601, naive UTC
+
+    def as_json(self) -> dict[str, object]:
+        return {"id": self.id, "name": self.name, "attributes": dict(self.attributes),
+                "created_at": self.created_at}
+
+    @classmethod
+    def from_json(cls, data: object) -> FlowEvent | None:
+        if not isinstance(data, dict):
+            return None
+        return cls(int(data["id"]), str(data["name"]), dict(data.get("attributes") or {}),
+                   str(data["created_at"]))
+
+
+def _seconds(value: object, what: str) -> float:
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, str | int | float):
+        return parse_interval(value)
+    raise FlowError(f"{what} must be a number of seconds, a timedelta or '2d', not {value!r}")
+
+
+class Runtime:
+    """``rt``: builds the commands a flow yields. Every method returns a :class:`Command`."""
+
+    def __init__(self, patched: Callable[[str], bool]) -> None:
+        self._patched = patched
+
+    def send_email(self, template: str, **data: object) -> Command:
+        """Send ``template`` to the user; ``data`` joins the template context. Result: None."""
+        try:
+            json.dumps(data)
+        except (TypeError, ValueError) as exc:
+            raise FlowError(f"send_email({template!r}) data must be JSON-able: {exc}") from None
+        return Command("send_email", template, dict(data))
+
+    def wait(self, *, days: float = 0, hours: float = 0, minutes: float = 0,
+             seconds: float = 0) -> Command:
+        """Sleep this long (durably: a restart does not shorten or repeat it)."""
+        total = days * 86400 + hours * 3600 + minutes * 60 + seconds
+        if total < 0:
+            raise FlowError(f"wait() needs a positive duration, not {total} seconds")
+        return Command("wait", None, {"seconds": float(total)})
+
+    def wait_until(self, when: dt.datetime) -> Command:
+        """Sleep until ``when`` (naive UTC, or aware: converted to UTC)."""
+        if not isinstance(when, dt.datetime):
+            raise FlowError(f"wait_until() takes a datetime, not {when!r}")
+        if when.tzinfo is not None:
+            when = when.astimezone(dt.UTC).replace(tzinfo=None)
+        return Command("wait_until", None, {"at": when.isoformat()})
+
+    def wait_for_event(self, name: str, *, timeout: object = None) -> Command:
+        """Wait for the user's next ``name`` event. Result: the event, or None on timeout."""
+        t = None if timeout is None else _seconds(timeout, "wait_for_event timeout")
+        return Command("wait_for_event", name, {"timeout": t})
+
+    def condition(self, source: str, sql: str, **params: object) -> Command:
+        """A DirectFlow condition on the customer database ``source``. Result: bool."""
+        return Command("condition", source, {"sql": sql, "params": params})
+
+    def opened(self, template: str) -> Command:
+        """Whether the user opened a message of ``template``. Result: bool."""
+        return Command("opened", template)
+
+    def clicked(self, template: str) -> Command:
+        """Whether the user clicked in a message of ``template``. Result: bool."""
+        return Command("clicked", template)
+
+    def exit(self) -> Command:
+        """End the flow here."""
+        return Command("exit")
+
+    def patched(self, name: str) -> bool:
+        """True on code paths added by change ``name``; False while replaying older journals.
+
+        Not yielded: call it (``if rt.patched("shorter-wait"): ...``). It is recorded like a
+        ``ctx`` read, so an instance that started before the change keeps its old path.
+        """
+        return self._patched(name)
+
+
+class _RecordingMapping(Mapping[str, object]):
+    """``ctx.user``: each key read is answered (and recorded) through ``answer``."""
+
+    def __init__(self, prefix: str, answer: ReadAnswer) -> None:
+        self._prefix = prefix
+        self._answer = answer
+
+    def __getitem__(self, key: str) -> object:
+        present, value = self._answer(f"{self._prefix}.{key}")
+        if not present:
+            raise KeyError(key)
+        return value
+
+    def _whole(self) -> dict[str, object]:
+        _, value = self._answer(self._prefix)
+        return dict(value) if isinstance(value, dict) else {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._whole())
+
+    def __len__(self) -> int:
+        return len(self._whole())
+
+    def __repr__(self) -> str:
+        return f"ctx.{self._prefix}({self._whole()!r})"
+
+
+class Context:
+    """``ctx``: ``ctx.user`` (attributes), ``ctx.event`` (the entering event or None) and
+    ``ctx.data`` (what a broadcast started the flow with; empty otherwise)."""
+
+    def __init__(self, answer: ReadAnswer, user_id: str, campaign: str) -> None:
+        self._answer = answer
+        self.user_id = user_id
+        self.campaign = campaign
+        self.user: Mapping[str, object] = _RecordingMapping("user", answer)
+        self.data: Mapping[str, object] = _RecordingMapping("data", answer)
+
+    @property
+    def event(self) -> FlowEvent | None:
+        _, value = self._answer("event")
+        return FlowEvent.from_json(value)

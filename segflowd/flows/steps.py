@@ -1,0 +1,493 @@
+"""Stepping instances in batches: load, replay, then run every instance one command a round.
+
+A worker hands a batch of due instances here. Their rows, journals, users and entry
+events are read in four queries; each instance is replayed; then, round after round,
+every instance still running computes its next command and all of the round's steps
+are written in one transaction (group commit). Each step stays atomic — its journal
+row, instance update and outbox row commit together — and each instance update is
+conditional on the sequence number it started from, so a step that lost a race (an
+exit, a termination) writes nothing. If a round's transaction fails, its steps are
+retried one transaction each, so one bad step cannot hold back the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..app import CampaignDef
+from ..delivery import outbox
+from ..errors import FlowError
+from ..schema import engagement, events, flow_instances, flow_journal, messages, users
+from ..store import is_unavailable
+from . import work
+from .journal import (
+    Divergence,
+    FlowCrashed,
+    JournalRow,
+    Replay,
+    load_journals,
+    result_for_flow,
+)
+from .runtime import WAIT_KINDS, Command
+from .work import StepHost, Work
+
+__all__ = ["Stepper"]
+
+log = structlog.get_logger("segflowd.flows")
+
+_ACTIVE = ("running", "waiting")
+
+
+_fi = flow_instances.c
+GROUP_UPDATE_ROWS = 200  # instance updates per statement (or per executemany)
+# A round whose steps leave their instances in more distinct states than this fraction of
+# its steps is written row by row (executemany): one statement per state would be no fewer.
+MAX_STATES_PER_STEP = 0.25
+_SET = {"seq": "n_seq", "status": "n_status", "wake_at": "n_wake", "wait_event": "n_event",
+        "live": "n_live", "ended_at": "n_ended", "error": "n_error", "updated_at": "n_updated"}
+
+
+# Row by row, run as executemany: each instance conditional on its seq. live=1 leaves
+# running, waiting or diverged; a diverged instance takes no step.
+_GROUP_UPDATE = sa.update(flow_instances).where(
+    _fi.id == sa.bindparam("b_id"), _fi.seq == sa.bindparam("b_seq"), _fi.live == 1,
+    _fi.status != "diverged",
+).values(**{col: sa.bindparam(key) for col, key in _SET.items()})
+
+
+def _state_update(pairs: list[tuple[int, int]], state: tuple[object, ...]) -> sa.Update:
+    """One UPDATE moving every instance in ``pairs`` ((id, seq it started from)) to the
+    same new ``state`` (:func:`_state_of`); each row is still conditional on its own seq.
+    On MariaDB an executemany of UPDATEs is one round trip per row; this is one in all.
+    """
+    delta, status, wake, event, live, ended, error, updated = state
+    return sa.update(flow_instances).where(
+        _fi.id.in_([i for i, _ in pairs]),  # the primary key range; the pairs filter it
+        sa.tuple_(_fi.id, _fi.seq).in_(pairs), _fi.live == 1, _fi.status != "diverged",
+    ).values(seq=_fi.seq + delta, status=status, wake_at=wake, wait_event=event, live=live,
+             ended_at=ended, error=error, updated_at=updated)
+
+
+def _state_of(p: Mapping[str, object]) -> tuple[object, ...]:
+    """What an update sets, but for the instance's own seq (kept as its increment)."""
+    return (int(p["n_seq"]) - int(p["b_seq"]), p["n_status"],  # type: ignore[call-overload]
+            p["n_wake"], p["n_event"], p["n_live"], p["n_ended"], p["n_error"],
+            p["n_updated"])
+
+
+# What stepping reads of an instance (not its timestamps, version or error: every column
+# read costs a conversion per row)
+_LOAD_COLUMNS = (_fi.id, _fi.campaign, _fi.user_id, _fi.status, _fi.live, _fi.seq, _fi.wake_at,
+                 _fi.wait_event, _fi.entry_event_id, _fi.start_data)
+
+
+class _Lost(Exception):  # control flow: a conditional update matched no row
+    pass
+
+
+@dataclasses.dataclass
+class _Run:
+    """One instance being stepped in this batch."""
+
+    iid: int
+    seq: int
+    campaign: CampaignDef
+    user_id: str
+    replay: Replay
+    result: object = None
+    error: str | None = None
+    fix: object = None  # result to record on the last (wait_for_event) journal row
+    since_wait: int = 0
+    cmd: Command | None = None
+    cmd_result: object = None
+    cmd_error: str | None = None
+    end: str | None = None  # completed | failed | diverged: this round ends the instance
+    end_error: str | None = None
+    values: dict[str, object] = dataclasses.field(default_factory=dict)
+    lost: bool = False
+
+
+class Stepper:
+    """The stepping half of :class:`~segflowd.flows.service.FlowService`."""
+
+    def __init__(self, svc: StepHost) -> None:
+        self.svc = svc
+        self.k = svc.k
+
+    # -- loading ---------------------------------------------------------------------
+
+    async def run_batch(self, works: Sequence[Work]) -> None:
+        runs = await self._load(works)
+        try:
+            while runs:
+                await self._round(runs)
+                runs = [r for r in runs if not (r.lost or r.end or r.cmd is None
+                                                or r.cmd.kind in WAIT_KINDS
+                                                or r.cmd.kind == "exit")]
+                for r in runs:
+                    r.result, r.error, r.fix = r.cmd_result, r.cmd_error, None
+                    r.seq += 1
+        finally:
+            for r in runs:
+                r.replay.close()
+
+    async def _load(self, works: Sequence[Work]) -> list[_Run]:
+        fi = flow_instances.c
+        ids = [w.instance for w in works]
+        async with self.k.store.connect() as conn:
+            insts = {int(r.id): r for r in await conn.execute(
+                sa.select(*_LOAD_COLUMNS).where(fi.id.in_(ids)))}
+            journals = await load_journals(conn, ids)
+            uids = {str(i.user_id) for i in insts.values()}
+            people = {str(u.id): u for u in await conn.execute(
+                sa.select(users.c.id, users.c.email, users.c.attributes).where(
+                    users.c.id.in_(uids)))} if uids else {}
+            eids = {int(i.entry_event_id) for i in insts.values()
+                    if i.entry_event_id is not None}
+            entries: dict[int, dict[str, object]] = {}
+            if eids:
+                for e in await conn.execute(sa.select(events).where(events.c.id.in_(eids))):
+                    entries[int(e.id)] = {"id": e.id, "name": e.name,
+                                          "attributes": dict(e.attributes or {}),
+                                          "created_at": e.created_at.isoformat()}
+        now = self.k.clock.now()
+        runs: list[_Run] = []
+        diverged: list[_Run] = []
+        for w in works:
+            inst = insts.get(w.instance)
+            run = self._prepare(w, inst, journals.get(w.instance, []), people, entries, now)
+            if run is None:
+                continue
+            if run.end == "diverged":
+                diverged.append(run)
+            else:
+                runs.append(run)
+        if diverged:
+            await self._round(diverged)
+        return runs
+
+    def _prepare(self, w: Work, inst: Any, journal: list[JournalRow],
+                 people: Mapping[str, Any], entries: Mapping[int, dict[str, object]],
+                 now: dt.datetime) -> _Run | None:
+        if inst is None or inst.live != 1 or inst.status not in _ACTIVE:
+            return None
+        if inst.campaign in self.svc.paused:
+            return None  # its wait stays in the store; resuming the campaign reloads it
+        c = self.k.app.campaigns.get(inst.campaign)
+        if c is None:
+            log.warning("flow.campaign_missing", instance=inst.id, campaign=inst.campaign)
+            return None
+        pending: object = None
+        fix: object = None
+        if w.kind == "timer":
+            if inst.status != "waiting" or inst.wake_at is None or inst.wake_at > now:
+                return None
+            if inst.wait_event is not None:
+                fix = {"value": None}
+        elif w.kind == "event":
+            if inst.status != "waiting" or inst.wait_event != w.event_name:
+                return None
+            if w.seq is not None and int(inst.seq) != w.seq:
+                return None  # a later wait than the one this event was matched to
+            self.svc.cancel_timer(int(inst.id))
+            pending = dict(w.event or {})
+            fix = {"value": pending}
+        elif inst.status != "running":
+            return None
+        u = people.get(str(inst.user_id))
+        attrs: dict[str, object] = dict(u.attributes or {}) if u is not None else {}
+        if u is not None and u.email and "email" not in attrs:
+            attrs["email"] = u.email
+        entry = entries.get(int(inst.entry_event_id)) if inst.entry_event_id else None
+        start_data: dict[str, object] = dict(inst.start_data or {})
+
+        def live(key: str) -> tuple[bool, object]:
+            if key == "user":
+                return True, attrs
+            if key.startswith("user."):
+                return key[5:] in attrs, attrs.get(key[5:])
+            if key == "event":
+                return True, entry
+            if key == "data":
+                return True, start_data
+            if key.startswith("data."):
+                return key[5:] in start_data, start_data.get(key[5:])
+            return False, None
+
+        replay = Replay(c, str(inst.user_id), journal, live)
+        run = _Run(int(inst.id), int(inst.seq), c, str(inst.user_id), replay, fix=fix)
+        try:
+            replay.replay()
+        except Divergence as d:
+            replay.close()
+            run.end, run.end_error = "diverged", str(d)
+            return run
+        if w.kind == "run" and journal:
+            last = journal[-1].result
+            run.result = result_for_flow(journal[-1].kind, last)
+            run.error = last.get("error") if isinstance(last, dict) else None
+        elif w.kind == "event":
+            run.result = result_for_flow("wait_for_event", {"value": pending})
+        return run
+
+    # -- a round: every instance one command, one transaction ------------------------
+
+    async def _round(self, runs: list[_Run]) -> None:
+
+        limit = work.MAX_COMMANDS_WITHOUT_WAIT  # read at use: tests and operators may set it
+        now = self.k.clock.now()
+        for r in runs:
+            if r.end:
+                continue
+            try:
+                r.cmd = r.replay.resume(r.result, r.error)
+            except FlowCrashed as exc:
+                r.end, r.end_error = "failed", exc.text
+                continue
+            except FlowError as exc:
+                r.end, r.end_error = "failed", str(exc)
+                continue
+            reads = r.replay.take_reads()
+            if r.cmd is None:
+                r.end = "completed"
+                continue
+            r.since_wait += 1
+            if r.since_wait > limit:
+                r.end = "failed"
+                r.end_error = (f"runaway flow: {limit} commands without a wait (the limit); "
+                               f"the next was {r.cmd.describe()}")
+                continue
+            try:
+                await self._prepare_step(r, now, reads)
+            except FlowError as exc:
+                r.end, r.end_error = "failed", str(exc)
+        down: Exception | None = None  # the store went away in the middle
+        try:
+            async with self.k.store.begin() as conn:
+                await self._write_all(conn, runs, now)
+        except Exception as exc:
+            if is_unavailable(exc) or (len(runs) == 1 and not isinstance(
+                    exc, _Lost | IntegrityError)):
+                raise  # nothing of the round was written; the caller knows what to do
+            if not isinstance(exc, _Lost):
+                log.warning("flow.group_retry", steps=len(runs), error=str(exc)[:300])
+            for r in runs:  # one transaction each: a lost or bad step fails alone
+                r.lost = down is not None
+                if r.lost:
+                    continue
+                try:
+                    async with self.k.store.begin() as conn:
+                        await self._write(conn, r, now)
+                        if r.lost:
+                            await conn.rollback()
+                except Exception as one:
+                    log.error("flow.step_error", instance=r.iid, error=str(one)[:300])
+                    r.lost = True
+                    if is_unavailable(one):
+                        down = one  # the rest stay as the store has them
+        done = [r for r in runs if not r.lost]
+        for r in done:
+            self._after(r, now)
+        stepped = [r for r in done if not r.end]
+        if stepped:
+            self.svc.count_steps(len(stepped))
+        if any(r.cmd is not None and r.cmd.kind == "send_email" for r in stepped):
+            for waker in self.svc.wakers:
+                waker.wake()
+        if down is not None:
+            raise down
+
+    async def _prepare_step(self, r: _Run, now: dt.datetime, reads: dict[str, object]
+                            ) -> None:
+        cmd = r.cmd
+        assert cmd is not None
+        r.cmd_result, r.cmd_error = None, None
+        v: dict[str, object] = {"seq": r.seq + 1, "status": "running", "wake_at": None,
+                                "wait_event": None, "updated_at": now}
+        if cmd.kind == "condition":
+            r.cmd_result, r.cmd_error = await self._condition(cmd, r.user_id)
+        elif cmd.kind in ("opened", "clicked"):
+            r.cmd_result = await self._engaged(r.user_id, str(cmd.name),
+                                               "open" if cmd.kind == "opened" else "click")
+        elif cmd.kind == "wait":
+            secs = cmd.args.get("seconds")
+            v.update(status="waiting", wake_at=now + dt.timedelta(
+                seconds=float(secs) if isinstance(secs, int | float) else 0.0))
+        elif cmd.kind == "wait_until":
+            v.update(status="waiting", wake_at=dt.datetime.fromisoformat(str(cmd.args["at"])))
+        elif cmd.kind == "wait_for_event":
+            # known before the wait commits, so no event slips between commit and here
+            self.svc.awaited.add(str(cmd.name))
+            t = cmd.args.get("timeout")
+            v.update(status="waiting", wait_event=cmd.name, wake_at=None if not isinstance(
+                t, int | float) else now + dt.timedelta(seconds=float(t)))
+        elif cmd.kind == "exit":
+            v.update(status="exited", live=None, ended_at=now)
+        v["_reads"] = reads
+        r.values = v
+
+    async def _write_all(self, conn: AsyncConnection, runs: list[_Run], now: dt.datetime
+                         ) -> None:
+        """The fast path: the round's steps as a few statements (instance updates grouped
+        by the state they set, multi-row inserts for journal rows and sends)."""
+        updates: list[dict[str, object]] = []
+        rows: list[dict[str, object]] = []
+        for r in runs:
+            p: dict[str, object] = {"b_id": r.iid, "b_seq": r.seq, "n_error": None,
+                                    "n_updated": now, "n_ended": None, "n_live": 1,
+                                    "n_wake": None, "n_event": None}
+            if r.end:
+                keep = r.end == "diverged"
+                p.update(n_seq=r.seq, n_status=r.end, n_error=r.end_error,
+                         n_live=1 if keep else None, n_ended=None if keep else now)
+            else:
+                v = r.values
+                p.update(n_seq=v["seq"], n_status=v["status"], n_wake=v["wake_at"],
+                         n_event=v["wait_event"], n_live=v.get("live", 1),
+                         n_ended=v.get("ended_at"))
+                cmd = r.cmd
+                assert cmd is not None
+                stored = None if cmd.kind in WAIT_KINDS else (
+                    {"error": r.cmd_error} if r.cmd_error is not None
+                    else {"value": r.cmd_result})
+                rows.append({"instance_id": r.iid, "seq": r.seq, "kind": cmd.kind,
+                             "name": cmd.name, "args_hash": cmd.hash, "result": stored,
+                             "reads": v.get("_reads") or None, "created_at": now})
+            updates.append(p)
+        await self._update_instances(conn, updates)
+        for r in runs:
+            if r.fix is not None:
+                await conn.execute(sa.update(flow_journal).where(
+                    flow_journal.c.instance_id == r.iid, flow_journal.c.seq == r.seq - 1
+                ).values(result=r.fix))
+        if rows:
+            await conn.execute(sa.insert(flow_journal), rows)
+        sends = [outbox.Queued(kind="campaign", template=str(r.cmd.name), user_id=r.user_id,
+                               dedupe_key=f"flow:{r.iid}:{r.seq}", data=dict(r.cmd.args),
+                               campaign=r.campaign.name, instance_id=r.iid)
+                 for r in runs
+                 if not r.end and r.cmd is not None and r.cmd.kind == "send_email"]
+        if sends:
+            # No look-up first: a step's key is new unless its seq was taken, and then the
+            # update above matched nothing. Should one exist anyway, the unique key refuses
+            # it and the round is retried step by step, where enqueue skips it.
+            await outbox.enqueue_many(conn, sends, now=now, look_up=False)
+        for r in runs:
+            r.lost = False
+
+    async def _update_instances(self, conn: AsyncConnection,
+                                updates: list[dict[str, object]]) -> None:
+        """Every instance update of a round, each conditional on its seq; _Lost when one
+        matched no row (someone moved that instance meanwhile)."""
+        states: dict[tuple[object, ...], list[tuple[int, int]]] = {}
+        for p in updates:
+            states.setdefault(_state_of(p), []).append(
+                (p["b_id"], p["b_seq"]))  # type: ignore[arg-type]  # ints
+        if len(states) > max(1.0, len(updates) * MAX_STATES_PER_STEP):
+            for lo in range(0, len(updates), GROUP_UPDATE_ROWS):
+                part = updates[lo:lo + GROUP_UPDATE_ROWS]
+                res = await conn.execute(_GROUP_UPDATE, part)
+                if res.rowcount != len(part):
+                    raise _Lost
+            return
+        for state, pairs in states.items():
+            for lo in range(0, len(pairs), GROUP_UPDATE_ROWS):
+                some = pairs[lo:lo + GROUP_UPDATE_ROWS]
+                res = await conn.execute(_state_update(some, state))
+                if res.rowcount != len(some):
+                    raise _Lost
+
+    async def _write(self, conn: AsyncConnection, r: _Run, now: dt.datetime) -> None:
+        fi = flow_instances.c
+        if r.end:
+            keep = r.end == "diverged"
+            res = await conn.execute(sa.update(flow_instances).where(
+                fi.id == r.iid, fi.seq == r.seq, fi.live == 1, fi.status.in_(_ACTIVE)).values(
+                status=r.end, live=1 if keep else None, wake_at=None, wait_event=None,
+                error=r.end_error, updated_at=now, ended_at=None if keep else now))
+            r.lost = res.rowcount != 1
+            if not r.lost and r.fix is not None:
+                await conn.execute(sa.update(flow_journal).where(
+                    flow_journal.c.instance_id == r.iid, flow_journal.c.seq == r.seq - 1
+                ).values(result=r.fix))
+            return
+        cmd = r.cmd
+        assert cmd is not None
+        values = {k: v for k, v in r.values.items() if k != "_reads"}
+        res = await conn.execute(sa.update(flow_instances).where(
+            fi.id == r.iid, fi.seq == r.seq, fi.live == 1, fi.status.in_(_ACTIVE)
+        ).values(**values))
+        r.lost = res.rowcount != 1
+        if r.lost:
+            return
+        if r.fix is not None:
+            await conn.execute(sa.update(flow_journal).where(
+                flow_journal.c.instance_id == r.iid, flow_journal.c.seq == r.seq - 1
+            ).values(result=r.fix))
+        stored = None if cmd.kind in WAIT_KINDS else (
+            {"error": r.cmd_error} if r.cmd_error is not None else {"value": r.cmd_result})
+        await conn.execute(sa.insert(flow_journal).values(
+            instance_id=r.iid, seq=r.seq, kind=cmd.kind, name=cmd.name, args_hash=cmd.hash,
+            result=stored, reads=r.values.get("_reads") or None, created_at=now))
+        if cmd.kind == "send_email":
+            await outbox.enqueue(
+                conn, kind="campaign", template=str(cmd.name), now=now, user_id=r.user_id,
+                dedupe_key=f"flow:{r.iid}:{r.seq}", data=dict(cmd.args),
+                campaign=r.campaign.name, instance_id=r.iid)
+
+    def _after(self, r: _Run, now: dt.datetime) -> None:
+        """Effects outside the store, once the round committed."""
+        svc, bus, name = self.svc, self.k.bus, r.campaign.name
+        if r.end:
+            svc.ended(r.iid, name, r.user_id, r.end, r.end_error)
+            return
+        cmd = r.cmd
+        assert cmd is not None
+        wake_at = r.values.get("wake_at")
+        if isinstance(wake_at, dt.datetime):
+            svc.schedule(r.iid, wake_at)
+        log.debug("flow.step", campaign=name, user_id=r.user_id, instance=r.iid, seq=r.seq,
+                  command=cmd.kind, name=cmd.name)
+        bus.publish("flow.step", campaign=name, user_id=r.user_id, instance=r.iid,
+                    seq=r.seq, command=cmd.kind, name=cmd.name)
+        if cmd.kind == "exit":
+            log.info("flow.exited", campaign=name, user_id=r.user_id, instance=r.iid)
+            bus.publish("flow.exited", campaign=name, user_id=r.user_id, instance=r.iid,
+                        reason="exit()")
+
+    # -- commands that read ----------------------------------------------------------
+
+    async def _condition(self, cmd: Command, user_id: str) -> tuple[object, str | None]:
+        source = str(cmd.name)
+        runner = self.svc.conditions
+        if runner is None:
+            raise FlowError(f"condition on source {source!r}: no data sources are configured "
+                            f"(add [sources.{source}] to segflow.toml)")
+        params = cmd.args.get("params")
+        # DirectFlow's conditions name the user <%= profile_id %>: the flow's user, unless
+        # the flow passes its own.
+        values = {"profile_id": user_id, **(params if isinstance(params, dict) else {})}
+        try:
+            ok = await runner.condition(source, str(cmd.args["sql"]), values)
+        except KeyError:
+            raise FlowError(f"condition on unknown source {source!r}: add [sources.{source}]"
+                            " to segflow.toml") from None
+        except Exception as exc:
+            return None, f"condition on {source!r} failed: {exc}"
+        return bool(ok), None
+
+    async def _engaged(self, user_id: str, template: str, kind: str) -> bool:
+        m, e = messages.c, engagement.c
+        async with self.k.store.connect() as conn:
+            row = (await conn.execute(sa.select(e.id).select_from(
+                engagement.join(messages, e.message_id == m.id)).where(
+                m.user_id == user_id, m.template == template, e.kind == kind).limit(1))).first()
+        return row is not None

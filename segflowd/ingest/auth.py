@@ -1,0 +1,100 @@
+"""API keys from ``[[http.keys]]`` and the three ways clients present them.
+
+* native: ``Authorization: Bearer <secret>``
+* Segment: Basic with the secret as user name and an empty password, or ``writeKey``
+  in the body
+* Customer.io: Basic with the key's name as site id and its secret as API key
+
+Every comparison is constant-time and every configured key is compared (no early
+exit), so timing tells nothing about which keys exist. Secrets never reach a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections.abc import Sequence
+
+from ..config import HttpKey
+from ..http import HTTPError, Request
+
+__all__ = ["Authenticator"]
+
+
+def _unauthorized(message: str, scheme: str) -> HTTPError:
+    return HTTPError(401, "unauthorized", message, {"WWW-Authenticate": scheme})
+
+
+class Authenticator:
+    """Checks a request's credentials; each method returns the matching key's name."""
+
+    def __init__(self, keys: Sequence[HttpKey]) -> None:
+        self._keys = tuple((k.name.encode(), k.secret.encode()) for k in keys)
+
+    def _by_secret(self, secret: str) -> str | None:
+        given = secret.encode()
+        found: str | None = None
+        for name, key in self._keys:
+            if hmac.compare_digest(given, key) and found is None:
+                found = name.decode()
+        return found
+
+    def native(self, request: Request) -> str:
+        """The key behind ``Authorization: Bearer <secret>``; 401 otherwise."""
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise _unauthorized("send the API key as 'Authorization: Bearer <secret>'",
+                                'Bearer realm="segflow"')
+        name = self._by_secret(value.strip())
+        if name is None:
+            raise _unauthorized("the API key is not valid", 'Bearer realm="segflow"')
+        return name
+
+    def segment(self, request: Request, write_key: object) -> str:
+        """Segment: Basic ``secret:`` (any password ignored), else the body's ``writeKey``."""
+        basic = _basic(request)
+        secret: str | None = None
+        if basic is not None:
+            secret = basic[0]
+        elif isinstance(write_key, str) and write_key:
+            secret = write_key
+        if secret is None:
+            raise _unauthorized("send the write key by Basic auth (key as user name) or as "
+                                "'writeKey' in the body", 'Basic realm="segflow"')
+        name = self._by_secret(secret)
+        if name is None:
+            raise _unauthorized("the write key is not valid", 'Basic realm="segflow"')
+        return name
+
+    def customerio(self, request: Request) -> str:
+        """Customer.io: Basic with site id = key name and API key = secret."""
+        basic = _basic(request)
+        if basic is None:
+            raise _unauthorized("send Basic auth: site id (key name) and API key (secret)",
+                                'Basic realm="segflow"')
+        site, secret = (s.encode() for s in basic)
+        found: str | None = None
+        for name, key in self._keys:
+            ok = hmac.compare_digest(site, name) & hmac.compare_digest(secret, key)
+            if ok and found is None:
+                found = name.decode()
+        if found is None:
+            raise _unauthorized("the site id and API key do not match a configured key",
+                                'Basic realm="segflow"')
+        return found
+
+
+def _basic(request: Request) -> tuple[str, str] | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise _unauthorized("the Basic credentials are not valid base64",
+                            'Basic realm="segflow"') from None
+    user, _, password = decoded.partition(":")
+    return user, password

@@ -1,0 +1,281 @@
+"""The ingest service: the native, Segment and Customer.io HTTP APIs over one committer.
+
+Every write route parses and validates the whole request first (400/413 before anything
+is queued), then waits for the group committer: a 2xx means the request's data is
+committed. The store being down is a 503 with ``Retry-After`` and nothing written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from ..errors import IngestError, StoreUnavailable
+from ..hooks import IngestBatch, IngestSink
+from ..http import HTTPError, Request, Response, Router, json_response
+from ..kernel import Kernel
+from . import cio_api, segment_api, users
+from .auth import Authenticator
+from .committer import (
+    CommitResult,
+    CommitterStatistics,
+    EventWrite,
+    ForgetWrite,
+    GroupCommitter,
+    UserWrite,
+    Write,
+)
+from .payloads import (
+    check_size,
+    dedupe_key,
+    only_fields,
+    opt_object,
+    opt_time,
+    require_id,
+    require_name,
+    require_object,
+)
+
+__all__ = ["IngestService", "IngestStatistics"]
+
+log = structlog.get_logger("segflowd.ingest")
+
+BUS_EVENTS_PER_COMMIT = 200  # "event.ingested" bus messages per commit, beyond: one summary
+
+
+_SUCCESS = b'{"success":true}'  # what Segment's API answers
+# The native API's request bodies (openapi.yaml: UserUpdate, Event); anything else is a 400.
+_USER_FIELDS = frozenset({"attributes"})
+_EVENT_FIELDS = frozenset({"name", "attributes", "timestamp", "id"})
+
+
+def _event_reply(event_id: int | None, duplicate: bool) -> Response:
+    """``{"id", "duplicate"}``, 202: written out, this is per request on the hot path."""
+    number = b"null" if event_id is None else str(int(event_id)).encode()
+    return Response(202, b'{"id":%s,"duplicate":%s}'
+                    % (number, b"true" if duplicate else b"false"))
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestStatistics:
+    requests: int
+    rejected: int  # 4xx answers
+    unavailable: int  # 503 answers
+    committer: CommitterStatistics
+
+
+class IngestService:
+    """Registers the ingest routes and runs the group committer (a daemon Service)."""
+
+    name = "ingest"
+
+    def __init__(self, kernel: Kernel, *, sinks: Sequence[IngestSink] = (),
+                 committer: GroupCommitter | None = None) -> None:
+        self.kernel = kernel
+        http = kernel.config.http
+        self.max_event = http.max_event_bytes
+        self.max_request = http.max_request_bytes
+        self.auth = Authenticator(http.keys)
+        self.committer = committer or GroupCommitter(kernel.store, kernel.clock, sinks)
+        self.committer.on_commit.append(self._published)
+        self._done = anyio.Event()
+        self._requests = self._rejected = self._unavailable = 0
+        m = kernel.metrics
+        m.describe("segflow_ingest_requests_total", "counter", "ingest requests by API and status")
+        m.describe("segflow_ingest_events_total", "counter", "events committed by ingest")
+        m.describe("segflow_ingest_flushes_total", "counter", "group commits")
+        kernel.stats[self.name] = self.statistics
+
+    def statistics(self) -> IngestStatistics:
+        return IngestStatistics(self._requests, self._rejected, self._unavailable,
+                                self.committer.statistics())
+
+    # -- Service ---------------------------------------------------------------------
+
+    def register_routes(self, router: Router) -> None:
+        add = router.add
+        add("PUT", "/v1/users/{id}", self._counted("native", self.put_user))
+        add("GET", "/v1/users/{id}", self._counted("native", self.get_user))
+        add("DELETE", "/v1/users/{id}", self._counted("native", self.delete_user))
+        add("POST", "/v1/users/{id}/events", self._counted("native", self.post_event))
+        for kind in segment_api.TYPES:
+            add("POST", f"/v1/{kind}", self._counted("segment", self._segment_single(kind)))
+        add("POST", "/v1/batch", self._counted("segment", self.segment_batch))
+        add("PUT", "/api/v1/customers/{id}", self._counted("customerio", self.cio_customer))
+        add("DELETE", "/api/v1/customers/{id}", self._counted("customerio", self.cio_delete))
+        add("POST", "/api/v1/customers/{id}/events",
+            self._counted("customerio", self.cio_event))
+        add("POST", "/api/v1/events", self._counted("customerio", self.cio_anonymous_event))
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.committer.run)
+                task_status.started()
+        finally:
+            self._done.set()
+
+    async def drain(self) -> None:
+        """Commit what is queued, then stop the committer."""
+        await self.committer.close()
+        await self._done.wait()
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _counted(self, api: str, handler: Callable[[Request], Awaitable[Response]]
+                 ) -> Callable[[Request], Awaitable[Response]]:
+        metrics = self.kernel.metrics
+
+        async def counted(request: Request) -> Response:
+            self._requests += 1
+            status = "500"
+            try:
+                response = await handler(request)
+                status = str(response.status)
+                return response
+            except HTTPError as exc:
+                self._rejected += 1
+                status = str(exc.status)
+                raise
+            except IngestError as exc:
+                self._rejected += 1
+                status = "422"
+                raise HTTPError(422, "unprocessable", str(exc)) from None
+            except StoreUnavailable:
+                self._unavailable += 1
+                status = "503"
+                raise
+            finally:
+                metrics.inc("segflow_ingest_requests_total", api=api, status=status)
+
+        return counted
+
+    async def _commit(self, writes: Sequence[Write]) -> CommitResult:
+        return await self.committer.submit(writes)
+
+    def _published(self, batch: IngestBatch) -> None:
+        bus, metrics = self.kernel.bus, self.kernel.metrics
+        metrics.inc("segflow_ingest_flushes_total")
+        if batch.events:
+            metrics.inc("segflow_ingest_events_total", float(len(batch.events)))
+        bus.publish_each("event.ingested", (
+            {"event_id": e.id, "user_id": e.user_id, "anonymous_id": e.anonymous_id,
+             "name": e.name} for e in batch.events[:BUS_EVENTS_PER_COMMIT]))
+        if len(batch.events) > BUS_EVENTS_PER_COMMIT:
+            bus.publish("ingest.batch", events=len(batch.events), users=len(batch.users))
+        for uid in batch.deleted:
+            bus.publish("user.deleted", user_id=uid)
+
+    async def _body(self, request: Request) -> dict[str, object]:
+        return require_object(await request.json(self.max_request), "body")
+
+    async def _event_limit(self, request: Request) -> int | None:
+        """The per-event limit to check, or None when the whole body is within it."""
+        raw = await request.body(self.max_request)  # already read: the cached body
+        return self.max_event if len(raw) > self.max_event else None
+
+    async def _segment_body(self, request: Request) -> dict[str, object]:
+        """The body of an authenticated Segment request (Basic is checked before reading)."""
+        if request.headers.get("authorization"):
+            self.auth.segment(request, None)
+            return await self._body(request)
+        body = await self._body(request)
+        self.auth.segment(request, body.get("writeKey"))
+        return body
+
+    # -- native API ------------------------------------------------------------------
+
+    async def put_user(self, request: Request) -> Response:
+        self.auth.native(request)
+        uid = require_id(request.params["id"], "id")
+        body = await self._body(request)
+        check_size(body, await self._event_limit(request), "body")
+        only_fields(body, _USER_FIELDS, "; a user's email and other attributes go in "
+                                        '"attributes"')
+        attributes = opt_object(body.get("attributes"), "attributes")
+        await self._commit([UserWrite(uid, attributes)])
+        return json_response({"id": uid, "ok": True})
+
+    async def get_user(self, request: Request) -> Response:
+        self.auth.native(request)
+        uid = require_id(request.params["id"], "id")
+        async with self.kernel.store.connect() as conn:
+            view = await users.read_user(conn, uid)
+        if view is None:
+            raise HTTPError(404, "not_found", f"no user {uid!r}")
+        return json_response(view.as_json())
+
+    async def delete_user(self, request: Request) -> Response:
+        self.auth.native(request)
+        uid = require_id(request.params["id"], "id")
+        result = await self._commit([ForgetWrite(uid)])
+        log.info("user.forgotten", user_id=uid, existed=result.forgotten[0])
+        return json_response({"id": uid, "deleted": result.forgotten[0]})
+
+    async def post_event(self, request: Request) -> Response:
+        self.auth.native(request)
+        uid = require_id(request.params["id"], "id")
+        body = await self._body(request)
+        check_size(body, await self._event_limit(request), "body")
+        only_fields(body, _EVENT_FIELDS, '; event data goes in "attributes"')
+        write = EventWrite(
+            name=require_name(body.get("name"), "name"),
+            attributes=opt_object(body.get("attributes"), "attributes"),
+            created_at=opt_time(body.get("timestamp"), "timestamp"),
+            user_id=uid, dedupe_key=dedupe_key("n", uid, body.get("id"), "id"))
+        result = await self._commit([write])
+        return _event_reply(result.event_ids[0], result.duplicates[0])
+
+    # -- Segment ---------------------------------------------------------------------
+
+    def _segment_single(self, kind: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            body = await self._segment_body(request)
+            writes = segment_api.parse_message(body, kind, field="body",
+                                               max_event=await self._event_limit(request))
+            await self._commit(writes)
+            return Response(200, _SUCCESS)
+
+        return handler
+
+    async def segment_batch(self, request: Request) -> Response:
+        body = await self._segment_body(request)
+        writes = segment_api.parse_batch(body, max_event=await self._event_limit(request))
+        if writes:
+            await self._commit(writes)
+        return Response(200, _SUCCESS)
+
+    # -- Customer.io -----------------------------------------------------------------
+
+    async def cio_customer(self, request: Request) -> Response:
+        self.auth.customerio(request)
+        uid = require_id(request.params["id"], "id")
+        body = await self._body(request)
+        limit = await self._event_limit(request)
+        await self._commit(cio_api.parse_customer(uid, body, max_event=limit))
+        return json_response({})
+
+    async def cio_delete(self, request: Request) -> Response:
+        self.auth.customerio(request)
+        uid = require_id(request.params["id"], "id")
+        await self._commit([ForgetWrite(uid)])
+        return json_response({})
+
+    async def cio_event(self, request: Request) -> Response:
+        self.auth.customerio(request)
+        uid = require_id(request.params["id"], "id")
+        body = await self._body(request)
+        limit = await self._event_limit(request)
+        await self._commit(cio_api.parse_event(body, user_id=uid, max_event=limit))
+        return json_response({})
+
+    async def cio_anonymous_event(self, request: Request) -> Response:
+        self.auth.customerio(request)
+        body = await self._body(request)
+        limit = await self._event_limit(request)
+        await self._commit(cio_api.parse_event(body, user_id=None, max_event=limit))
+        return json_response({})

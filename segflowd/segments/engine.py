@@ -1,0 +1,630 @@
+"""The segment engine: users touched by ingest are re-evaluated within milliseconds, and
+every segment is recomputed on its refresh interval (segments whose truth moves with time).
+
+**Incremental.** :meth:`SegmentService.ingested` adds the batch's users to a dirty set and
+wakes the drainer, which takes the whole set, evaluates it in batches of
+:data:`DRAIN_BATCH` users (one query per segment per batch: the segment narrowed to those
+ids) against the segments that read a table ingest writes, and applies the difference
+with the stored membership.
+
+**Scheduled.** A refresh recomputes the whole segment and diffs it against
+``segment_members`` in SQL (``INSERT ... SELECT`` of the changes into ``segment_changes``,
+then members from those rows): no member id passes through Python except the changes,
+which are read back in chunks and handed on.
+
+**The race rule.** Every result carries its evaluation time ``T`` (``kernel.clock.now()``,
+also the ``now`` of every :func:`~segflowd.app.ago` in it), stored as
+``segment_members.evaluated_at`` and ``segment_changes.at``. For one segment, evaluation
+and application happen under one lock, incremental and scheduled alike, and ``T`` is
+taken under that lock; so results are applied in the order of their evaluation times and
+each one saw every write committed before it. A result is never applied over a newer
+one: an exit is skipped for a member row whose ``evaluated_at`` is later than the
+result's ``T``. While a segment is refreshing, the drainer does not wait for it: the
+users it would have evaluated for that segment are deferred and evaluated as soon as the
+refresh is applied, so a change that landed during the refresh is not lost to it.
+
+**Outputs.** Each change is committed (``segment_members`` + ``segment_changes``), then
+handed to every :class:`~segflowd.hooks.MembershipSink` in order and published on the bus
+as ``segment.entered`` / ``segment.exited``.
+
+**Catch-up.** The dirty set is only the fast path: after each drained round the engine
+stores a cursor (last event id, last user ``updated_at``) in ``engine_cursors``; at start
+it re-evaluates every user touched after it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import anyio
+import anyio.lowlevel
+import sqlalchemy as sa
+import structlog
+from anyio.abc import TaskStatus
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..app import evaluating_at
+from ..errors import AppError, StoreUnavailable
+from ..hooks import IngestBatch, MembershipChange, MembershipSink
+from ..http import Router
+from ..kernel import Kernel
+from ..metrics import Sample
+from ..schema import events, segment_changes, segment_members, segment_state, users
+from ..store import is_unavailable
+from .cursors import SAVE_INTERVAL, Cursor, load_cursor, max_event_id, save_cursor
+from .query import (
+    CHANGES_CHUNK,
+    CompiledSegment,
+    apply_batch,
+    compile_segment,
+    db_message,
+    probe_segment,
+    refresh_diff,
+    save_state,
+)
+
+__all__ = ["RefreshResult", "SegmentInfo", "SegmentService", "SegmentStatistics"]
+
+log = structlog.get_logger("segflowd.segments")
+
+DRAIN_BATCH = 1000  # users per evaluation query
+EVAL_CONCURRENCY = 4  # segments evaluated at the same time for one batch of users
+REFRESH_CONCURRENCY = 2  # segments refreshed at the same time
+SCHEDULER_IDLE_SLEEP = 86400.0  # seconds the scheduler sleeps with nothing due (it is woken)
+BUS_CHANGES_PER_CHUNK = 1000  # entered/exited bus events per chunk; beyond, one summary
+RATE_WINDOW = 10.0  # seconds of history behind evaluations_per_second
+RETRY_DELAY = 1.0  # seconds before retrying a round the store was unavailable for
+# A user committed just before the drainer took its set may be delivered just after:
+# the stored cursor trails the last hand-off by this much, so a restart re-covers it.
+CURSOR_SLACK = 60.0  # seconds
+CURSOR_NAME = "segments"
+INGEST_TABLES = frozenset({"users", "events", "anonymous_links"})  # what ingest writes
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentInfo:
+    name: str
+    size: int
+    last_refresh_at: dt.datetime | None
+    next_refresh_at: dt.datetime | None
+    refreshing: bool
+    last_error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentStatistics:
+    segments: tuple[SegmentInfo, ...]
+    dirty: int  # users waiting for incremental evaluation
+    evaluated: int  # user evaluations done incrementally (users x segments)
+    evaluations_per_second: float  # over the last RATE_WINDOW seconds
+    changes: int  # entries + exits applied since start
+    refreshes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshResult:
+    segment: str
+    entered: int
+    exited: int
+    size: int
+    evaluated_at: dt.datetime
+
+    def as_json(self) -> dict[str, object]:
+        return {"segment": self.segment, "entered": self.entered, "exited": self.exited,
+                "size": self.size, "evaluated_at": self.evaluated_at.isoformat() + "Z"}
+
+
+@dataclasses.dataclass
+class _State:
+    size: int = 0
+    last_refresh_at: dt.datetime | None = None
+    next_refresh_at: dt.datetime | None = None
+    refreshing: bool = False
+    scheduled: bool = False
+    error: str | None = None
+
+
+class SegmentService:
+    """Keeps ``segment_members`` current; a daemon :class:`~segflowd.daemon.Service`.
+
+    Tests may drive it without :meth:`run`: :meth:`start` once, then :meth:`ingested`
+    and :meth:`drain_once`, :meth:`refresh`, :meth:`refresh_due`.
+    """
+
+    name = "segments"
+
+    def __init__(self, kernel: Kernel, *,
+                 membership_sinks: Sequence[MembershipSink] = ()) -> None:
+        self.k = kernel
+        self.sinks = membership_sinks  # shared by reference with the daemon's list
+        self._segments: dict[str, CompiledSegment] = {}
+        self._state: dict[str, _State] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._eval_limiter = anyio.CapacityLimiter(EVAL_CONCURRENCY)
+        self._deliver_lock = anyio.Lock()  # sinks are told one segment's changes at a time
+        self._dirty: set[str] = set()
+        self._causes: dict[str, int] = {}  # user -> last event id that made them dirty
+        self._deferred: dict[str, set[str]] = {}  # segment -> users to evaluate after refresh
+        self._seen_event_id = 0
+        self._seen_at: dt.datetime | None = None
+        self._cursor_owed: Cursor | None = None  # the last round's, not saved yet
+        self._cursor_saved_at = -math.inf  # time.monotonic() of the last save
+        self._wake = anyio.Event()
+        self._sched_wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._started = False
+        self._evaluated = 0
+        self._changes = 0
+        self._refreshes = 0
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        kernel.actions["segment.refresh"] = self._action_refresh
+        kernel.stats["segments"] = self.statistics
+        m = kernel.metrics
+        m.describe("segflow_segment_members", "gauge", "users in the segment")
+        m.describe("segflow_segment_dirty_users", "gauge", "users waiting for evaluation")
+        m.describe("segflow_segment_changes_total", "counter", "entries and exits applied")
+        m.describe("segflow_segment_broken", "gauge", "1 while the segment fails on the store")
+        m.collect(self._collect)
+
+    # -- service ---------------------------------------------------------------------
+
+    def register_routes(self, router: Router) -> None:
+        """No HTTP routes: membership is read through the user API and the control socket."""
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self.start()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._drain_loop)
+            tg.start_soon(self._schedule_loop)
+            task_status.started()
+
+    async def drain(self) -> None:
+        """Finish the users already handed over (the daemon bounds how long)."""
+        while self._dirty or not self._idle.is_set():
+            self._wake.set()
+            await self._idle.wait()
+            await anyio.lowlevel.checkpoint()
+        try:
+            await self._save_cursor(force=True)
+        except Exception as exc:  # at start, catching up from the older cursor redoes it
+            log.warning("segments.cursor_not_saved", error=db_message(exc))
+
+    # -- startup ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Compile and probe every segment, load its state, and catch up from the cursor.
+
+        A broken segment is logged and recorded by name with the database's message; the
+        others run. Idempotent.
+        """
+        if self._started:
+            return
+        self._started = True
+        now = self.k.clock.now()
+        async with self.k.store.connect() as conn:
+            stored = {r.segment: r for r in (await conn.execute(sa.select(segment_state))).all()}
+        for name, defn in self.k.app.segments.items():
+            self._locks[name] = anyio.Lock()
+            row = stored.get(name)
+            st = _State()
+            if row is not None:
+                st.size, st.last_refresh_at = int(row.size), row.last_refresh_at
+                st.next_refresh_at = row.next_refresh_at
+                if st.last_refresh_at is not None and st.next_refresh_at is not None:
+                    # The interval may have been shortened since the last run.
+                    st.next_refresh_at = min(st.next_refresh_at, st.last_refresh_at
+                                             + dt.timedelta(seconds=defn.refresh))
+            if st.next_refresh_at is None:
+                st.next_refresh_at = now
+            self._state[name] = st
+            try:
+                compiled = compile_segment(defn)
+                await probe_segment(self.k.store, defn, now)
+            except AppError as exc:
+                await self._mark_broken(name, str(exc))
+                continue
+            self._segments[name] = compiled
+            if row is not None and row.last_error:
+                await self._save_error(name, None)
+        await self._catch_up(now)
+
+    async def _catch_up(self, now: dt.datetime) -> None:
+        async with self.k.store.begin() as conn:
+            cursor = await load_cursor(conn, CURSOR_NAME)
+            top = await max_event_id(conn)
+            if cursor is None:
+                # A fresh store (or first run): the first refresh of every segment covers
+                # everyone already there.
+                await save_cursor(conn, CURSOR_NAME, Cursor(top, now), now)
+            else:
+                touched = set(await self._touched_since(conn, cursor))
+                self._dirty |= touched
+                if touched:
+                    log.info("segments.catch_up", users=len(touched),
+                             since_event_id=cursor.last_event_id)
+                    self._wake.set()
+        self._seen_event_id = max(self._seen_event_id, top)
+        self._seen_at = now
+
+    @staticmethod
+    async def _touched_since(conn: AsyncConnection, cursor: Cursor) -> Iterable[str]:
+        found: set[str] = set()
+        q = sa.select(events.c.user_id).where(events.c.id > cursor.last_event_id,
+                                              events.c.user_id.is_not(None)).distinct()
+        found.update(str(u) for u in (await conn.execute(q)).scalars())
+        if cursor.last_user_updated_at is not None:
+            q = sa.select(users.c.id).where(users.c.updated_at > cursor.last_user_updated_at)
+            found.update(str(u) for u in (await conn.execute(q)).scalars())
+        return found
+
+    # -- incremental -----------------------------------------------------------------
+
+    def ingested(self, batch: IngestBatch) -> None:
+        """Mark the batch's users dirty and wake the drainer; returns at once."""
+        for e in batch.events:
+            if e.user_id is not None:
+                self._causes[e.user_id] = e.id
+            self._seen_event_id = max(self._seen_event_id, e.id)
+        self._dirty |= batch.users
+        self._dirty |= {e.user_id for e in batch.events if e.user_id is not None}
+        self._dirty -= batch.deleted  # their memberships were deleted with them
+        for uid in batch.deleted:
+            self._causes.pop(uid, None)
+        self._seen_at = self.k.clock.now()
+        if self._dirty:
+            self._wake.set()
+
+    async def drain_once(self) -> list[MembershipChange]:
+        """Evaluate every user dirty now (and every deferred one); return the changes."""
+        self._idle = anyio.Event()
+        try:
+            return await self._round()
+        finally:
+            self._idle.set()
+
+    async def _round(self) -> list[MembershipChange]:
+        ids, self._dirty = sorted(self._dirty), set()
+        causes, self._causes = self._causes, {}
+        mark = Cursor(self._seen_event_id, self._seen_at)
+        ready = {name: sorted(users_) for name, users_ in self._deferred.items()
+                 if not self._state[name].refreshing}
+        for name in ready:
+            del self._deferred[name]
+        out: list[MembershipChange] = []
+        try:
+            for i in range(0, len(ids), DRAIN_BATCH):
+                out += await self.evaluate_users(ids[i:i + DRAIN_BATCH], causes=causes)
+            for name, deferred in ready.items():
+                for i in range(0, len(deferred), DRAIN_BATCH):
+                    out += await self.evaluate_users(deferred[i:i + DRAIN_BATCH],
+                                                     only=name)
+        except BaseException:
+            # Nothing is lost: the store is the log, and the ids go back to the set.
+            self._dirty.update(ids)
+            for name, deferred in ready.items():
+                self._deferred.setdefault(name, set()).update(deferred)
+            for uid, eid in causes.items():
+                self._causes.setdefault(uid, eid)
+            raise
+        if mark.last_user_updated_at is not None:
+            slack = mark.last_user_updated_at - dt.timedelta(seconds=CURSOR_SLACK)
+            self._cursor_owed = Cursor(mark.last_event_id, slack)
+            await self._save_cursor()
+        return out
+
+    async def _save_cursor(self, *, force: bool = False) -> None:
+        """Save the cursor of the last round: at most every SAVE_INTERVAL seconds (the
+        drain loop comes back for a save it put off), or now with ``force``."""
+        cursor = self._cursor_owed
+        if cursor is None:
+            return
+        if not force and time.monotonic() - self._cursor_saved_at < SAVE_INTERVAL:
+            return
+        with anyio.CancelScope(shield=True):
+            async with self.k.store.begin() as conn:
+                await save_cursor(conn, CURSOR_NAME, cursor, self.k.clock.now())
+        if self._cursor_owed is cursor:
+            self._cursor_owed = None
+        self._cursor_saved_at = time.monotonic()
+
+    async def evaluate_users(self, user_ids: Sequence[str], *,
+                             causes: Mapping[str, int] | None = None,
+                             only: str | None = None) -> list[MembershipChange]:
+        """Re-evaluate ``user_ids`` against every segment that can change (or ``only``).
+
+        Segments are evaluated concurrently (each in its own transaction, under its own
+        lock); their changes reach the sinks one segment at a time.
+        """
+        names: list[str] = []
+        for name, seg in list(self._segments.items()):
+            if only is not None and name != only:
+                continue
+            if only is None and not seg.reads_any(INGEST_TABLES):
+                continue
+            if self._state[name].refreshing:
+                self._deferred.setdefault(name, set()).update(user_ids)
+                continue
+            names.append(name)
+        found: dict[str, list[MembershipChange]] = {}
+        failures: list[BaseException] = []
+
+        async def one(name: str) -> None:
+            async with self._eval_limiter, self._locks[name]:
+                now = self.k.clock.now()
+                try:
+                    # Shielded: a short transaction is finished, not abandoned, on
+                    # shutdown (SQLite cannot roll back a transaction cancelled mid-way).
+                    with evaluating_at(now), anyio.CancelScope(shield=True):
+                        async with self.k.store.begin() as conn:
+                            changes = await apply_batch(conn, self._segments[name],
+                                                         user_ids, now, causes)
+                except Exception as exc:
+                    if is_unavailable(exc) or isinstance(exc, StoreUnavailable):
+                        failures.append(exc)
+                        return
+                    await self._segment_failed(name, exc)
+                    return
+                self._count(len(user_ids))
+                async with self._deliver_lock:
+                    await self._deliver(name, changes)
+                found[name] = changes
+
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(one, name)
+        if failures:
+            raise failures[0]
+        return [c for name in names for c in found.get(name, ())]
+
+    async def _drain_loop(self) -> None:
+        while True:
+            if self._cursor_owed is not None:  # come back for it once it is due
+                with anyio.move_on_after(SAVE_INTERVAL):
+                    await self._wake.wait()
+            else:
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            try:
+                while self._dirty or any(not self._state[n].refreshing
+                                         for n in self._deferred):
+                    await self.drain_once()
+                await self._save_cursor()  # a save the last rounds put off, once due
+            except Exception as exc:
+                if not (is_unavailable(exc) or isinstance(exc, StoreUnavailable)):
+                    raise
+                log.warning("segments.store_unavailable", error=db_message(exc),
+                            retry_in_s=RETRY_DELAY)
+                await self.k.clock.sleep(RETRY_DELAY)
+                self._wake.set()
+
+    # -- scheduled refresh -----------------------------------------------------------
+
+    async def refresh(self, name: str) -> RefreshResult:
+        """Recompute segment ``name`` now and apply the difference; AppError if broken."""
+        if name not in self._state:
+            raise ValueError(f"unknown segment {name!r}; known: "
+                             + ", ".join(sorted(self._state)) if self._state else
+                             f"unknown segment {name!r}: the app defines no segments")
+        seg = self._segments.get(name)
+        st = self._state[name]
+        if seg is None:
+            raise AppError(st.error or f"segment {name!r} is broken")
+        async with self._locks[name]:
+            st.refreshing = True
+            try:
+                result = await self._refresh_locked(seg, st)
+            except Exception as exc:
+                if is_unavailable(exc) or isinstance(exc, StoreUnavailable):
+                    raise
+                await self._segment_failed(name, exc)
+                raise AppError(f"segment {name!r}: refresh failed: {db_message(exc)}") from None
+            finally:
+                st.refreshing = False
+                self._sched_wake.set()
+                if self._deferred.get(name):
+                    self._wake.set()
+        return result
+
+    async def _refresh_locked(self, seg: CompiledSegment, st: _State) -> RefreshResult:
+        name = seg.name
+        now = self.k.clock.now()
+        # On SQLite (small stores) the refresh is finished rather than cancelled mid-way;
+        # MariaDB rolls back a cancelled one when the connection is dropped.
+        shield = self.k.store.dialect == "sqlite"
+        with evaluating_at(now), anyio.CancelScope(shield=shield):
+            async with self.k.store.begin() as conn:
+                before, after, entered, exited = await refresh_diff(conn, seg, now)
+                size = int((await conn.execute(
+                    sa.select(sa.func.count()).select_from(segment_members)
+                    .where(segment_members.c.segment == name))).scalar() or 0)
+                nxt = now + dt.timedelta(seconds=seg.defn.refresh)
+                await save_state(conn, name, last_refresh_at=now, next_refresh_at=nxt,
+                                  size=size, last_error=None)
+        st.size, st.last_refresh_at, st.next_refresh_at, st.error = size, now, nxt, None
+        self._refreshes += 1
+        # Handed on while the lock is held, so a later incremental change of this
+        # segment cannot reach the sinks before these.
+        last = before
+        while last < after:
+            async with self.k.store.connect() as conn:
+                rows = (await conn.execute(
+                    sa.select(segment_changes.c.id, segment_changes.c.user_id,
+                              segment_changes.c.entered)
+                    .where(segment_changes.c.segment == name, segment_changes.c.id > last,
+                           segment_changes.c.id <= after)
+                    .order_by(segment_changes.c.id).limit(CHANGES_CHUNK))).all()
+            if not rows:
+                break
+            last = int(rows[-1][0])
+            changes = [MembershipChange(segment=name, user_id=str(r[1]), entered=bool(r[2]),
+                                        at=now) for r in rows]
+            async with self._deliver_lock:
+                await self._deliver(name, changes, adjust_size=False)
+        log.info("segment.refreshed", segment=name, entered=entered, exited=exited, size=size)
+        self.k.bus.publish("segment.refreshed", segment=name, entered=entered, exited=exited,
+                           size=size)
+        return RefreshResult(name, entered, exited, size, now)
+
+    async def refresh_due(self) -> list[RefreshResult]:
+        """Refresh every segment whose time has come (bounded concurrency); for tests."""
+        due = self._due(self.k.clock.now())
+        results: list[RefreshResult] = []
+        limiter = anyio.CapacityLimiter(REFRESH_CONCURRENCY)
+
+        async def one(name: str) -> None:
+            # A broken segment is recorded and logged by refresh(); the others go on.
+            async with limiter:
+                with contextlib.suppress(AppError):
+                    results.append(await self.refresh(name))
+
+        async with anyio.create_task_group() as tg:
+            for name in due:
+                tg.start_soon(one, name)
+        return results
+
+    def _due(self, now: dt.datetime) -> list[str]:
+        return [n for n, st in self._state.items()
+                if n in self._segments and not st.refreshing and not st.scheduled
+                and st.next_refresh_at is not None and st.next_refresh_at <= now]
+
+    async def _schedule_loop(self) -> None:
+        limiter = anyio.CapacityLimiter(REFRESH_CONCURRENCY)
+        async with anyio.create_task_group() as tg:
+            while True:
+                now = self.k.clock.now()
+                for name in self._due(now):
+                    self._state[name].scheduled = True
+                    tg.start_soon(self._scheduled_refresh, name, limiter)
+                waiting = [st.next_refresh_at for n, st in self._state.items()
+                           if n in self._segments and not st.scheduled
+                           and st.next_refresh_at is not None]
+                # A finished refresh sets the wake event, so sleeping until the earliest
+                # due time (or until woken, when every segment is in progress) is enough.
+                delay = SCHEDULER_IDLE_SLEEP
+                if waiting:
+                    delay = min(delay, max(0.0, (min(waiting) - now).total_seconds()))
+                await self._sleep_or_wake(delay)
+
+    async def _scheduled_refresh(self, name: str, limiter: anyio.CapacityLimiter) -> None:
+        st = self._state[name]
+        try:
+            async with limiter:
+                await self.refresh(name)
+        except AppError:
+            # Recorded; try again after the interval rather than in a tight loop.
+            st.next_refresh_at = self.k.clock.now() + dt.timedelta(
+                seconds=self.k.app.segments[name].refresh)
+        except Exception as exc:
+            if not (is_unavailable(exc) or isinstance(exc, StoreUnavailable)):
+                raise
+            log.warning("segments.store_unavailable", segment=name, error=db_message(exc))
+            st.next_refresh_at = self.k.clock.now() + dt.timedelta(seconds=RETRY_DELAY)
+        finally:
+            st.scheduled = False
+            self._sched_wake.set()
+
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        wake = self._sched_wake
+        if wake.is_set():
+            self._sched_wake = anyio.Event()
+            return
+        async with anyio.create_task_group() as tg:
+            async def sleeper() -> None:
+                await self.k.clock.sleep(seconds)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(sleeper)
+            await wake.wait()
+            tg.cancel_scope.cancel()
+        if self._sched_wake is wake and wake.is_set():
+            self._sched_wake = anyio.Event()
+
+    async def _action_refresh(self, args: Mapping[str, object]) -> object:
+        name = args.get("segment")
+        if not isinstance(name, str):
+            raise ValueError("segment.refresh needs {\"segment\": name}")
+        return (await self.refresh(name)).as_json()
+
+    # -- outputs and bookkeeping -----------------------------------------------------
+
+    async def _deliver(self, name: str, changes: Sequence[MembershipChange], *,
+                       adjust_size: bool = True) -> None:
+        if not changes:
+            return
+        self._changes += len(changes)
+        if adjust_size:
+            st = self._state[name]
+            st.size += sum(1 if c.entered else -1 for c in changes)
+        for sink in list(self.sinks):
+            try:
+                await sink.membership_changed(changes)
+            except Exception:
+                log.exception("segments.sink_failed", sink=type(sink).__name__, segment=name)
+        bus = self.k.bus
+        for c in changes[:BUS_CHANGES_PER_CHUNK]:
+            bus.publish("segment.entered" if c.entered else "segment.exited",
+                        segment=c.segment, user_id=c.user_id)
+        if len(changes) > BUS_CHANGES_PER_CHUNK:
+            bus.publish("segment.changes_summarized", segment=name,
+                        not_published=len(changes) - BUS_CHANGES_PER_CHUNK)
+
+    def _count(self, users_evaluated: int) -> None:
+        self._evaluated += users_evaluated
+        mono = self.k.clock.monotonic()
+        self._rate.append((mono, users_evaluated))
+        while self._rate and self._rate[0][0] < mono - RATE_WINDOW:
+            self._rate.popleft()
+
+    async def _segment_failed(self, name: str, exc: BaseException) -> None:
+        message = db_message(exc)
+        defn = self.k.app.segments[name]
+        text = f"{defn.origin}: segment {name!r} fails on the store: {message}"
+        log.error("segment.failed", segment=name, error=message)
+        self._state[name].error = text
+        self.k.bus.publish("segment.failed", segment=name, error=message)
+        await self._save_error(name, text)
+
+    async def _mark_broken(self, name: str, message: str) -> None:
+        log.error("segment.broken", segment=name, error=message)
+        self._state[name].error = message
+        self.k.bus.publish("segment.failed", segment=name, error=message)
+        await self._save_error(name, message)
+
+    async def _save_error(self, name: str, message: str | None) -> None:
+        try:
+            async with self.k.store.begin() as conn:
+                await save_state(conn, name, last_error=message)
+        except Exception as exc:  # the error is in memory and logged; the store is down
+            log.warning("segments.state_not_saved", segment=name, error=db_message(exc))
+
+    def _collect(self) -> list[Sample]:
+        out: list[Sample] = [("segflow_segment_dirty_users", {}, float(len(self._dirty))),
+                             ("segflow_segment_changes_total", {}, float(self._changes))]
+        for name, st in self._state.items():
+            out.append(("segflow_segment_members", {"segment": name}, float(st.size)))
+            out.append(("segflow_segment_broken", {"segment": name},
+                        1.0 if st.error else 0.0))
+        return out
+
+    def statistics(self) -> SegmentStatistics:
+        mono = self.k.clock.monotonic()
+        recent = sum(n for t, n in self._rate if t >= mono - RATE_WINDOW)
+        return SegmentStatistics(
+            segments=tuple(
+                SegmentInfo(name=n, size=st.size, last_refresh_at=st.last_refresh_at,
+                            next_refresh_at=st.next_refresh_at, refreshing=st.refreshing,
+                            last_error=st.error)
+                for n, st in sorted(self._state.items())),
+            dirty=len(self._dirty),
+            evaluated=self._evaluated,
+            evaluations_per_second=recent / RATE_WINDOW,
+            changes=self._changes,
+            refreshes=self._refreshes,
+        )

@@ -1,0 +1,269 @@
+"""Audience sync: a data source's audience, copied into users on the refresh schedule.
+
+Each audience segment (``app.audience_segment``) is synced at start and then every
+``refresh``: its audience query runs on the customer database, each row's profile is
+upserted as a user (id = ``profile_id``, ``email``, the row's columns merged into
+``attributes``), and ``audience_members`` is made to hold exactly the rows returned. The
+segment itself is plain SQL over ``audience_members``, so the segment engine evaluates it
+like any other: the users a sync touched are handed to the ingest sinks, and entries and
+exits flow exactly as for SQL segments.
+
+A sync that fails part-way (the source is down, a bad row) removes nobody: members are
+only dropped once the whole audience has been read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+import sqlalchemy as sa
+import structlog
+from anyio.abc import TaskStatus
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..errors import SegflowError, SourceError
+from ..hooks import IngestBatch, IngestSink
+from ..schema import audience_members, users
+from .datasources import DataSources
+from .pools import Row
+
+if TYPE_CHECKING:
+    from ..http import Router
+    from ..kernel import Kernel
+
+__all__ = ["AudienceService", "AudienceStatistics", "SyncResult"]
+
+log = structlog.get_logger("segflowd.audiences")
+
+RETRY_AFTER_FAILURE = 60.0  # seconds before a failed sync is tried again
+SCHEDULER_MAX_SLEEP = 60.0  # seconds between looks at the schedule, at most
+ID_LIMIT = 191  # characters of a user id (schema.Id)
+EMAIL_LIMIT = 320  # characters of users.email
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncResult:
+    audience: str
+    size: int
+    joined: int
+    left: int
+    updated: int  # existing users whose attributes or email changed
+    skipped: int  # rows without a usable profile id
+
+
+@dataclasses.dataclass(frozen=True)
+class AudienceStatistics:
+    audiences: int
+    syncs: int
+    failures: int
+    profiles_synced: int
+    last_errors: Mapping[str, str]
+
+
+@dataclasses.dataclass
+class _State:
+    next_at: dt.datetime | None = None
+    syncing: bool = False
+    last: SyncResult | None = None
+    error: str | None = None
+
+
+class AudienceService:
+    """Syncs every audience segment of the app on its schedule (a daemon Service)."""
+
+    name = "audiences"
+
+    def __init__(self, k: Kernel, data_sources: DataSources, *,
+                 ingest_sinks: Sequence[IngestSink] = ()) -> None:
+        self.k = k
+        self.ds = data_sources
+        self.sinks = ingest_sinks
+        self._state = {name: _State() for name in data_sources.audiences}
+        self._locks = {name: anyio.Lock() for name in data_sources.audiences}
+        self._syncs = 0
+        self._failures = 0
+        self._profiles = 0
+        k.actions["audiences.list"] = self._action_list
+        k.stats["audiences"] = self.statistics
+
+    # -- service -----------------------------------------------------------------------
+
+    def register_routes(self, router: Router) -> None:
+        return None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        now = self.k.clock.now()
+        for st in self._state.values():
+            st.next_at = now  # the first sync of every audience happens at start
+        task_status.started()
+        if not self._state:
+            await anyio.sleep_forever()
+        while True:
+            await self.sync_due()
+            now = self.k.clock.now()
+            nexts = [s.next_at for s in self._state.values() if s.next_at is not None]
+            wait = min([(t - now).total_seconds() for t in nexts] or [SCHEDULER_MAX_SLEEP])
+            wait = max(0.0, min(wait, SCHEDULER_MAX_SLEEP))
+            await self.k.clock.sleep(wait)
+
+    async def drain(self) -> None:
+        return None
+
+    # -- syncing -----------------------------------------------------------------------
+
+    async def sync_due(self) -> list[SyncResult]:
+        """Sync every audience whose time has come; a failure is recorded, not raised."""
+        now = self.k.clock.now()
+        out: list[SyncResult] = []
+        for name, st in self._state.items():
+            if st.next_at is not None and st.next_at <= now and not st.syncing:
+                # A failure is recorded and logged by sync(); the others go on.
+                with contextlib.suppress(SegflowError):
+                    out.append(await self.sync(name))
+        return out
+
+    async def sync(self, name: str) -> SyncResult:
+        """Sync audience segment ``name`` now; SourceError (recorded) when it fails."""
+        a = self.ds.audiences.get(name)
+        if a is None:
+            known = ", ".join(sorted(self.ds.audiences)) or "none"
+            raise SourceError("", f"no audience segment {name!r} (audience segments: {known})")
+        st = self._state.setdefault(name, _State())
+        async with self._locks.setdefault(name, anyio.Lock()):
+            st.syncing = True
+            started = self.k.clock.now()
+            try:
+                result = await self._sync(name, a.data_source, a.values, started)
+            except SegflowError as exc:
+                self._failures += 1
+                st.error = str(exc)
+                st.next_at = started + dt.timedelta(seconds=min(a.refresh, RETRY_AFTER_FAILURE))
+                log.warning("audience.sync_failed", audience=name, error=str(exc))
+                self.k.bus.publish("audience.sync_failed", audience=name, error=str(exc))
+                raise
+            finally:
+                st.syncing = False
+        st.last, st.error = result, None
+        st.next_at = started + dt.timedelta(seconds=a.refresh)
+        self._syncs += 1
+        self._profiles += result.size
+        log.info("audience.synced", audience=name, size=result.size, joined=result.joined,
+                 left=result.left, updated=result.updated)
+        self.k.bus.publish("audience.synced", audience=name, size=result.size,
+                           joined=result.joined, left=result.left, updated=result.updated)
+        return result
+
+    async def _sync(self, audience: str, data_source: str, values: Mapping[str, object],
+                    now: dt.datetime) -> SyncResult:
+        store = self.k.store
+        seen: set[str] = set()
+        joined = updated = skipped = 0
+        async for batch in self.ds.audience(data_source, values):
+            rows: dict[str, Row] = {}
+            for r in batch:
+                pid = str(r["profile_id"])
+                if len(pid) > ID_LIMIT or pid in seen:
+                    skipped += 1
+                    continue
+                rows[pid] = r
+            if not rows:
+                continue
+            async with store.begin() as conn:
+                changed, n_updated, new_members = await _apply_batch(conn, audience, rows,
+                                                                     now)
+            seen.update(rows)
+            updated += n_updated
+            joined += len(new_members)
+            self._tell(changed | new_members)
+        am = audience_members.c
+        async with store.begin() as conn:
+            gone = [r[0] for r in await conn.execute(sa.select(am.user_id).where(
+                am.audience == audience)) if r[0] not in seen]
+            for i in range(0, len(gone), 500):
+                await conn.execute(sa.delete(audience_members).where(
+                    am.audience == audience, am.user_id.in_(gone[i:i + 500])))
+        self._tell(set(gone))
+        return SyncResult(audience=audience, size=len(seen), joined=joined, left=len(gone),
+                          updated=updated, skipped=skipped)
+
+    def _tell(self, user_ids: set[str]) -> None:
+        if not user_ids:
+            return
+        batch = IngestBatch(users=frozenset(user_ids), events=())
+        for sink in self.sinks:
+            sink.ingested(batch)
+
+    # -- control -----------------------------------------------------------------------
+
+    async def _action_list(self, args: Mapping[str, object]) -> object:
+        """``audiences.list``: with ``source`` (a data source), its discovery rows; else
+        the data sources and audience segments."""
+        name = args.get("data_source", args.get("source"))
+        if name is not None:
+            return {"data_source": str(name), "rows": await self.ds.discover(str(name))}
+        return {
+            "data_sources": [{"name": d.name, "source": d.source,
+                              "discovery": d.discovery is not None,
+                              "preload": d.preload is not None}
+                             for d in self.ds.defs.values()],
+            "audiences": [{"segment": a.name, "data_source": a.data_source,
+                           "values": {k: str(v) for k, v in a.values.items()},
+                           "size": st.last.size if st.last else None,
+                           "error": st.error}
+                          for a in self.ds.audiences.values()
+                          for st in [self._state.get(a.name, _State())]],
+        }
+
+    def statistics(self) -> AudienceStatistics:
+        return AudienceStatistics(
+            audiences=len(self._state), syncs=self._syncs, failures=self._failures,
+            profiles_synced=self._profiles,
+            last_errors={n: s.error for n, s in self._state.items() if s.error})
+
+
+async def _apply_batch(conn: AsyncConnection, audience: str, rows: Mapping[str, Row],
+                       now: dt.datetime) -> tuple[set[str], int, set[str]]:
+    """Upsert the batch's users and memberships.
+
+    Returns the users created or changed, how many existing users changed, and the
+    users that are new members of the audience.
+    """
+    u, am = users.c, audience_members.c
+    ids = list(rows)
+    existing = {r.id: r for r in await conn.execute(
+        sa.select(u.id, u.email, u.attributes).where(u.id.in_(ids)))}
+    members = {r[0] for r in await conn.execute(sa.select(am.user_id).where(
+        am.audience == audience, am.user_id.in_(ids)))}
+    inserts: list[dict[str, object]] = []
+    updates: list[dict[str, object]] = []
+    changed: set[str] = set()
+    for pid, row in rows.items():
+        attrs = {k: v for k, v in row.items() if k != "profile_id"}
+        email = row.get("email")
+        email = str(email)[:EMAIL_LIMIT] if email else None
+        old = existing.get(pid)
+        if old is None:
+            inserts.append({"id": pid, "email": email, "attributes": attrs,
+                            "created_at": now, "updated_at": now})
+            changed.add(pid)
+            continue
+        merged = {**dict(old.attributes or {}), **attrs}
+        new_email = email if email is not None else old.email
+        if merged != dict(old.attributes or {}) or new_email != old.email:
+            updates.append({"b_id": pid, "email": new_email, "attributes": merged,
+                            "updated_at": now})
+            changed.add(pid)
+    if inserts:
+        await conn.execute(sa.insert(users), inserts)
+    if updates:
+        await conn.execute(sa.update(users).where(u.id == sa.bindparam("b_id")), updates)
+    new_members = [pid for pid in ids if pid not in members]
+    if new_members:
+        await conn.execute(sa.insert(audience_members), [
+            {"audience": audience, "user_id": pid, "joined_at": now} for pid in new_members])
+    return changed, len(updates), set(new_members)

@@ -1,0 +1,277 @@
+"""Broadcasts: a one-off send of a template (or start of a flow) to a segment's members.
+
+An audience segment is a segment, so a broadcast to a data source's audience names its
+audience segment. What a caller may rely on:
+
+* **Never twice**: each user's message is enqueued with ``dedupe_key``
+  ``bc:<broadcast id>:<user id>`` in the same transaction that advances the broadcast's
+  cursor, so a retried batch or a restart cannot queue a second one.
+* **Resumable**: members are taken in user-id order after ``broadcasts.after``; at start
+  every broadcast still ``running`` continues from there.
+* **Rate-limited**: at most ``rate`` users per second (measured on the injected clock).
+* **Progress** goes to the live bus as ``broadcast.progress`` (``done``/``total``), then
+  ``broadcast.completed`` or ``broadcast.failed``.
+
+Starting a flow goes through :class:`FlowStarter`, which the flow engine implements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+import sqlalchemy as sa
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from ..delivery.outbox import Queued, enqueue_many
+from ..errors import SegflowError
+from ..hooks import OutboxWaker
+from ..schema import broadcasts, segment_members
+
+if TYPE_CHECKING:
+    from ..http import Router
+    from ..kernel import Kernel
+
+__all__ = ["BroadcastError", "BroadcastService", "BroadcastStatistics", "FlowStarter"]
+
+log = structlog.get_logger("segflowd.broadcasts")
+
+DEFAULT_RATE = 50.0  # users per second
+MAX_RATE = 10_000.0  # users per second
+BATCH_SECONDS = 1.0  # a batch holds about this many seconds of the rate
+MAX_BATCH = 500  # users per store transaction, at most
+
+
+class BroadcastError(SegflowError, ValueError):
+    """A broadcast cannot be launched as asked (unknown template or segment, bad rate)."""
+
+
+class FlowStarter(Protocol):
+    """Starts a campaign's flow for one user, once per ``key`` (the flow engine's part).
+
+    Returns False when an instance for ``key`` was started before (nothing is done).
+    """
+
+    async def start_flow(self, campaign: str, user_id: str, *, key: str,
+                         data: Mapping[str, object]) -> bool: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class BroadcastStatistics:
+    running: int
+    launched: int
+    completed: int
+    users_done: int
+
+
+class BroadcastService:
+    """Runs broadcasts (a daemon Service); ``launch`` is also the ``broadcast.launch`` action."""
+
+    name = "broadcasts"
+
+    def __init__(self, k: Kernel, *, wakers: Sequence[OutboxWaker] = (),
+                 flows: FlowStarter | None = None) -> None:
+        self.k = k
+        self.wakers = wakers
+        self.flows = flows
+        self._tg: TaskGroup | None = None
+        self._running: set[int] = set()
+        self._launched = 0
+        self._completed = 0
+        self._users = 0
+        k.actions["broadcast.launch"] = self._action_launch
+        k.stats["broadcasts"] = self.statistics
+
+    # -- service -----------------------------------------------------------------------
+
+    def register_routes(self, router: Router) -> None:
+        return None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            b = broadcasts.c
+            async with self.k.store.connect() as conn:
+                ids = [int(r[0]) for r in await conn.execute(
+                    sa.select(b.id).where(b.status == "running").order_by(b.id))]
+            for bid in ids:
+                log.info("broadcast.resumed", broadcast=bid)
+                self._start(bid)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def drain(self) -> None:
+        # Stopping mid-broadcast is safe: the cursor is committed with each batch.
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    # -- launching ---------------------------------------------------------------------
+
+    async def launch(self, *, segment: str, template: str | None = None,
+                     campaign: str | None = None, data: Mapping[str, object] | None = None,
+                     rate: float = DEFAULT_RATE, name: str | None = None) -> int:
+        """Create a broadcast and start it; its id. BroadcastError for a bad request."""
+        app = self.k.app
+        if (template is None) == (campaign is None):
+            raise BroadcastError("a broadcast sends a template or starts a campaign: "
+                                 "give exactly one of template and campaign")
+        if template is not None and template not in app.templates:
+            known = ", ".join(sorted(app.templates)) or "none"
+            raise BroadcastError(f"unknown template {template!r} (templates: {known})")
+        if campaign is not None:
+            if campaign not in app.campaigns:
+                known = ", ".join(sorted(app.campaigns)) or "none"
+                raise BroadcastError(f"unknown campaign {campaign!r} (campaigns: {known})")
+            if self.flows is None:
+                raise BroadcastError("this daemon's flow engine cannot start flows for "
+                                     "broadcasts; send a template instead")
+        if segment not in app.segments:
+            known = ", ".join(sorted(app.segments)) or "none"
+            raise BroadcastError(f"unknown segment {segment!r} (segments: {known})")
+        if not 0 < rate <= MAX_RATE:
+            raise BroadcastError(f"rate must be between 0 and {MAX_RATE:g} users per second")
+        now = self.k.clock.now()
+        sm = segment_members.c
+        async with self.k.store.begin() as conn:
+            total = (await conn.execute(sa.select(sa.func.count()).select_from(
+                segment_members).where(sm.segment == segment))).scalar_one()
+            result = await conn.execute(sa.insert(broadcasts).values(
+                name=name, template=template, campaign=campaign, segment=segment,
+                data=dict(data or {}),
+                rate=float(rate), status="running", after=None, total=int(total), done=0,
+                created_at=now, updated_at=now))
+            key = result.inserted_primary_key
+            assert key is not None  # an INSERT of one row always has its key
+            bid = int(key[0])
+        self._launched += 1
+        log.info("broadcast.launched", broadcast=bid, segment=segment, template=template,
+                 campaign=campaign, total=total, rate=rate)
+        self.k.bus.publish("broadcast.launched", broadcast=bid, segment=segment,
+                           template=template, campaign=campaign, total=int(total))
+        self._start(bid)
+        return bid
+
+    async def _action_launch(self, args: Mapping[str, object]) -> object:
+        """``broadcast.launch``: segment, template or campaign, and optional rate, data and
+        broadcast (a label). Values may come as text (``--arg rate=20``)."""
+        data = args.get("data") or {}
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except ValueError:
+                raise BroadcastError("data must be a JSON object") from None
+        if not isinstance(data, Mapping):
+            raise BroadcastError("data must be a JSON object")
+        raw_rate = args.get("rate", DEFAULT_RATE)
+        try:
+            if isinstance(raw_rate, bool):
+                raise ValueError
+            rate = float(raw_rate)  # type: ignore[arg-type]  # a number or its text
+        except (TypeError, ValueError):
+            raise BroadcastError("rate must be a number of users per second") from None
+        segment = args.get("segment")
+        if not isinstance(segment, str):
+            raise BroadcastError("segment is required: the segment (or audience segment) "
+                                 "to broadcast to")
+        template, campaign = args.get("template"), args.get("campaign")
+        label = args.get("broadcast", args.get("name"))
+        bid = await self.launch(
+            segment=segment, template=None if template is None else str(template),
+            campaign=None if campaign is None else str(campaign), data=dict(data),
+            rate=rate, name=None if label is None else str(label)[:191])
+        return await self.status(bid)
+
+    async def status(self, broadcast_id: int) -> dict[str, object]:
+        """The broadcast's row as JSON-able values."""
+        async with self.k.store.connect() as conn:
+            row = (await conn.execute(sa.select(broadcasts).where(
+                broadcasts.c.id == broadcast_id))).mappings().first()
+        if row is None:
+            raise BroadcastError(f"no broadcast {broadcast_id}")
+        return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+
+    def _start(self, bid: int) -> None:
+        if self._tg is None or bid in self._running:
+            return  # not running yet: run() resumes it from the store
+        self._running.add(bid)
+        self._tg.start_soon(self._run_one, bid)
+
+    # -- running -----------------------------------------------------------------------
+
+    async def _run_one(self, bid: int) -> None:
+        try:
+            while (pause := await self.step(bid)) is not None:
+                if pause > 0:
+                    await self.k.clock.sleep(pause)
+        except SegflowError as exc:
+            await self._finish(bid, "failed", str(exc))
+        finally:
+            self._running.discard(bid)
+
+    async def step(self, bid: int) -> float | None:
+        """Handle the next batch of broadcast ``bid``.
+
+        Returns the seconds to wait before the next batch (the rate limit), or None once
+        the broadcast is finished."""
+        b, sm = broadcasts.c, segment_members.c
+        clock = self.k.clock
+        started = clock.monotonic()
+        async with self.k.store.connect() as conn:
+            row = (await conn.execute(sa.select(broadcasts).where(b.id == bid))).first()
+            if row is None or row.status != "running":
+                return None
+            size = max(1, min(MAX_BATCH, int(row.rate * BATCH_SECONDS)))
+            q = sa.select(sm.user_id).where(sm.segment == row.segment)
+            if row.after is not None:
+                q = q.where(sm.user_id > row.after)
+            user_ids = [r[0] for r in await conn.execute(q.order_by(sm.user_id).limit(size))]
+        done = int(row.done) + len(user_ids)
+        if user_ids and row.campaign is not None:
+            # Outside the store transaction: the flow engine commits its own, and
+            # starts once per key, so a batch retried after a crash starts nobody twice.
+            if self.flows is None:
+                raise BroadcastError(f"broadcast {bid} starts campaign {row.campaign!r} "
+                                     "but this daemon's flow engine cannot start flows")
+            for uid in user_ids:
+                await self.flows.start_flow(row.campaign, uid, key=f"bc:{bid}:{uid}",
+                                            data=dict(row.data or {}))
+        if user_ids:
+            async with self.k.store.begin() as conn:
+                if row.template is not None:
+                    await enqueue_many(conn, [
+                        Queued(kind="broadcast", template=row.template, user_id=uid,
+                               dedupe_key=f"bc:{bid}:{uid}", data=dict(row.data or {}))
+                        for uid in user_ids], now=clock.now())
+                await conn.execute(sa.update(broadcasts).where(b.id == bid).values(
+                    after=user_ids[-1], done=done, updated_at=clock.now()))
+        if not user_ids:
+            await self._finish(bid, "completed", None)
+            return None
+        self._users += len(user_ids)
+        if row.template is not None:
+            for w in self.wakers:
+                w.wake()
+        self.k.bus.publish("broadcast.progress", broadcast=bid, done=done,
+                           total=int(row.total), segment=row.segment)
+        # At most `rate` users per second: a batch of n takes at least n / rate seconds.
+        return max(0.0, len(user_ids) / float(row.rate) - (clock.monotonic() - started))
+
+    async def _finish(self, bid: int, status: str, error: str | None) -> None:
+        now = self.k.clock.now()
+        async with self.k.store.begin() as conn:
+            await conn.execute(sa.update(broadcasts).where(broadcasts.c.id == bid).values(
+                status=status, error=error, finished_at=now, updated_at=now))
+        if status == "completed":
+            self._completed += 1
+            log.info("broadcast.completed", broadcast=bid)
+        else:
+            log.warning("broadcast.failed", broadcast=bid, error=error)
+        self.k.bus.publish(f"broadcast.{status}", broadcast=bid, error=error)
+
+    def statistics(self) -> BroadcastStatistics:
+        return BroadcastStatistics(running=len(self._running), launched=self._launched,
+                                   completed=self._completed, users_done=self._users)
