@@ -37,13 +37,11 @@ from .journal import (
     result_for_flow,
 )
 from .runtime import WAIT_KINDS, Command
-from .work import StepHost, Work
+from .work import ACTIVE, StepHost, Work
 
 __all__ = ["Stepper"]
 
 log = structlog.get_logger("segflowd.flows")
-
-_ACTIVE = ("running", "waiting")
 
 
 _fi = flow_instances.c
@@ -177,7 +175,7 @@ class Stepper:
     def _prepare(self, w: Work, inst: Any, journal: list[JournalRow],
                  people: Mapping[str, Any], entries: Mapping[int, dict[str, object]],
                  now: dt.datetime) -> _Run | None:
-        if inst is None or inst.live != 1 or inst.status not in _ACTIVE:
+        if inst is None or inst.live != 1 or inst.status not in ACTIVE:
             return None
         if inst.campaign in self.svc.paused:
             return None  # its wait stays in the store; resuming the campaign reloads it
@@ -410,7 +408,7 @@ class Stepper:
         if r.end:
             keep = r.end == "diverged"
             res = await conn.execute(sa.update(flow_instances).where(
-                fi.id == r.iid, fi.seq == r.seq, fi.live == 1, fi.status.in_(_ACTIVE)).values(
+                fi.id == r.iid, fi.seq == r.seq, fi.live == 1, fi.status.in_(ACTIVE)).values(
                 status=r.end, live=1 if keep else None, wake_at=None, wait_event=None,
                 error=r.end_error, updated_at=now, ended_at=None if keep else now))
             r.lost = res.rowcount != 1
@@ -423,7 +421,7 @@ class Stepper:
         assert cmd is not None
         values = {k: v for k, v in r.values.items() if k != "_reads"}
         res = await conn.execute(sa.update(flow_instances).where(
-            fi.id == r.iid, fi.seq == r.seq, fi.live == 1, fi.status.in_(_ACTIVE)
+            fi.id == r.iid, fi.seq == r.seq, fi.live == 1, fi.status.in_(ACTIVE)
         ).values(**values))
         r.lost = res.rowcount != 1
         if r.lost:

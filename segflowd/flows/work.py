@@ -12,7 +12,8 @@ from typing import Literal, Protocol
 from ..hooks import ConditionRunner, OutboxWaker
 from ..kernel import Kernel
 
-__all__ = ["MAX_COMMANDS_WITHOUT_WAIT", "FlowStatistics", "StepHost", "Work", "WorkKind"]
+__all__ = ["ACTIVE", "EPOCH", "MAX_COMMANDS_WITHOUT_WAIT", "FlowStatistics", "StepHost", "Work",
+           "WorkKind", "secs"]
 
 HORIZON = 300.0  # seconds: waits due sooner than this live in the in-memory wheel
 MAX_COMMANDS_WITHOUT_WAIT = 1000  # commands a flow may yield in a row before it is a runaway
@@ -26,7 +27,15 @@ CATCH_UP_CHANGES = 10_000  # newest segment changes handed to flows again at sta
 STATS_REFRESH = 30.0  # seconds between recounts of instances per campaign and state
 LATENESS_WINDOW = 10_000  # fired timers kept for the lateness percentile
 
+EPOCH = dt.datetime(1970, 1, 1)  # the wheel counts seconds from here (naive UTC)
+ACTIVE = ("running", "waiting")  # the statuses of an instance that can still step
+
 WorkKind = Literal["run", "timer", "event"]
+
+
+def secs(t: dt.datetime) -> float:
+    """``t`` as the wheel's seconds."""
+    return (t - EPOCH).total_seconds()
 
 
 @dataclasses.dataclass(frozen=True)

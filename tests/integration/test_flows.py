@@ -554,7 +554,7 @@ async def test_segflowd_check_prints_the_deploy_preview_per_changed_campaign(
 
 async def test_a_step_that_loses_a_race_with_an_exit_writes_nothing_the_rest_commit(
         h: Harness) -> None:
-    from segflowd.flows.service import _Work
+    from segflowd.flows.work import Work
 
     app = make_app("winback", winback, behavior="dynamic")
     for uid in ("p1", "p2", "p3"):
@@ -566,7 +566,7 @@ async def test_a_step_that_loses_a_race_with_an_exit_writes_nothing_the_rest_com
         for i in ids:  # take the timers away from the ticker: this test steps by hand
             svc.wheel.cancel(i)
         h.clock.set(h.clock.now() + dt.timedelta(days=1, seconds=1))
-        runs = await svc._stepper._load([_Work(i, "timer") for i in ids])
+        runs = await svc._stepper._load([Work(i, "timer") for i in ids])
         assert len(runs) == 3
         await svc.exit_user("winback", "p2")  # after the batch was loaded and replayed
         await svc._stepper._round(runs)
@@ -589,7 +589,7 @@ async def test_one_round_moves_each_instance_to_its_own_state(
         h: Harness, delays: list[int]) -> None:
     """A round's updates are grouped by the state they set (or, with too many states, row
     by row); either way each instance gets its own wake time and seq."""
-    from segflowd.flows.service import _Work
+    from segflowd.flows.work import Work
 
     app = make_app("delays", waits_its_delay)
     uids = [f"d{i}" for i in range(len(delays))]
@@ -602,7 +602,7 @@ async def test_one_round_moves_each_instance_to_its_own_state(
                 campaign="delays", user_id=uid, version=app.campaigns["delays"].version,
                 status="running", live=1, seq=0, created_at=now, updated_at=now))
                 ).inserted_primary_key[0]) for uid in uids]  # type: ignore[index]
-        await svc._stepper.run_batch([_Work(i, "run") for i in ids])  # one batch: 2 rounds
+        await svc._stepper.run_batch([Work(i, "run") for i in ids])  # one batch: 2 rounds
         got = {i.user_id: i for i in await h.instances()}
         for uid, d in zip(uids, delays, strict=True):
             assert (got[uid].status, got[uid].seq) == ("waiting", 2)
@@ -615,7 +615,7 @@ async def test_one_round_moves_each_instance_to_its_own_state(
 async def test_a_send_whose_key_is_already_queued_is_not_queued_again_and_the_step_commits(
         h: Harness, batch: int) -> None:
     """Rounds queue their sends without looking keys up first: the unique key is the guard."""
-    from segflowd.flows.service import _Work
+    from segflowd.flows.work import Work
 
     app = make_app("winback", winback, behavior="dynamic")
     uids = ["q1", "q2", "q3"][:batch]
@@ -634,7 +634,7 @@ async def test_a_send_whose_key_is_already_queued_is_not_queued_again_and_the_st
                 attempts=1, dedupe_key=planted, created_at=h.clock.now(),
                 updated_at=h.clock.now()))
         h.clock.set(h.clock.now() + dt.timedelta(days=1, seconds=1))
-        runs = await svc._stepper._load([_Work(insts[u], "timer") for u in uids])
+        runs = await svc._stepper._load([Work(insts[u], "timer") for u in uids])
         await svc._stepper._round(runs)
         assert [r.lost for r in runs] == [False] * batch
     async with h.store.connect() as conn:
@@ -648,7 +648,7 @@ async def test_a_send_whose_key_is_already_queued_is_not_queued_again_and_the_st
 async def test_statistics_and_actions_report_state_and_refuse_bad_requests(
         h: Harness) -> None:
     from segflowd.errors import FlowError
-    from segflowd.flows.service import FlowStatistics
+    from segflowd.flows.work import FlowStatistics
     from segflowd.flows.wheel import WheelStatistics
 
     app = make_app("onboarding", onboarding)

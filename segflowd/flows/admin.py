@@ -1,0 +1,154 @@
+"""The flow service's control actions: pause and resume a campaign, terminate and restart
+an instance (``campaign.pause``, ``campaign.resume``, ``instance.terminate``,
+``instance.restart`` on the control socket).
+
+A mixin of :class:`~segflowd.flows.service.FlowService`, which owns the state it reads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.exc import IntegrityError
+
+from ..errors import FlowError
+from ..schema import campaign_settings, flow_instances
+from .wheel import TimerWheel
+from .work import Work, secs
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
+
+__all__ = ["Admin"]
+
+log = structlog.get_logger("segflowd.flows")
+
+
+class Admin:
+    """The control actions; see the module docstring."""
+
+    k: Kernel
+    wheel: TimerWheel
+    paused: set[str]
+    _loaded_until: dt.datetime | None
+    _kick: anyio.Event
+
+    if TYPE_CHECKING:
+        def _push(self, work: Work) -> None: ...
+
+        def _cancel_timer(self, iid: int, wake_at: dt.datetime | None) -> None: ...
+
+        def _running_query(self, campaign: str | None = None) -> sa.Select[Any]: ...
+
+    def _campaign_arg(self, args: Mapping[str, object]) -> str:
+        name = args.get("campaign")
+        if not isinstance(name, str) or name not in self.k.app.campaigns:
+            raise FlowError(f"no campaign {name!r}; campaigns: "
+                            f"{', '.join(sorted(self.k.app.campaigns)) or '(none)'}")
+        return name
+
+    async def _set_paused(self, name: str, paused: bool) -> None:
+        now = self.k.clock.now()
+        async with self.k.store.begin() as conn:
+            res = await conn.execute(sa.update(campaign_settings).where(
+                campaign_settings.c.campaign == name).values(paused=paused, updated_at=now))
+            if res.rowcount == 0:
+                await conn.execute(sa.insert(campaign_settings).values(
+                    campaign=name, paused=paused, updated_at=now))
+
+    async def _act_pause(self, args: Mapping[str, object]) -> object:
+        """campaign.pause {"campaign"}: no new entries, no steps; waits are kept."""
+        name = self._campaign_arg(args)
+        await self._set_paused(name, True)
+        self.paused.add(name)
+        log.info("campaign.paused", campaign=name)
+        self.k.bus.publish("campaign.paused", campaign=name)
+        return {"campaign": name, "paused": True}
+
+    async def _act_resume(self, args: Mapping[str, object]) -> object:
+        """campaign.resume {"campaign"}: steps run again; waits due meanwhile fire now."""
+        name = self._campaign_arg(args)
+        await self._set_paused(name, False)
+        self.paused.discard(name)
+        fi = flow_instances.c
+        async with self.k.store.connect() as conn:
+            if self._loaded_until is not None:
+                rows = await conn.execute(sa.select(fi.id, fi.wake_at).where(
+                    fi.campaign == name, fi.wake_at.is_not(None),
+                    fi.wake_at < self._loaded_until))
+                for iid, wake_at in rows:
+                    self.wheel.add(int(iid), secs(wake_at))
+            for (iid,) in await conn.execute(self._running_query(name)):
+                self._push(Work(int(iid), "run"))
+        self._kick.set()
+        log.info("campaign.resumed", campaign=name)
+        self.k.bus.publish("campaign.resumed", campaign=name)
+        return {"campaign": name, "paused": False}
+
+    async def _instance_arg(self, args: Mapping[str, object]) -> Any:
+        raw = args.get("instance")
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise FlowError(f"instance must be an instance id, not {raw!r}")
+        try:
+            iid = int(raw)
+        except ValueError:
+            raise FlowError(f"instance must be an instance id, not {raw!r}") from None
+        async with self.k.store.connect() as conn:
+            row = (await conn.execute(sa.select(flow_instances).where(
+                flow_instances.c.id == iid))).first()
+        if row is None:
+            raise FlowError(f"no flow instance {iid}")
+        return row
+
+    async def _act_terminate(self, args: Mapping[str, object]) -> object:
+        """instance.terminate {"instance"}: end it for good (diverged, failed or live)."""
+        inst = await self._instance_arg(args)
+        now = self.k.clock.now()
+        if inst.status in ("completed", "exited", "terminated"):
+            raise FlowError(f"instance {inst.id} already ended ({inst.status})")
+        async with self.k.store.begin() as conn:
+            await conn.execute(sa.update(flow_instances).where(
+                flow_instances.c.id == inst.id).values(
+                status="terminated", live=None, wake_at=None, wait_event=None,
+                ended_at=now, updated_at=now))
+        self._cancel_timer(int(inst.id), inst.wake_at)
+        log.info("flow.terminated", campaign=inst.campaign, instance=inst.id)
+        self.k.bus.publish("flow.terminated", campaign=inst.campaign, user_id=inst.user_id,
+                           instance=inst.id)
+        return {"instance": inst.id, "status": "terminated"}
+
+    async def _act_restart(self, args: Mapping[str, object]) -> object:
+        """instance.restart {"instance"}: a diverged or failed instance starts over, on the
+        current version, as a new instance."""
+        inst = await self._instance_arg(args)
+        if inst.status not in ("diverged", "failed"):
+            raise FlowError(f"instance {inst.id} is {inst.status}: only diverged or failed "
+                            "instances can be restarted")
+        c = self.k.app.campaigns.get(inst.campaign)
+        if c is None:
+            raise FlowError(f"campaign {inst.campaign!r} is no longer in the app")
+        now = self.k.clock.now()
+        fi = flow_instances.c
+        try:
+            async with self.k.store.begin() as conn:
+                await conn.execute(sa.update(flow_instances).where(fi.id == inst.id).values(
+                    status="terminated" if inst.status == "diverged" else inst.status,
+                    live=None, ended_at=inst.ended_at or now, updated_at=now))
+                res = await conn.execute(sa.insert(flow_instances).values(
+                    campaign=c.name, user_id=inst.user_id, version=c.version,
+                    status="running", live=1, seq=0, entry_event_id=inst.entry_event_id,
+                    start_data=inst.start_data, created_at=now, updated_at=now))
+                new = int(res.inserted_primary_key[0])  # type: ignore[index]  # always set
+        except IntegrityError:
+            raise FlowError(f"user {inst.user_id!r} already has a live instance of "
+                            f"{c.name!r}") from None
+        log.info("flow.restarted", campaign=c.name, instance=inst.id, new_instance=new)
+        self.k.bus.publish("flow.started", campaign=c.name, user_id=inst.user_id,
+                           instance=new, restarted_from=inst.id)
+        self._push(Work(new, "run"))
+        return {"instance": new, "restarted_from": inst.id}

@@ -1,0 +1,217 @@
+"""Campaign entries and exits: segment membership changes start instances where a
+campaign now holds and end dynamic ones that no longer do; broadcasts start flows directly.
+
+A mixin of :class:`~segflowd.flows.service.FlowService`, which owns the state it reads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.exc import IntegrityError
+
+from ..app import CampaignDef
+from ..errors import FlowError
+from ..hooks import MembershipChange
+from ..schema import flow_instances, segment_changes, segment_members
+from ..store import is_unavailable
+from .work import ACTIVE, CATCH_UP_CHANGES, MEMBERSHIP_CHUNK, Work
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
+
+__all__ = ["Entries"]
+
+log = structlog.get_logger("segflowd.flows")
+
+
+class Entries:
+    """Applies membership changes and starts flows; see the module docstring."""
+
+    k: Kernel
+    paused: set[str]
+    _held: list[MembershipChange]  # entries and exits the store refused
+    # While catching up at start: (campaign, user) -> their newest instance's start,
+    # and the (campaign, user) pairs with a live instance.
+    _started_since: dict[tuple[str, str], dt.datetime] | None
+    _live_pairs: set[tuple[str, str]]
+
+    if TYPE_CHECKING:
+        def _push(self, work: Work) -> None: ...
+
+        def _store_failed(self, exc: BaseException) -> None: ...
+
+        def _cancel_timer(self, iid: int, wake_at: dt.datetime | None) -> None: ...
+
+    async def _catch_up_membership(self) -> None:
+        """Hand over again the newest segment changes: the segment engine commits a change
+        before it tells flows, so a crash in between left an entry without its instance.
+        Replaying is safe: an entry is skipped where the campaign has an instance for the
+        user started at or after it, and an exit only ends what should have ended."""
+        watched = {s for c in self.k.app.campaigns.values() for s in (*c.segments, *c.exclude)}
+        if not watched:
+            return
+        sc, fi = segment_changes.c, flow_instances.c
+        async with self.k.store.connect() as conn:
+            top = int((await conn.execute(sa.select(sa.func.max(sc.id)))).scalar() or 0)
+            rows = (await conn.execute(
+                sa.select(sc.segment, sc.user_id, sc.entered, sc.at).where(
+                    sc.id > top - CATCH_UP_CHANGES, sc.segment.in_(watched))
+                .order_by(sc.id))).all()
+            if not rows:
+                return
+            since = min(r.at for r in rows)
+            uids = sorted({str(r.user_id) for r in rows})
+            started: dict[tuple[str, str], dt.datetime] = {}
+            live: set[tuple[str, str]] = set()
+            for lo in range(0, len(uids), MEMBERSHIP_CHUNK):
+                part = uids[lo:lo + MEMBERSHIP_CHUNK]
+                for c, u, t in await conn.execute(
+                        sa.select(fi.campaign, fi.user_id, sa.func.max(fi.created_at)).where(
+                            fi.user_id.in_(part), fi.created_at >= since)
+                        .group_by(fi.campaign, fi.user_id)):
+                    started[(str(c), str(u))] = t
+                live.update((str(c), str(u)) for c, u in await conn.execute(
+                    sa.select(fi.campaign, fi.user_id).where(fi.user_id.in_(part),
+                                                             fi.live == 1)))
+        self._started_since, self._live_pairs = started, live
+        try:
+            await self._apply_membership([MembershipChange(
+                str(r.segment), str(r.user_id), bool(r.entered), r.at) for r in rows])
+        finally:
+            self._started_since, self._live_pairs = None, set()
+
+    async def membership_changed(self, changes: Sequence[MembershipChange]) -> None:
+        """Start instances whose campaign now holds; end dynamic ones that no longer do.
+
+        While the store is down the changes are held and applied once it is back.
+        """
+        await self._apply_membership(changes)
+
+    async def _apply_membership(self, changes: Sequence[MembershipChange]) -> None:
+        by_user: dict[str, list[MembershipChange]] = {}
+        for ch in changes:
+            by_user.setdefault(ch.user_id, []).append(ch)
+        campaigns = list(self.k.app.campaigns.values())
+        watched = {s for c in campaigns for s in (*c.segments, *c.exclude)}
+        todo = [u for u, chs in by_user.items() if any(ch.segment in watched for ch in chs)]
+        done: set[str] = set()
+        try:
+            for lo in range(0, len(todo), MEMBERSHIP_CHUNK):
+                chunk = todo[lo:lo + MEMBERSHIP_CHUNK]
+                mine: dict[str, set[str]] = {u: set() for u in chunk}
+                async with self.k.store.connect() as conn:
+                    for seg, uid in await conn.execute(
+                            sa.select(segment_members.c.segment, segment_members.c.user_id)
+                            .where(segment_members.c.user_id.in_(chunk),
+                                   segment_members.c.segment.in_(watched))):
+                        mine[str(uid)].add(str(seg))
+                for user_id in chunk:
+                    await self._membership(user_id, by_user[user_id], mine[user_id],
+                                           campaigns)
+                    done.add(user_id)
+        except Exception as exc:
+            if not is_unavailable(exc) or self._started_since is not None:
+                raise  # (at start, as any store failure there)
+            # The membership is committed; only its effect on flows is missing. Applied
+            # again later, an entry already made finds its instance and does nothing.
+            self._held.extend(ch for u in todo if u not in done for ch in by_user[u])
+            self._store_failed(exc)
+
+    async def _membership(self, user_id: str, chs: list[MembershipChange], mine: set[str],
+                          campaigns: list[CampaignDef]) -> None:
+        touched = {c.segment for c in chs}
+        for c in campaigns:
+            if not touched & {*c.segments, *c.exclude}:
+                continue
+            holds = set(c.segments) <= mine and not (set(c.exclude) & mine)
+            entering = any((ch.entered and ch.segment in c.segments)
+                           or (not ch.entered and ch.segment in c.exclude) for ch in chs)
+            if holds and entering:
+                if self._started_since is not None:  # catching up: was it entered since?
+                    latest = max(ch.at for ch in chs if (ch.entered and ch.segment in c.segments)
+                                 or (not ch.entered and ch.segment in c.exclude))
+                    last_start = self._started_since.get((c.name, user_id))
+                    if last_start is not None and last_start >= latest:
+                        continue
+                event_id = next((ch.event_id for ch in reversed(chs)
+                                 if ch.event_id is not None), None)
+                await self.enter(c, user_id, event_id)
+            elif not holds and c.behavior == "dynamic" and (
+                    self._started_since is None or (c.name, user_id) in self._live_pairs):
+                await self.exit_user(c.name, user_id)
+
+    async def enter(self, c: CampaignDef, user_id: str, event_id: int | None = None
+                    ) -> int | None:
+        """Start an instance of ``c`` for the user; None when it may not (or already runs)."""
+        if c.name in self.paused:
+            return None
+        now = self.k.clock.now()
+        fi = flow_instances.c
+        try:
+            async with self.k.store.begin() as conn:
+                if c.behavior == "static" and not c.reentry:
+                    seen = (await conn.execute(sa.select(fi.id).where(
+                        fi.campaign == c.name, fi.user_id == user_id).limit(1))).first()
+                    if seen is not None:
+                        return None
+                res = await conn.execute(sa.insert(flow_instances).values(
+                    campaign=c.name, user_id=user_id, version=c.version, status="running",
+                    live=1, seq=0, entry_event_id=event_id, created_at=now, updated_at=now))
+                iid = int(res.inserted_primary_key[0])  # type: ignore[index]  # always set
+        except IntegrityError:
+            return None  # a live instance exists: the store said so
+        log.info("flow.started", campaign=c.name, user_id=user_id, instance=iid)
+        self.k.bus.publish("flow.started", campaign=c.name, user_id=user_id, instance=iid)
+        self._push(Work(iid, "run"))
+        return iid
+
+    async def start_flow(self, campaign: str, user_id: str, *, key: str,
+                         data: Mapping[str, object]) -> bool:
+        """Start ``campaign`` for the user outside segment entry (a broadcast), once per
+        ``key``; ``data`` becomes ``ctx.data``. False when nothing was started: the key was
+        used before, the user has a live instance, or the campaign is paused.
+        """
+        c = self.k.app.campaigns.get(campaign)
+        if c is None:
+            raise FlowError(f"no campaign {campaign!r}")
+        if campaign in self.paused:
+            return False
+        now = self.k.clock.now()
+        try:
+            async with self.k.store.begin() as conn:
+                res = await conn.execute(sa.insert(flow_instances).values(
+                    campaign=c.name, user_id=user_id, version=c.version, status="running",
+                    live=1, seq=0, start_key=key, start_data=dict(data), created_at=now,
+                    updated_at=now))
+                iid = int(res.inserted_primary_key[0])  # type: ignore[index]  # always set
+        except IntegrityError:
+            return False  # the key was used, or a live instance exists: the store said so
+        log.info("flow.started", campaign=c.name, user_id=user_id, instance=iid, key=key)
+        self.k.bus.publish("flow.started", campaign=c.name, user_id=user_id, instance=iid)
+        self._push(Work(iid, "run"))
+        return True
+
+    async def exit_user(self, campaign: str, user_id: str) -> int | None:
+        """End the user's live instance of ``campaign`` (dynamic exit); its id, if any."""
+        fi = flow_instances.c
+        now = self.k.clock.now()
+        async with self.k.store.begin() as conn:
+            row = (await conn.execute(sa.select(fi.id, fi.wake_at).where(
+                fi.campaign == campaign, fi.user_id == user_id, fi.live == 1,
+                fi.status.in_(ACTIVE)))).first()
+            if row is None:
+                return None
+            await conn.execute(sa.update(flow_instances).where(fi.id == row[0]).values(
+                status="exited", live=None, wake_at=None, wait_event=None, ended_at=now,
+                updated_at=now))
+        iid = int(row[0])
+        self._cancel_timer(iid, row[1])
+        log.info("flow.exited", campaign=campaign, user_id=user_id, instance=iid)
+        self.k.bus.publish("flow.exited", campaign=campaign, user_id=user_id, instance=iid,
+                           reason="left segment")
+        return iid
