@@ -8,7 +8,7 @@ The wire format is in :mod:`segflowd.control.protocol` and docs/control-protocol
 Every request gets a reply: a bad line, an unknown op, an action no service registered, a
 failing query are error replies, and the connection stays open. A subscriber reads the
 bus through its own bounded buffer, so a slow or stuck client only misses events (and is
-told how many); it never slows the daemon.
+told how many); it never slows the daemon (the stream is :mod:`segflowd.control.stream`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .. import __version__
-from ..bus import RECENT, BusEvent, Subscription
 from ..errors import ControlSocketError, SegflowError, StoreUnavailable
 from ..http import Router
 from ..kernel import Kernel
@@ -46,15 +45,13 @@ from .protocol import (
     to_jsonable,
     unix_address,
 )
+from .stream import STREAM_BUFFER, Streams
 
 __all__ = ["ControlService", "ControlStatistics", "open_control_socket"]
 
 log = structlog.get_logger("segflowd.control")
 
 BACKLOG = 64  # pending connections on the socket
-STREAM_BUFFER = 5_000  # events a subscriber may lag behind before it misses some
-STREAM_BATCH = 500  # events sent in one stream line at most
-STREAM_COALESCE = 0.005  # seconds a stream line waits for more events after the first
 SAMPLE_INTERVAL = 1.0  # seconds between rate samples
 HISTORY = 120  # samples kept for the TUI's sparklines (two minutes at 1 s)
 PING_TIMEOUT = 1.0  # seconds the store may take to answer the status health check
@@ -238,17 +235,17 @@ class ControlService:
         self._started = kernel.clock.monotonic()
         self._listener: SocketListener | None = None
         self._inode: int | None = None
-        self._subs: set[Subscription] = set()
+        self._streams = Streams(kernel, stream_buffer)
         self._tg: TaskGroup | None = None
         self._connections = self._connections_total = 0
         self._requests = self._errors = 0
-        self._streamed = self._missed = 0
         kernel.stats[self.name] = self.statistics
 
     def statistics(self) -> ControlStatistics:
+        streams = self._streams
         return ControlStatistics(str(self.path), self._connections, self._connections_total,
-                                 self._requests, self._errors, len(self._subs),
-                                 self._streamed, self._missed)
+                                 self._requests, self._errors + streams.errors,
+                                 len(streams.subs), streams.streamed, streams.missed)
 
     # -- Service ---------------------------------------------------------------------
 
@@ -274,8 +271,7 @@ class ControlService:
     async def drain(self) -> None:
         """Stop accepting and end every connection: clients see EOF and reconnect later."""
         self._unlink()
-        for sub in tuple(self._subs):
-            sub.close()
+        self._streams.close_all()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
@@ -314,7 +310,7 @@ class ControlService:
                     await stream.send(error_reply(request_id(line), exc.code, str(exc)))
                     continue
                 if req.op == "subscribe":
-                    await self._stream(req, stream, reader)
+                    await self._streams.serve(req, stream, reader)
                     return
                 await stream.send(await self._serve(req))
         except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
@@ -421,82 +417,3 @@ class ControlService:
             "actions": sorted(k.actions),
             "stats": stats,
         }
-
-    # -- the live stream -------------------------------------------------------------
-
-    async def _stream(self, req: Request, stream: SocketStream,
-                      reader: BufferedByteReceiveStream) -> None:
-        kinds = req.args.get("kinds")
-        if kinds is not None and (not isinstance(kinds, list)
-                                  or not all(isinstance(x, str) and x for x in kinds)):
-            await stream.send(error_reply(req.id, "bad_request",
-                                          "subscribe: 'kinds' must be a list of kind names"))
-            self._errors += 1
-            return
-        try:
-            backlog = req.int_arg("backlog", 0, lo=0, hi=RECENT)
-        except BadRequest as exc:
-            self._errors += 1
-            await stream.send(error_reply(req.id, exc.code, str(exc)))
-            return
-        wanted = frozenset(kinds) if kinds else None
-        bus = self.kernel.bus
-        # Take the backlog and subscribe with no await between: no gap and no repeat.
-        recent = [e for e in bus.recent if wanted is None or _matches(e.kind, wanted)]
-        sub = bus.subscribe(buffer=self.stream_buffer, kinds=wanted)
-        self._subs.add(sub)
-        log.info("control.subscribed", kinds=sorted(wanted) if wanted else None)
-        try:
-            await stream.send(ok_reply(req.id, {"subscribed": True, "buffer": self.stream_buffer,
-                                                "protocol": PROTOCOL_VERSION}))
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._until_closed, reader, tg)
-                if backlog and recent:
-                    await self._send_batch(stream, recent[-backlog:], 0, sub)
-                while True:
-                    event, missed = await sub.receive()
-                    if sub.pending() < STREAM_BATCH:
-                        # Let a burst gather: one line and one syscall for many events.
-                        # Real time on purpose: this paces the transport, not the domain,
-                        # and a FakeClock must not stall the stream.
-                        await anyio.sleep(STREAM_COALESCE)
-                    more, missed_more = sub.drain(STREAM_BATCH - 1)
-                    await self._send_batch(stream, [event, *more], missed + missed_more, sub)
-        except anyio.EndOfStream:
-            pass  # the subscription was closed by drain()
-        except BaseExceptionGroup as group:
-            if not all(isinstance(e, _DISCONNECTS) for e in _leaves(group)):
-                raise
-        finally:
-            sub.close()
-            self._subs.discard(sub)
-
-    async def _send_batch(self, stream: SocketStream, batch: list[BusEvent], missed: int,
-                          sub: Subscription) -> None:
-        self._missed += missed
-        self._streamed += len(batch)
-        await stream.send(dumps({"stream": [e.as_json() for e in batch], "missed": missed,
-                                 "missed_total": sub.missed_total}))
-
-    async def _until_closed(self, reader: BufferedByteReceiveStream, tg: TaskGroup) -> None:
-        # A streaming connection only streams; what the client sends is ignored until EOF.
-        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
-                                 anyio.ClosedResourceError, ConnectionError):
-            while True:
-                await reader.receive()
-        tg.cancel_scope.cancel()
-
-
-_DISCONNECTS = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                ConnectionError)
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
-
-
-def _matches(kind: str, kinds: frozenset[str]) -> bool:
-    return kind in kinds or kind.split(".", 1)[0] in kinds

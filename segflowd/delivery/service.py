@@ -13,13 +13,14 @@ Per provider (``[providers.NAME]``): ``rate`` (messages per second, token bucket
 unlimited), ``burst``, ``concurrency`` (parallel send calls) and ``render_processes``
 (worker processes that render, see :mod:`segflowd.delivery.renderpool`; 0, the default, renders
 in the daemon's process).
+
+Preparing a claimed batch (users, suppressions, rendering) is :mod:`segflowd.delivery.prepare`;
+recording its outcomes, and the counts behind :meth:`DeliveryService.statistics`, is
+:mod:`segflowd.delivery.outcomes`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
-import email.utils
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,27 +32,21 @@ import structlog
 from anyio.abc import TaskStatus
 
 from ..clock import Clock
-from ..errors import StoreUnavailable, TemplateError
+from ..errors import StoreUnavailable
 from ..hooks import ContextProvider
 from ..http import Router
 from ..kernel import Kernel
-from ..providers import OutgoingMessage, Provider, ProviderContext, SendResult, load_provider
-from ..schema import messages, subscriptions, suppressions, users
-from .mime import (
-    InvalidAddress,
-    MessageParts,
-    build_message,
-    domain_of,
-    make_message_id,
-    parse_address,
-)
+from ..providers import Provider, ProviderContext, SendResult, load_provider
+from ..schema import messages
+from .mime import domain_of, make_message_id
 from .outbox import MessageKind, enqueue
-from .renderpool import RenderJob, RenderPool, RenderPoolError, RenderResult, render_jobs
-from .templates import Rendered, Renderer, add_tracking, sample_user
+from .outcomes import DeliveryStatistics, Outcomes
+from .prepare import BatchPreparer
+from .renderpool import RenderPool
+from .templates import Renderer
 from .tokens import Signer, ephemeral_key
 
-__all__ = ["DeliveryService", "DeliveryStatistics", "ProviderStatistics",
-           "TokenBucket", "backoff"]
+__all__ = ["DeliveryService", "TokenBucket"]
 
 log = structlog.get_logger("segflowd.delivery")
 
@@ -60,15 +55,7 @@ DEFAULT_RATE = 0.0  # messages per second per provider; 0 means unlimited
 DEFAULT_RENDER_PROCESSES = 0  # render worker processes; 0 renders in the daemon's process
 TEST_WAIT = 30.0  # seconds "email.test" waits for its message to be sent
 RECORD_RETRY = 1.0  # seconds between attempts to record sent messages while the store is down
-MARKETING_TOPIC = "marketing"
-MARKETING_KINDS = frozenset({"campaign", "broadcast"})
 FINAL = frozenset({"sent", "failed", "suppressed", "unknown"})
-
-
-def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Seconds before retry number ``attempt`` (1-based): capped doubling, half jittered."""
-    delay = min(cap, base * (2.0 ** max(0, attempt - 1)))
-    return delay / 2 + rng.random() * delay / 2
 
 
 class TokenBucket:
@@ -100,53 +87,6 @@ class TokenBucket:
     def refund(self, n: int) -> None:
         if self.rate > 0 and n > 0:
             self._tokens = min(self.burst, self._tokens + n)
-
-
-@dataclasses.dataclass(frozen=True)
-class ProviderStatistics:
-    name: str
-    plugin: str
-    sent: int
-    failed: int
-    transient_errors: int
-    batches: int
-    in_flight: int
-    rate: float
-    concurrency: int
-
-
-@dataclasses.dataclass(frozen=True)
-class DeliveryStatistics:
-    """Outbox depth per status (as of the last poll), throughput and failures."""
-
-    outbox: Mapping[str, int]
-    sent: int
-    failed: int
-    suppressed: int
-    retried: int
-    unknown: int
-    sent_per_second: float
-    providers: tuple[ProviderStatistics, ...]
-
-
-@dataclasses.dataclass
-class _Counters:
-    sent: int = 0
-    failed: int = 0
-    transient: int = 0
-    batches: int = 0
-    in_flight: int = 0
-
-
-@dataclasses.dataclass
-class _Prepared:
-    row: Mapping[str, Any]
-    user: dict[str, Any] = dataclasses.field(default_factory=dict)
-    address: str = ""
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
-    message: OutgoingMessage | None = None
-    status: str | None = None  # decided without sending: failed | suppressed | retry
-    error: str | None = None
 
 
 class DeliveryService:
@@ -181,20 +121,16 @@ class DeliveryService:
         self.render_pool = RenderPool(k.app, processes) if processes > 0 else None
         self._provider: Provider | None = (providers or {}).get(self.provider_name)
         self._bucket = TokenBucket(self.rate, self.burst, k.clock)
-        self._counters = _Counters()
-        self._totals = {"sent": 0, "failed": 0, "suppressed": 0, "retried": 0, "unknown": 0}
-        self._depth: dict[str, int] = {}
-        self._recent: list[tuple[float, int]] = []  # (monotonic, sent) per batch
+        self._outcomes = Outcomes(k, provider_name=self.provider_name, rng=self.rng)
         self._wake = anyio.Event()
         self._claim_lock = anyio.Lock()
         self._stopping = False
         self._done = anyio.Event()
         self._sender_domain = domain_of(ecfg.from_)
-        m = k.metrics
-        m.describe("segflow_messages_total", "counter", "messages by outcome")
-        m.describe("segflow_outbox_messages", "gauge", "outbox rows by status")
-        m.collect(lambda: [("segflow_outbox_messages", {"status": s}, float(n))
-                           for s, n in self._depth.items()])
+        self._preparer = BatchPreparer(
+            k, context_providers=self.context_providers, renderer=self.renderer,
+            render_pool=self.render_pool, signer=self.signer, public_url=self.public_url,
+            sender_domain=self._sender_domain)
         k.stats["delivery"] = self.statistics
         k.actions["email.test"] = self._action_test
         k.actions["message.retry"] = self._action_retry
@@ -245,7 +181,7 @@ class DeliveryService:
             try:
                 n = await self.run_once()
                 if n == 0 and not self._stopping:
-                    await self._refresh_depth()
+                    await self._outcomes.refresh_depth()
             except Exception as exc:  # the store went away: keep the worker, try later
                 log.warning("delivery.error", worker=index, error=f"{type(exc).__name__}: {exc}")
                 n = 0
@@ -286,7 +222,7 @@ class DeliveryService:
             self.k.bus.publish("message.unknown", message=r.id, user_id=r.user_id,
                                template=r.template, message_id=r.message_id)
             self.k.metrics.inc("segflow_messages_total", status="unknown")
-        self._totals["unknown"] += len(rows)
+        self._outcomes.totals["unknown"] += len(rows)
         return [r.id for r in rows]
 
     # -- one batch -------------------------------------------------------------------
@@ -303,11 +239,11 @@ class DeliveryService:
         self._bucket.refund(size - len(rows))
         if not rows:
             return 0
-        prepared = await self._prepare_batch(rows)
+        prepared = await self._preparer.prepare(rows)
         to_send = [p for p in prepared if p.message is not None]
         results: list[SendResult] = []
         if to_send:
-            c = self._counters
+            c = self._outcomes.counters
             c.in_flight += len(to_send)
             try:
                 results = await provider.send([p.message for p in to_send if p.message])
@@ -324,7 +260,7 @@ class DeliveryService:
         outcomes = dict(zip([id(p) for p in to_send], results, strict=True))
         while True:
             try:
-                await self._record(prepared, outcomes)
+                await self._outcomes.record(prepared, outcomes)
                 break
             except StoreUnavailable as exc:
                 # The outcomes are known; left `sending` they would turn `unknown` at the
@@ -361,232 +297,12 @@ class DeliveryService:
         return [dict(r, attempts=r["attempts"] + 1,
                      message_id=r["message_id"] or fresh[int(r["id"])]) for r in rows]
 
-    async def _prepare_batch(self, rows: Sequence[Mapping[str, Any]]) -> list[_Prepared]:
-        """Read what the batch needs in three queries, then render it off the event loop."""
-        prepared = [_Prepared(r) for r in rows]
-        try:
-            await self._gather(prepared)
-        except Exception as exc:  # the store or a context provider failed: try again later
-            for p in prepared:
-                if p.status is None:
-                    p.status = "retry"
-                    p.error = f"preparing the message: {type(exc).__name__}: {exc}"
-            return prepared
-        # Rendering is CPU work (Jinja2, css-inline, the text part): a worker thread keeps
-        # the event loop (ingest, the control socket) responsive meanwhile, and hands the
-        # batch to the render processes where there are some.
-        await anyio.to_thread.run_sync(self._render_all, prepared)
-        return prepared
-
-    async def _gather(self, prepared: list[_Prepared]) -> None:
-        user_ids = sorted({str(p.row["user_id"]) for p in prepared
-                           if p.row["user_id"] is not None})
-        found: dict[str, dict[str, Any]] = {}
-        unsubscribed: set[str] = set()
-        async with self.k.store.connect() as conn:
-            if user_ids:
-                for u in (await conn.execute(sa.select(users).where(
-                        users.c.id.in_(user_ids)))).mappings():
-                    found[u["id"]] = {**(u["attributes"] or {}), "id": u["id"],
-                                      "email": u["email"]}
-                unsubscribed = set((await conn.execute(sa.select(subscriptions.c.user_id).where(
-                    subscriptions.c.user_id.in_(user_ids),
-                    subscriptions.c.topic == MARKETING_TOPIC,
-                    subscriptions.c.unsubscribed_at.is_not(None)))).scalars())
-            for p in prepared:
-                p.user = found.get(str(p.row["user_id"]), {})
-                p.address = str(p.row["to_address"] or p.user.get("email") or "")
-            addresses = sorted({_bare(p.address) for p in prepared if p.address})
-            suppressed: dict[str, str] = {}
-            if addresses:
-                result = await conn.execute(
-                    sa.select(suppressions.c.address, suppressions.c.reason).where(
-                        suppressions.c.address.in_(addresses)))
-                suppressed = {str(a): str(r) for a, r in result.all()}
-        for p in prepared:
-            row = p.row
-            if not p.address:
-                p.status, p.error = "failed", "no email address for this message's user"
-                continue
-            try:
-                parse_address(p.address, "recipient")  # before any work
-            except InvalidAddress as exc:
-                p.status, p.error = "failed", str(exc)
-                continue
-            reason = suppressed.get(_bare(p.address))
-            if reason is not None:
-                p.status, p.error = "suppressed", f"address suppressed ({reason})"
-            elif row["kind"] in MARKETING_KINDS and row["user_id"] in unsubscribed:
-                p.status, p.error = "suppressed", "user unsubscribed from marketing messages"
-            else:
-                data: dict[str, Any] = dict(row["data"] or {})
-                if row["user_id"] is not None:
-                    for cp in self.context_providers:
-                        data.update(await cp.context_for(str(row["user_id"]), data))
-                p.data = data
-
-    def _render_all(self, prepared: list[_Prepared]) -> None:
-        todo = [p for p in prepared if p.status is None]
-        jobs: list[RenderJob] = []
-        unsubs: list[str] = []
-        for p in todo:
-            job, unsub = self._job(p)
-            jobs.append(job)
-            unsubs.append(unsub)
-        results: list[RenderResult] | None = None
-        if self.render_pool is not None and jobs:
-            try:
-                results = self.render_pool.render_many(jobs)
-            except RenderPoolError as exc:  # rendered here instead; the pool restarts
-                log.warning("delivery.render_pool_failed", error=str(exc))
-        if results is None:
-            results = render_jobs(self.renderer, jobs)
-        for p, result, unsub in zip(todo, results, unsubs, strict=True):
-            if isinstance(result, TemplateError):
-                p.status, p.error = "failed", str(result)
-                continue
-            try:
-                p.message = self._build(p, result, unsub)
-            except InvalidAddress as exc:
-                p.status, p.error = "failed", str(exc)
-
-    def _job(self, p: _Prepared) -> tuple[RenderJob, str]:
-        """The template and context to render ``p`` with, and its unsubscribe URL."""
-        row, user, data, address = p.row, dict(p.user), p.data, p.address
-        unsub = ""
-        if row["kind"] in MARKETING_KINDS:
-            claims: dict[str, str | int] = {"m": int(row["id"])}
-            if row["user_id"] is not None:
-                claims["u"] = str(row["user_id"])
-            else:
-                claims["a"] = _bare(address)
-            unsub = f"{self.public_url}/u/{self.signer.sign('u', claims)}"
-        if row["kind"] == "test":  # a test send fills what it lacks with sample values
-            sample = sample_user()
-            sample.update(user or {"email": address})
-            user = sample
-        context = {**data, "data": data, "user": user,
-                   "message": {"id": row["id"], "kind": row["kind"],
-                               "campaign": row["campaign"], "template": row["template"]},
-                   "unsubscribe_url": unsub}
-        return (str(row["template"]), context), unsub
-
-    def _build(self, p: _Prepared, rendered: Rendered, unsub: str) -> OutgoingMessage:
-        row, address = p.row, p.address
-        html = rendered.html
-        if self._tracks(row):
-            mid = int(row["id"])
-            html = add_tracking(
-                html,
-                lambda url: f"{self.public_url}/t/c/{self.signer.sign('c', {'m': mid, 'l': url})}",
-                f"{self.public_url}/t/o/{self.signer.sign('o', {'m': mid})}")
-        ecfg = self.k.config.email
-        return build_message(MessageParts(
-            row_id=int(row["id"]), kind=row["kind"], sender=ecfg.from_, to=address,
-            subject=rendered.subject, html=html, text=rendered.text,
-            message_id=row["message_id"] or make_message_id(int(row["id"]), self._sender_domain),
-            date=self.k.clock.now(), reply_to=ecfg.reply_to, unsubscribe_url=unsub,
-            unsubscribe_mailto=ecfg.unsubscribe_mailto))
-
-    def _tracks(self, row: Mapping[str, Any]) -> bool:
-        tpl = self.k.app.templates.get(row["template"])
-        if tpl is not None and tpl.track is not None:
-            return tpl.track
-        camp = self.k.app.campaigns.get(row["campaign"] or "")
-        if camp is not None and camp.track is not None:
-            return camp.track
-        return self.k.config.email.track
-
-    async def _record(self, prepared: list[_Prepared], results: dict[int, SendResult]) -> None:
-        now = self.k.clock.now()
-        ecfg = self.k.config.email
-        events: list[tuple[str, dict[str, object]]] = []
-        async with self.k.store.begin() as conn:
-            for p in prepared:
-                row = p.row
-                base: dict[str, object] = {"message": row["id"], "user_id": row["user_id"],
-                                           "template": row["template"]}
-                values: dict[str, object] = {"updated_at": now}
-                if p.message is not None:
-                    values["message_id"] = p.message.message_id
-                res = results.get(id(p))
-                if res is None and p.status == "retry":
-                    res = SendResult(ok=False, error=p.error, transient=True)
-                if res is None:
-                    status, error = p.status or "failed", p.error
-                elif res.ok:
-                    status, error = "sent", None
-                    values.update(sent_at=now, provider_message_id=res.provider_message_id)
-                elif res.transient and row["attempts"] < ecfg.max_attempts:
-                    status, error = "queued", res.error
-                    delay = backoff(row["attempts"], ecfg.retry_base, ecfg.retry_max, self.rng)
-                    values["next_attempt_at"] = now + _seconds(delay)
-                    base["retry_in_s"] = round(delay, 3)
-                else:
-                    status, error = "failed", res.error
-                    if res.suppress and p.message is not None:
-                        await conn.execute(self.k.store.insert_ignore(suppressions).values(
-                            address=_bare(p.message.to), reason="bounce",
-                            source=self.provider_name, detail=(res.error or "")[:1000],
-                            created_at=now))
-                        events.append(("address.suppressed", {
-                            "address": _bare(p.message.to), "reason": "bounce",
-                            "source": self.provider_name}))
-                values.update(status=status, last_error=error)
-                await conn.execute(sa.update(messages).where(
-                    messages.c.id == row["id"], messages.c.status == "sending").values(**values))
-                kind = "retrying" if status == "queued" else status
-                events.append((f"message.{kind}", {**base, "error": error} if error else base))
-        for kind, data in events:
-            self._count(kind, data)
-            self.k.bus.publish(kind, **data)
-
-    def _count(self, kind: str, data: Mapping[str, object]) -> None:
-        if not kind.startswith("message."):
-            return
-        status = kind.removeprefix("message.")
-        self.k.metrics.inc("segflow_messages_total", status=status)
-        key = {"retrying": "retried"}.get(status, status)
-        if key in self._totals:
-            self._totals[key] += 1
-        c = self._counters
-        if status == "sent":
-            c.sent += 1
-            self._recent.append((self.k.clock.monotonic(), 1))
-            log.info("message.sent", **data)
-        elif status == "failed":
-            c.failed += 1
-            log.warning("message.failed", **data)
-        elif status == "retrying":
-            c.transient += 1
-            log.info("message.retrying", **data)
-        else:
-            log.info(f"message.{status}", **data)
-
     # -- statistics and actions ------------------------------------------------------
 
-    async def _refresh_depth(self) -> None:
-        async with self.k.store.connect() as conn:
-            rows = (await conn.execute(sa.select(messages.c.status, sa.func.count())
-                                       .group_by(messages.c.status))).all()
-        self._depth = {str(s): int(n) for s, n in rows}
-
     def statistics(self) -> DeliveryStatistics:
-        now = self.k.clock.monotonic()
-        self._recent = [(t, n) for t, n in self._recent if now - t <= 60.0]
-        window = max(1.0, now - self._recent[0][0]) if self._recent else 60.0
-        c = self._counters
-        return DeliveryStatistics(
-            outbox=dict(self._depth), sent=self._totals["sent"], failed=self._totals["failed"],
-            suppressed=self._totals["suppressed"], retried=self._totals["retried"],
-            unknown=self._totals["unknown"],
-            sent_per_second=sum(n for _, n in self._recent) / window,
-            providers=(ProviderStatistics(
-                name=self.provider_name, plugin=str(self.options.get("plugin",
-                                                                     self.provider_name)),
-                sent=c.sent, failed=c.failed, transient_errors=c.transient, batches=c.batches,
-                in_flight=c.in_flight, rate=self.rate, concurrency=self.concurrency),),
-        )
+        return self._outcomes.statistics(
+            plugin=str(self.options.get("plugin", self.provider_name)), rate=self.rate,
+            concurrency=self.concurrency)
 
     async def _action_test(self, args: Mapping[str, object]) -> object:
         template, to = args.get("template"), args.get("to")
@@ -641,12 +357,3 @@ class DeliveryService:
         async with self.k.store.connect() as conn:
             return str((await conn.execute(
                 sa.select(messages.c.status).where(messages.c.id == mid))).scalar_one())
-
-
-def _bare(address: str) -> str:
-    """The lower-cased addr-spec of ``Name <a@b>`` (the suppression list's key)."""
-    return email.utils.parseaddr(address)[1].strip().lower() or address.strip().lower()
-
-
-def _seconds(s: float) -> dt.timedelta:
-    return dt.timedelta(seconds=s)

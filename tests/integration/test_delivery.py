@@ -20,7 +20,8 @@ from delivery_harness import (
 )
 
 from segflowd.delivery.outbox import enqueue
-from segflowd.delivery.service import DeliveryService, TokenBucket, backoff
+from segflowd.delivery.outcomes import backoff
+from segflowd.delivery.service import DeliveryService, TokenBucket
 from segflowd.providers import SendResult
 from segflowd.schema import messages, subscriptions, suppressions
 from segflowd.store import Store

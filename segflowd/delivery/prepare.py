@@ -1,0 +1,208 @@
+"""Preparing a claimed batch: what each message needs, whether it may go out, its MIME.
+
+Three queries read the batch's users, their marketing unsubscribes and the suppressed
+addresses; context providers add their data; then every message still to send is rendered
+(in a worker thread, or by the render processes where there are some) and built into an
+:class:`~segflowd.providers.OutgoingMessage` with its tracking links and unsubscribe URL.
+A message that must not be sent gets its status here instead: ``failed`` (no or a bad
+address, a template error), ``suppressed`` (the address or the user opted out) or
+``retry`` (the store or a context provider failed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+import sqlalchemy as sa
+import structlog
+
+from ..errors import TemplateError
+from ..hooks import ContextProvider
+from ..kernel import Kernel
+from ..providers import OutgoingMessage
+from ..schema import subscriptions, suppressions, users
+from .mime import InvalidAddress, MessageParts, build_message, make_message_id, parse_address
+from .renderpool import RenderJob, RenderPool, RenderPoolError, RenderResult, render_jobs
+from .templates import Rendered, Renderer, add_tracking, sample_user
+from .tokens import Signer
+
+__all__ = ["BatchPreparer", "Prepared", "bare_address"]
+
+log = structlog.get_logger("segflowd.delivery")
+
+MARKETING_TOPIC = "marketing"
+MARKETING_KINDS = frozenset({"campaign", "broadcast"})
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One claimed row on its way: its message to send, or the status decided instead."""
+
+    row: Mapping[str, Any]
+    user: dict[str, Any] = dataclasses.field(default_factory=dict)
+    address: str = ""
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    message: OutgoingMessage | None = None
+    status: str | None = None  # decided without sending: failed | suppressed | retry
+    error: str | None = None
+
+
+class BatchPreparer:
+    """Turns the delivery service's claimed rows into :class:`Prepared` messages."""
+
+    def __init__(self, k: Kernel, *, context_providers: list[ContextProvider],
+                 renderer: Renderer, render_pool: RenderPool | None, signer: Signer,
+                 public_url: str, sender_domain: str) -> None:
+        self.k = k
+        # Kept by reference: services built later may still append.
+        self.context_providers = context_providers
+        self.renderer = renderer
+        self.render_pool = render_pool
+        self.signer = signer
+        self.public_url = public_url
+        self._sender_domain = sender_domain
+
+    async def prepare(self, rows: Sequence[Mapping[str, Any]]) -> list[Prepared]:
+        """Read what the batch needs in three queries, then render it off the event loop."""
+        prepared = [Prepared(r) for r in rows]
+        try:
+            await self._gather(prepared)
+        except Exception as exc:  # the store or a context provider failed: try again later
+            for p in prepared:
+                if p.status is None:
+                    p.status = "retry"
+                    p.error = f"preparing the message: {type(exc).__name__}: {exc}"
+            return prepared
+        # Rendering is CPU work (Jinja2, css-inline, the text part): a worker thread keeps
+        # the event loop (ingest, the control socket) responsive meanwhile, and hands the
+        # batch to the render processes where there are some.
+        await anyio.to_thread.run_sync(self._render_all, prepared)
+        return prepared
+
+    async def _gather(self, prepared: list[Prepared]) -> None:
+        user_ids = sorted({str(p.row["user_id"]) for p in prepared
+                           if p.row["user_id"] is not None})
+        found: dict[str, dict[str, Any]] = {}
+        unsubscribed: set[str] = set()
+        async with self.k.store.connect() as conn:
+            if user_ids:
+                for u in (await conn.execute(sa.select(users).where(
+                        users.c.id.in_(user_ids)))).mappings():
+                    found[u["id"]] = {**(u["attributes"] or {}), "id": u["id"],
+                                      "email": u["email"]}
+                unsubscribed = set((await conn.execute(sa.select(subscriptions.c.user_id).where(
+                    subscriptions.c.user_id.in_(user_ids),
+                    subscriptions.c.topic == MARKETING_TOPIC,
+                    subscriptions.c.unsubscribed_at.is_not(None)))).scalars())
+            for p in prepared:
+                p.user = found.get(str(p.row["user_id"]), {})
+                p.address = str(p.row["to_address"] or p.user.get("email") or "")
+            addresses = sorted({bare_address(p.address) for p in prepared if p.address})
+            suppressed: dict[str, str] = {}
+            if addresses:
+                result = await conn.execute(
+                    sa.select(suppressions.c.address, suppressions.c.reason).where(
+                        suppressions.c.address.in_(addresses)))
+                suppressed = {str(a): str(r) for a, r in result.all()}
+        for p in prepared:
+            row = p.row
+            if not p.address:
+                p.status, p.error = "failed", "no email address for this message's user"
+                continue
+            try:
+                parse_address(p.address, "recipient")  # before any work
+            except InvalidAddress as exc:
+                p.status, p.error = "failed", str(exc)
+                continue
+            reason = suppressed.get(bare_address(p.address))
+            if reason is not None:
+                p.status, p.error = "suppressed", f"address suppressed ({reason})"
+            elif row["kind"] in MARKETING_KINDS and row["user_id"] in unsubscribed:
+                p.status, p.error = "suppressed", "user unsubscribed from marketing messages"
+            else:
+                data: dict[str, Any] = dict(row["data"] or {})
+                if row["user_id"] is not None:
+                    for cp in self.context_providers:
+                        data.update(await cp.context_for(str(row["user_id"]), data))
+                p.data = data
+
+    def _render_all(self, prepared: list[Prepared]) -> None:
+        todo = [p for p in prepared if p.status is None]
+        jobs: list[RenderJob] = []
+        unsubs: list[str] = []
+        for p in todo:
+            job, unsub = self._job(p)
+            jobs.append(job)
+            unsubs.append(unsub)
+        results: list[RenderResult] | None = None
+        if self.render_pool is not None and jobs:
+            try:
+                results = self.render_pool.render_many(jobs)
+            except RenderPoolError as exc:  # rendered here instead; the pool restarts
+                log.warning("delivery.render_pool_failed", error=str(exc))
+        if results is None:
+            results = render_jobs(self.renderer, jobs)
+        for p, result, unsub in zip(todo, results, unsubs, strict=True):
+            if isinstance(result, TemplateError):
+                p.status, p.error = "failed", str(result)
+                continue
+            try:
+                p.message = self._build(p, result, unsub)
+            except InvalidAddress as exc:
+                p.status, p.error = "failed", str(exc)
+
+    def _job(self, p: Prepared) -> tuple[RenderJob, str]:
+        """The template and context to render ``p`` with, and its unsubscribe URL."""
+        row, user, data, address = p.row, dict(p.user), p.data, p.address
+        unsub = ""
+        if row["kind"] in MARKETING_KINDS:
+            claims: dict[str, str | int] = {"m": int(row["id"])}
+            if row["user_id"] is not None:
+                claims["u"] = str(row["user_id"])
+            else:
+                claims["a"] = bare_address(address)
+            unsub = f"{self.public_url}/u/{self.signer.sign('u', claims)}"
+        if row["kind"] == "test":  # a test send fills what it lacks with sample values
+            sample = sample_user()
+            sample.update(user or {"email": address})
+            user = sample
+        context = {**data, "data": data, "user": user,
+                   "message": {"id": row["id"], "kind": row["kind"],
+                               "campaign": row["campaign"], "template": row["template"]},
+                   "unsubscribe_url": unsub}
+        return (str(row["template"]), context), unsub
+
+    def _build(self, p: Prepared, rendered: Rendered, unsub: str) -> OutgoingMessage:
+        row, address = p.row, p.address
+        html = rendered.html
+        if self._tracks(row):
+            mid = int(row["id"])
+            html = add_tracking(
+                html,
+                lambda url: f"{self.public_url}/t/c/{self.signer.sign('c', {'m': mid, 'l': url})}",
+                f"{self.public_url}/t/o/{self.signer.sign('o', {'m': mid})}")
+        ecfg = self.k.config.email
+        return build_message(MessageParts(
+            row_id=int(row["id"]), kind=row["kind"], sender=ecfg.from_, to=address,
+            subject=rendered.subject, html=html, text=rendered.text,
+            message_id=row["message_id"] or make_message_id(int(row["id"]), self._sender_domain),
+            date=self.k.clock.now(), reply_to=ecfg.reply_to, unsubscribe_url=unsub,
+            unsubscribe_mailto=ecfg.unsubscribe_mailto))
+
+    def _tracks(self, row: Mapping[str, Any]) -> bool:
+        tpl = self.k.app.templates.get(row["template"])
+        if tpl is not None and tpl.track is not None:
+            return tpl.track
+        camp = self.k.app.campaigns.get(row["campaign"] or "")
+        if camp is not None and camp.track is not None:
+            return camp.track
+        return self.k.config.email.track
+
+
+def bare_address(address: str) -> str:
+    """The lower-cased addr-spec of ``Name <a@b>`` (the suppression list's key)."""
+    return email.utils.parseaddr(address)[1].strip().lower() or address.strip().lower()
