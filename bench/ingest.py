@@ -101,8 +101,9 @@ def serve_ingest_only(config_path: str, *, no_store: bool = False) -> None:
     from segflowd.cli.commands import _load
     from segflowd.daemon import Daemon
     from segflowd.hooks import IngestBatch
-    from segflowd.ingest.committer import CommitResult, EventWrite, GroupCommitter, Write
+    from segflowd.ingest.committer import GroupCommitter
     from segflowd.ingest.service import IngestService
+    from segflowd.ingest.writes import CommitResult, EventWrite, Write
 
     if no_store:
         async def answer(self: GroupCommitter, groups: list[list[Write]]

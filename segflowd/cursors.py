@@ -13,7 +13,7 @@ import datetime as dt
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..schema import engine_cursors, events
+from .schema import engine_cursors, events
 
 __all__ = ["SAVE_INTERVAL", "Cursor", "load_cursor", "max_event_id", "save_cursor"]
 

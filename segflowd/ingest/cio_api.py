@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .committer import EventWrite, UserWrite, Write
 from .payloads import check_size, dedupe_key, opt_id, opt_object, opt_time, require_name
+from .writes import EventWrite, UserWrite, Write
 
 __all__ = ["parse_customer", "parse_event"]
 

@@ -8,42 +8,32 @@ request gets :class:`~segflowd.errors.StoreUnavailable` (HTTP 503) and nothing o
 flush is written; the next flush simply tries again. If one request's writes break
 the transaction (bad data the parser let through), the flush is retried request by
 request so only that request fails.
+
+The writes themselves, and the statements one flush makes of them, are in
+:mod:`segflowd.ingest.writes`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import anyio
-import sqlalchemy as sa
 import structlog
 from anyio.abc import TaskStatus
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .. import schema
 from ..clock import Clock
 from ..errors import IngestError, StoreUnavailable
-from ..hooks import IngestBatch, IngestSink, StoredEvent
+from ..hooks import IngestBatch, IngestSink
 from ..store import Store, is_unavailable
-from . import users
-from .eventinsert import COLUMNS, EventInserter
+from .eventinsert import EventInserter
+from .writes import CommitResult, Write, apply_writes, events_only
 
-__all__ = [
-    "CommitResult",
-    "CommitterStatistics",
-    "EventWrite",
-    "ForgetWrite",
-    "GroupCommitter",
-    "LinkWrite",
-    "UserWrite",
-    "Write",
-]
+__all__ = ["CommitterStatistics", "GroupCommitter"]
 
 log = structlog.get_logger("segflowd.committer")
 
@@ -52,56 +42,8 @@ FLUSH_ROWS = 1000  # writes that start a flush at once
 KNOWN_USERS_MAX = 200_000  # user ids remembered as existing (about 20 MB at most)
 SMALL_FLUSH = 100  # writes: under load, a flush smaller waits for the clients just answered
 QUEUE_LIMIT = 50_000  # writes waiting before submit() answers "unavailable" (back-pressure)
-_IN_CHUNK = 500  # dedupe keys per IN (...) list
 IDLE_RELEASE = 1.0  # seconds without a flush before the held connection goes back to the pool
 RELEASE_TIMEOUT = 5.0  # seconds giving the connection back may take
-
-
-@dataclasses.dataclass(frozen=True)
-class UserWrite:
-    """Create the user or merge ``attributes`` into theirs (``None`` removes a key)."""
-
-    user_id: str
-    attributes: Mapping[str, object]
-
-
-@dataclasses.dataclass(frozen=True)
-class EventWrite:
-    """Store an event once: a second write with the same ``dedupe_key`` stores nothing."""
-
-    name: str
-    attributes: Mapping[str, object]
-    created_at: dt.datetime | None  # the client's time (naive UTC); None: received time
-    user_id: str | None = None
-    anonymous_id: str | None = None
-    dedupe_key: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class LinkWrite:
-    """``anonymous_id`` is ``user_id``: their anonymous events become theirs."""
-
-    anonymous_id: str
-    user_id: str
-
-
-@dataclasses.dataclass(frozen=True)
-class ForgetWrite:
-    """Forget the user and everything of theirs."""
-
-    user_id: str
-
-
-Write = UserWrite | EventWrite | LinkWrite | ForgetWrite
-
-
-@dataclasses.dataclass(frozen=True)
-class CommitResult:
-    """What one request's writes became: per EventWrite, its row id and whether new."""
-
-    event_ids: tuple[int | None, ...]
-    duplicates: tuple[bool, ...]
-    forgotten: tuple[bool, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,14 +251,14 @@ class GroupCommitter:
             conn = self._conn = await self.store.engine.connect()
         inserter = self._inserter(conn)
         try:
-            if inserter.commits_alone and _events_only(groups, self._known):
+            if inserter.commits_alone and events_only(groups, self._known):
                 # The flush is the events INSERT and nothing else: the inserter makes it a
                 # transaction of its own, in one trip to SQLite's thread instead of five.
-                return await _apply(self.store, conn, groups, now, True, self._known,
-                                    inserter, alone=True)
+                return await apply_writes(self.store, conn, groups, now, True, self._known,
+                                          inserter, alone=True)
             async with conn.begin():
-                return await _apply(self.store, conn, groups, now, self._can_return(conn),
-                                    self._known, inserter)
+                return await apply_writes(self.store, conn, groups, now,
+                                          self._can_return(conn), self._known, inserter)
         except BaseException as exc:
             # Whatever broke (or cancelled) the flush, the next one starts on a checked
             # connection from the pool.
@@ -350,18 +292,6 @@ class GroupCommitter:
         return self._returning
 
 
-def _events_only(groups: list[Sequence[Write]], known: set[str]) -> bool:
-    """True when committing ``groups`` writes events rows and nothing else.
-
-    That is: only events, each of a user known to exist (no INSERT IGNORE of the user,
-    no anonymous id to resolve).
-    """
-    for writes in groups:
-        for w in writes:
-            if type(w) is not EventWrite or w.user_id is None or w.user_id not in known:
-                return False
-    return True
-
 
 def _as_request_error(exc: BaseException) -> BaseException:
     if isinstance(exc, StoreUnavailable):
@@ -374,149 +304,3 @@ def _as_request_error(exc: BaseException) -> BaseException:
     log.warning("ingest.refused", error=str(exc).splitlines()[0][:300])
     return IngestError("the store refused the data (a value it cannot hold); nothing of "
                        "this request was stored")
-
-
-async def _apply(store: Store, conn: AsyncConnection, groups: list[Sequence[Write]],
-                 now: dt.datetime, returning: bool, known: set[str], inserter: EventInserter,
-                 *, alone: bool = False) -> tuple[list[CommitResult], IngestBatch]:
-    """Apply every group's writes in order of kind, within one transaction.
-
-    With ``alone`` the writes are events only (:func:`_events_only`) and the inserter's
-    INSERT is the transaction, so ``conn`` must have none open.
-    """
-    ev = schema.events
-    touched: set[str] = set()
-    deleted: set[str] = set()
-    user_changes: dict[str, list[Mapping[str, object]]] = {}
-    links: dict[str, str] = {}
-    forget: list[str] = []
-    events: list[EventWrite] = []
-    for writes in groups:
-        for w in writes:
-            if isinstance(w, UserWrite):
-                user_changes.setdefault(w.user_id, []).append(w.attributes)
-            elif isinstance(w, EventWrite):
-                events.append(w)
-            elif isinstance(w, LinkWrite):
-                links[w.anonymous_id] = w.user_id
-                user_changes.setdefault(w.user_id, [])
-            else:
-                forget.append(w.user_id)
-
-    # Forget first: a request that forgets a user and a later one that recreates them in
-    # the same flush both hold (the newer data survives).
-    forgotten: dict[str, bool] = {}
-    for uid in forget:
-        forgotten[uid] = await users.forget_user(conn, uid, now)
-        deleted.add(uid)
-
-    # Anonymous events of ids already linked (or linked in this flush) belong to the user.
-    anon_only = {e.anonymous_id for e in events if e.user_id is None and e.anonymous_id}
-    resolved = await users.resolve_anonymous(conn, anon_only - set(links)) if anon_only else {}
-    resolved.update(links)
-
-    def owner(e: EventWrite) -> str | None:
-        if e.user_id is not None:
-            return e.user_id
-        return resolved.get(e.anonymous_id) if e.anonymous_id else None
-
-    exists = known.difference(forget) if forget else known
-    for e in events:
-        who = owner(e)
-        if who is not None:
-            touched.add(who)
-            if who not in exists:
-                user_changes.setdefault(who, [])
-    await users.upsert_users(store, conn, user_changes, now)
-    touched.update(user_changes)
-
-    # Repeats inside this flush are dropped here; keys already stored are skipped by the
-    # insert itself (INSERT IGNORE / ON CONFLICT DO NOTHING), which returns only new rows.
-    rows: list[tuple[Any, ...]] = []  # values in eventinsert.COLUMNS order
-    slots: list[int] = []  # index into `events` of each row offered to the insert
-    in_batch: dict[str, int] = {}
-    for idx, e in enumerate(events):
-        if e.dedupe_key:
-            if e.dedupe_key in in_batch:
-                continue
-            in_batch[e.dedupe_key] = idx
-        attrs = e.attributes
-        rows.append((owner(e), e.anonymous_id, e.name,
-                     attrs if type(attrs) is dict else dict(attrs), e.dedupe_key,
-                     e.created_at or now, now))
-        slots.append(idx)
-    new_id: dict[int, int] = {}  # index into `events` → new row id
-    seen: dict[str, int] | None = None  # stored id of each dedupe key skipped, if looked up
-    if rows and returning:
-        if inserter.supported:
-            inserted: Iterable[tuple[int, str | None]]
-            inserted, seen = await inserter.insert(conn, rows, alone=alone)
-        else:
-            inserted = await conn.execute(
-                store.insert_ignore(ev).returning(ev.c.id, ev.c.dedupe_key),
-                [dict(zip(COLUMNS, row, strict=True)) for row in rows])
-        by_key: dict[str, int] = {}
-        keyless: list[int] = []
-        for row_id, key in inserted:
-            if key is None:
-                keyless.append(row_id)
-            else:
-                by_key[key] = row_id
-        keyless.sort()  # auto-increment ids follow the order of the VALUES rows
-        unkeyed = iter(keyless)
-        for idx, row in zip(slots, rows, strict=True):
-            key = row[4]
-            if key is None:
-                new_id[idx] = next(unkeyed)
-            elif key in by_key:
-                new_id[idx] = by_key[key]
-    elif rows:  # pragma: no cover - MySQL proper has no INSERT ... RETURNING
-        for idx, row in zip(slots, rows, strict=True):
-            done = await conn.execute(store.insert_ignore(ev), dict(zip(COLUMNS, row, strict=True)))
-            if done.rowcount == 1 and done.inserted_primary_key:
-                new_id[idx] = int(done.inserted_primary_key[0])
-    if seen is None:
-        seen = {}
-        skipped = sorted(k for k, idx in in_batch.items() if idx not in new_id)
-        for i in range(0, len(skipped), _IN_CHUNK):
-            chunk = skipped[i:i + _IN_CHUNK]
-            for key, row_id in await conn.execute(
-                    sa.select(ev.c.dedupe_key, ev.c.id).where(ev.c.dedupe_key.in_(chunk))):
-                seen[key] = row_id
-
-    if links:
-        touched |= await users.link_anonymous(conn, links, now)
-
-    stored: list[StoredEvent] = []
-    for idx in slots:
-        if idx not in new_id:
-            continue
-        row_id = new_id[idx]
-        e = events[idx]
-        stored.append(StoredEvent(id=row_id, user_id=owner(e), anonymous_id=e.anonymous_id,
-                                  name=e.name, attributes=e.attributes,
-                                  created_at=e.created_at or now, received_at=now))
-
-    # Per-request results, in the order of each request's event writes.
-    results: list[CommitResult] = []
-    pos = 0
-    for writes in groups:
-        eids: list[int | None] = []
-        dups: list[bool] = []
-        forg: list[bool] = []
-        for w in writes:
-            if isinstance(w, EventWrite):
-                if pos in new_id:
-                    eids.append(new_id[pos])
-                    dups.append(False)
-                else:
-                    key = w.dedupe_key or ""
-                    eids.append(seen.get(key, new_id.get(in_batch.get(key, -1))))
-                    dups.append(True)
-                pos += 1
-            elif isinstance(w, ForgetWrite):
-                forg.append(forgotten.get(w.user_id, False))
-        results.append(CommitResult(tuple(eids), tuple(dups), tuple(forg)))
-    touched -= deleted - set(user_changes)
-    return results, IngestBatch(users=frozenset(touched), events=tuple(stored),
-                                deleted=frozenset(deleted))

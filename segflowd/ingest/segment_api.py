@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .committer import EventWrite, LinkWrite, UserWrite, Write
 from .payloads import (
     check_size,
     dedupe_key,
@@ -25,6 +24,7 @@ from .payloads import (
     require_name,
     require_object,
 )
+from .writes import EventWrite, LinkWrite, UserWrite, Write
 
 __all__ = ["TYPES", "parse_batch", "parse_message"]
 

@@ -20,15 +20,7 @@ from ..http import HTTPError, Request, Response, Router, json_response
 from ..kernel import Kernel
 from . import cio_api, segment_api, users
 from .auth import Authenticator
-from .committer import (
-    CommitResult,
-    CommitterStatistics,
-    EventWrite,
-    ForgetWrite,
-    GroupCommitter,
-    UserWrite,
-    Write,
-)
+from .committer import CommitterStatistics, GroupCommitter
 from .payloads import (
     check_size,
     dedupe_key,
@@ -39,6 +31,7 @@ from .payloads import (
     require_name,
     require_object,
 )
+from .writes import CommitResult, EventWrite, ForgetWrite, UserWrite, Write
 
 __all__ = ["IngestService", "IngestStatistics"]
 

@@ -30,13 +30,16 @@ as ``segment.entered`` / ``segment.exited``.
 **Catch-up.** The dirty set is only the fast path: after each drained round the engine
 stores a cursor (last event id, last user ``updated_at``) in ``engine_cursors``; at start
 it re-evaluates every user touched after it.
+
+**Layout.** :class:`SegmentService` is built in layers: this module holds the incremental
+path, start-up and catch-up; :mod:`.refresh` the scheduled refresh
+(:class:`~.refresh.ScheduledRefresh`); :mod:`.outputs` the hand-off of changes, the
+per-segment state and the statistics (:class:`~.outputs.MembershipOutputs`).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
 import datetime as dt
 import math
 import time
@@ -50,36 +53,29 @@ from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..app import evaluating_at
+from ..cursors import SAVE_INTERVAL, Cursor, load_cursor, max_event_id, save_cursor
 from ..errors import AppError, StoreUnavailable
 from ..hooks import IngestBatch, MembershipChange, MembershipSink
 from ..http import Router
 from ..kernel import Kernel
-from ..metrics import Sample
-from ..schema import events, segment_changes, segment_members, segment_state, users
+from ..schema import events, segment_state, users
 from ..store import is_unavailable
-from .cursors import SAVE_INTERVAL, Cursor, load_cursor, max_event_id, save_cursor
+from .outputs import SegmentState
 from .query import (
-    CHANGES_CHUNK,
     CompiledSegment,
     apply_batch,
     compile_segment,
     db_message,
     probe_segment,
-    refresh_diff,
-    save_state,
 )
+from .refresh import RETRY_DELAY, ScheduledRefresh
 
-__all__ = ["RefreshResult", "SegmentInfo", "SegmentService", "SegmentStatistics"]
+__all__ = ["SegmentService"]
 
 log = structlog.get_logger("segflowd.segments")
 
 DRAIN_BATCH = 1000  # users per evaluation query
 EVAL_CONCURRENCY = 4  # segments evaluated at the same time for one batch of users
-REFRESH_CONCURRENCY = 2  # segments refreshed at the same time
-SCHEDULER_IDLE_SLEEP = 86400.0  # seconds the scheduler sleeps with nothing due (it is woken)
-BUS_CHANGES_PER_CHUNK = 1000  # entered/exited bus events per chunk; beyond, one summary
-RATE_WINDOW = 10.0  # seconds of history behind evaluations_per_second
-RETRY_DELAY = 1.0  # seconds before retrying a round the store was unavailable for
 # A user committed just before the drainer took its set may be delivered just after:
 # the stored cursor trails the last hand-off by this much, so a restart re-covers it.
 CURSOR_SLACK = 60.0  # seconds
@@ -87,50 +83,7 @@ CURSOR_NAME = "segments"
 INGEST_TABLES = frozenset({"users", "events", "anonymous_links"})  # what ingest writes
 
 
-@dataclasses.dataclass(frozen=True)
-class SegmentInfo:
-    name: str
-    size: int
-    last_refresh_at: dt.datetime | None
-    next_refresh_at: dt.datetime | None
-    refreshing: bool
-    last_error: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class SegmentStatistics:
-    segments: tuple[SegmentInfo, ...]
-    dirty: int  # users waiting for incremental evaluation
-    evaluated: int  # user evaluations done incrementally (users x segments)
-    evaluations_per_second: float  # over the last RATE_WINDOW seconds
-    changes: int  # entries + exits applied since start
-    refreshes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class RefreshResult:
-    segment: str
-    entered: int
-    exited: int
-    size: int
-    evaluated_at: dt.datetime
-
-    def as_json(self) -> dict[str, object]:
-        return {"segment": self.segment, "entered": self.entered, "exited": self.exited,
-                "size": self.size, "evaluated_at": self.evaluated_at.isoformat() + "Z"}
-
-
-@dataclasses.dataclass
-class _State:
-    size: int = 0
-    last_refresh_at: dt.datetime | None = None
-    next_refresh_at: dt.datetime | None = None
-    refreshing: bool = False
-    scheduled: bool = False
-    error: str | None = None
-
-
-class SegmentService:
+class SegmentService(ScheduledRefresh):
     """Keeps ``segment_members`` current; a daemon :class:`~segflowd.daemon.Service`.
 
     Tests may drive it without :meth:`run`: :meth:`start` once, then :meth:`ingested`
@@ -144,7 +97,7 @@ class SegmentService:
         self.k = kernel
         self.sinks = membership_sinks  # shared by reference with the daemon's list
         self._segments: dict[str, CompiledSegment] = {}
-        self._state: dict[str, _State] = {}
+        self._state: dict[str, SegmentState] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._eval_limiter = anyio.CapacityLimiter(EVAL_CONCURRENCY)
         self._deliver_lock = anyio.Lock()  # sinks are told one segment's changes at a time
@@ -213,7 +166,7 @@ class SegmentService:
         for name, defn in self.k.app.segments.items():
             self._locks[name] = anyio.Lock()
             row = stored.get(name)
-            st = _State()
+            st = SegmentState()
             if row is not None:
                 st.size, st.last_refresh_at = int(row.size), row.last_refresh_at
                 st.next_refresh_at = row.next_refresh_at
@@ -403,228 +356,3 @@ class SegmentService:
                             retry_in_s=RETRY_DELAY)
                 await self.k.clock.sleep(RETRY_DELAY)
                 self._wake.set()
-
-    # -- scheduled refresh -----------------------------------------------------------
-
-    async def refresh(self, name: str) -> RefreshResult:
-        """Recompute segment ``name`` now and apply the difference; AppError if broken."""
-        if name not in self._state:
-            raise ValueError(f"unknown segment {name!r}; known: "
-                             + ", ".join(sorted(self._state)) if self._state else
-                             f"unknown segment {name!r}: the app defines no segments")
-        seg = self._segments.get(name)
-        st = self._state[name]
-        if seg is None:
-            raise AppError(st.error or f"segment {name!r} is broken")
-        async with self._locks[name]:
-            st.refreshing = True
-            try:
-                result = await self._refresh_locked(seg, st)
-            except Exception as exc:
-                if is_unavailable(exc) or isinstance(exc, StoreUnavailable):
-                    raise
-                await self._segment_failed(name, exc)
-                raise AppError(f"segment {name!r}: refresh failed: {db_message(exc)}") from None
-            finally:
-                st.refreshing = False
-                self._sched_wake.set()
-                if self._deferred.get(name):
-                    self._wake.set()
-        return result
-
-    async def _refresh_locked(self, seg: CompiledSegment, st: _State) -> RefreshResult:
-        name = seg.name
-        now = self.k.clock.now()
-        # On SQLite (small stores) the refresh is finished rather than cancelled mid-way;
-        # MariaDB rolls back a cancelled one when the connection is dropped.
-        shield = self.k.store.dialect == "sqlite"
-        with evaluating_at(now), anyio.CancelScope(shield=shield):
-            async with self.k.store.begin() as conn:
-                before, after, entered, exited = await refresh_diff(conn, seg, now)
-                size = int((await conn.execute(
-                    sa.select(sa.func.count()).select_from(segment_members)
-                    .where(segment_members.c.segment == name))).scalar() or 0)
-                nxt = now + dt.timedelta(seconds=seg.defn.refresh)
-                await save_state(conn, name, last_refresh_at=now, next_refresh_at=nxt,
-                                  size=size, last_error=None)
-        st.size, st.last_refresh_at, st.next_refresh_at, st.error = size, now, nxt, None
-        self._refreshes += 1
-        # Handed on while the lock is held, so a later incremental change of this
-        # segment cannot reach the sinks before these.
-        last = before
-        while last < after:
-            async with self.k.store.connect() as conn:
-                rows = (await conn.execute(
-                    sa.select(segment_changes.c.id, segment_changes.c.user_id,
-                              segment_changes.c.entered)
-                    .where(segment_changes.c.segment == name, segment_changes.c.id > last,
-                           segment_changes.c.id <= after)
-                    .order_by(segment_changes.c.id).limit(CHANGES_CHUNK))).all()
-            if not rows:
-                break
-            last = int(rows[-1][0])
-            changes = [MembershipChange(segment=name, user_id=str(r[1]), entered=bool(r[2]),
-                                        at=now) for r in rows]
-            async with self._deliver_lock:
-                await self._deliver(name, changes, adjust_size=False)
-        log.info("segment.refreshed", segment=name, entered=entered, exited=exited, size=size)
-        self.k.bus.publish("segment.refreshed", segment=name, entered=entered, exited=exited,
-                           size=size)
-        return RefreshResult(name, entered, exited, size, now)
-
-    async def refresh_due(self) -> list[RefreshResult]:
-        """Refresh every segment whose time has come (bounded concurrency); for tests."""
-        due = self._due(self.k.clock.now())
-        results: list[RefreshResult] = []
-        limiter = anyio.CapacityLimiter(REFRESH_CONCURRENCY)
-
-        async def one(name: str) -> None:
-            # A broken segment is recorded and logged by refresh(); the others go on.
-            async with limiter:
-                with contextlib.suppress(AppError):
-                    results.append(await self.refresh(name))
-
-        async with anyio.create_task_group() as tg:
-            for name in due:
-                tg.start_soon(one, name)
-        return results
-
-    def _due(self, now: dt.datetime) -> list[str]:
-        return [n for n, st in self._state.items()
-                if n in self._segments and not st.refreshing and not st.scheduled
-                and st.next_refresh_at is not None and st.next_refresh_at <= now]
-
-    async def _schedule_loop(self) -> None:
-        limiter = anyio.CapacityLimiter(REFRESH_CONCURRENCY)
-        async with anyio.create_task_group() as tg:
-            while True:
-                now = self.k.clock.now()
-                for name in self._due(now):
-                    self._state[name].scheduled = True
-                    tg.start_soon(self._scheduled_refresh, name, limiter)
-                waiting = [st.next_refresh_at for n, st in self._state.items()
-                           if n in self._segments and not st.scheduled
-                           and st.next_refresh_at is not None]
-                # A finished refresh sets the wake event, so sleeping until the earliest
-                # due time (or until woken, when every segment is in progress) is enough.
-                delay = SCHEDULER_IDLE_SLEEP
-                if waiting:
-                    delay = min(delay, max(0.0, (min(waiting) - now).total_seconds()))
-                await self._sleep_or_wake(delay)
-
-    async def _scheduled_refresh(self, name: str, limiter: anyio.CapacityLimiter) -> None:
-        st = self._state[name]
-        try:
-            async with limiter:
-                await self.refresh(name)
-        except AppError:
-            # Recorded; try again after the interval rather than in a tight loop.
-            st.next_refresh_at = self.k.clock.now() + dt.timedelta(
-                seconds=self.k.app.segments[name].refresh)
-        except Exception as exc:
-            if not (is_unavailable(exc) or isinstance(exc, StoreUnavailable)):
-                raise
-            log.warning("segments.store_unavailable", segment=name, error=db_message(exc))
-            st.next_refresh_at = self.k.clock.now() + dt.timedelta(seconds=RETRY_DELAY)
-        finally:
-            st.scheduled = False
-            self._sched_wake.set()
-
-    async def _sleep_or_wake(self, seconds: float) -> None:
-        wake = self._sched_wake
-        if wake.is_set():
-            self._sched_wake = anyio.Event()
-            return
-        async with anyio.create_task_group() as tg:
-            async def sleeper() -> None:
-                await self.k.clock.sleep(seconds)
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(sleeper)
-            await wake.wait()
-            tg.cancel_scope.cancel()
-        if self._sched_wake is wake and wake.is_set():
-            self._sched_wake = anyio.Event()
-
-    async def _action_refresh(self, args: Mapping[str, object]) -> object:
-        name = args.get("segment")
-        if not isinstance(name, str):
-            raise ValueError("segment.refresh needs {\"segment\": name}")
-        return (await self.refresh(name)).as_json()
-
-    # -- outputs and bookkeeping -----------------------------------------------------
-
-    async def _deliver(self, name: str, changes: Sequence[MembershipChange], *,
-                       adjust_size: bool = True) -> None:
-        if not changes:
-            return
-        self._changes += len(changes)
-        if adjust_size:
-            st = self._state[name]
-            st.size += sum(1 if c.entered else -1 for c in changes)
-        for sink in list(self.sinks):
-            try:
-                await sink.membership_changed(changes)
-            except Exception:
-                log.exception("segments.sink_failed", sink=type(sink).__name__, segment=name)
-        bus = self.k.bus
-        for c in changes[:BUS_CHANGES_PER_CHUNK]:
-            bus.publish("segment.entered" if c.entered else "segment.exited",
-                        segment=c.segment, user_id=c.user_id)
-        if len(changes) > BUS_CHANGES_PER_CHUNK:
-            bus.publish("segment.changes_summarized", segment=name,
-                        not_published=len(changes) - BUS_CHANGES_PER_CHUNK)
-
-    def _count(self, users_evaluated: int) -> None:
-        self._evaluated += users_evaluated
-        mono = self.k.clock.monotonic()
-        self._rate.append((mono, users_evaluated))
-        while self._rate and self._rate[0][0] < mono - RATE_WINDOW:
-            self._rate.popleft()
-
-    async def _segment_failed(self, name: str, exc: BaseException) -> None:
-        message = db_message(exc)
-        defn = self.k.app.segments[name]
-        text = f"{defn.origin}: segment {name!r} fails on the store: {message}"
-        log.error("segment.failed", segment=name, error=message)
-        self._state[name].error = text
-        self.k.bus.publish("segment.failed", segment=name, error=message)
-        await self._save_error(name, text)
-
-    async def _mark_broken(self, name: str, message: str) -> None:
-        log.error("segment.broken", segment=name, error=message)
-        self._state[name].error = message
-        self.k.bus.publish("segment.failed", segment=name, error=message)
-        await self._save_error(name, message)
-
-    async def _save_error(self, name: str, message: str | None) -> None:
-        try:
-            async with self.k.store.begin() as conn:
-                await save_state(conn, name, last_error=message)
-        except Exception as exc:  # the error is in memory and logged; the store is down
-            log.warning("segments.state_not_saved", segment=name, error=db_message(exc))
-
-    def _collect(self) -> list[Sample]:
-        out: list[Sample] = [("segflow_segment_dirty_users", {}, float(len(self._dirty))),
-                             ("segflow_segment_changes_total", {}, float(self._changes))]
-        for name, st in self._state.items():
-            out.append(("segflow_segment_members", {"segment": name}, float(st.size)))
-            out.append(("segflow_segment_broken", {"segment": name},
-                        1.0 if st.error else 0.0))
-        return out
-
-    def statistics(self) -> SegmentStatistics:
-        mono = self.k.clock.monotonic()
-        recent = sum(n for t, n in self._rate if t >= mono - RATE_WINDOW)
-        return SegmentStatistics(
-            segments=tuple(
-                SegmentInfo(name=n, size=st.size, last_refresh_at=st.last_refresh_at,
-                            next_refresh_at=st.next_refresh_at, refreshing=st.refreshing,
-                            last_error=st.error)
-                for n, st in sorted(self._state.items())),
-            dirty=len(self._dirty),
-            evaluated=self._evaluated,
-            evaluations_per_second=recent / RATE_WINDOW,
-            changes=self._changes,
-            refreshes=self._refreshes,
-        )

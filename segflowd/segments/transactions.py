@@ -30,6 +30,7 @@ import structlog
 from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..cursors import SAVE_INTERVAL, Cursor, load_cursor, max_event_id, save_cursor
 from ..delivery.outbox import enqueue
 from ..errors import StoreUnavailable
 from ..hooks import IngestBatch, OutboxWaker, StoredEvent
@@ -37,7 +38,6 @@ from ..http import Router
 from ..kernel import Kernel
 from ..schema import events, messages, suppressions, users
 from ..store import is_unavailable
-from .cursors import SAVE_INTERVAL, Cursor, load_cursor, max_event_id, save_cursor
 from .query import db_message
 
 __all__ = ["TransactionService", "TransactionStatistics"]

@@ -13,11 +13,11 @@ from segflowd import schema
 from segflowd.errors import IngestError, StoreUnavailable
 from segflowd.hooks import IngestBatch
 from segflowd.ingest import committer as committer_module
-from segflowd.ingest.committer import (
+from segflowd.ingest.committer import GroupCommitter
+from segflowd.ingest.writes import (
     CommitResult,
     EventWrite,
     ForgetWrite,
-    GroupCommitter,
     LinkWrite,
     UserWrite,
     Write,

@@ -17,13 +17,13 @@ from sqlalchemy import func, select
 from segflowd.app import Segflow, ago
 from segflowd.bus import Bus
 from segflowd.config import load_config
+from segflowd.cursors import load_cursor
 from segflowd.errors import AppError
 from segflowd.hooks import IngestBatch, MembershipChange, StoredEvent
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.schema import events, segment_changes, segment_members, segment_state, users
 from segflowd.segments import engine as segment_engine
-from segflowd.segments.cursors import load_cursor
 from segflowd.segments.engine import SegmentService
 from segflowd.store import Store
 from segflowd.testing import FakeClock

@@ -15,12 +15,12 @@ from sqlalchemy import select
 from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import load_config
+from segflowd.cursors import load_cursor
 from segflowd.hooks import IngestBatch, StoredEvent
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.schema import events, messages, subscriptions, suppressions, users
 from segflowd.segments import transactions
-from segflowd.segments.cursors import load_cursor
 from segflowd.segments.transactions import NO_EMAIL, TransactionService
 from segflowd.store import Store
 from segflowd.testing import FakeClock

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from segflowd.http import HTTPError
-from segflowd.ingest.committer import EventWrite, LinkWrite, UserWrite
 from segflowd.ingest.segment_api import parse_batch, parse_message
+from segflowd.ingest.writes import EventWrite, LinkWrite, UserWrite
 
 LIMIT = 32 * 1024
 
