@@ -1,4 +1,4 @@
-"""The control socket's wire format: JSON lines, versioned (docs/control-protocol.md).
+"""The control socket's wire format: JSON lines, versioned (docs/reference/control-protocol.md).
 
 Every line is one JSON object ending in ``\\n``. On connect the daemon sends a hello::
 

@@ -3,7 +3,7 @@
 A unix socket at ``[daemon] control_socket``, born with mode ``control_socket_mode``
 (0600 by default; ``control_socket_group`` hands it to a group). A socket left by a dead
 daemon is replaced; one a live daemon answers on is never taken over (ControlSocketError).
-The wire format is in :mod:`segflowd.control.protocol` and docs/control-protocol.md.
+The wire format is in :mod:`segflowd.control.protocol` and docs/reference/control-protocol.md.
 
 Every request gets a reply: a bad line, an unknown op, an action no service registered, a
 failing query are error replies, and the connection stays open. A subscriber reads the

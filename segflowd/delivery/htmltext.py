@@ -8,7 +8,7 @@ of ``<head>``, ``<style>``, ``<script>`` or an element hidden with ``display:non
 preview text) or ``hidden`` is written.
 
 It replaced inscriptis, which lays out the same documents faithfully but cost four
-times the whole Jinja2 render per message (see README "Performance").
+times the whole Jinja2 render per message (see docs/guides/performance.md).
 """
 
 from __future__ import annotations

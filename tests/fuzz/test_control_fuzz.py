@@ -1,4 +1,4 @@
-"""The control socket under random and malformed request lines (docs/control-protocol.md).
+"""The control socket under random and malformed request lines (docs/reference/control-protocol.md).
 
 Against the whole daemon in-process: every line gets exactly one reply, a JSON object
 that is either ``ok`` or an error with a documented code (never ``internal``, which is
