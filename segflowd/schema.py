@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -173,6 +173,8 @@ flow_instances = sa.Table(
     sa.Column("seq", sa.Integer, nullable=False, server_default="0"),  # journal length
     sa.Column("wake_at", Time, nullable=True),  # set while waiting on a timer
     sa.Column("wait_event", Name, nullable=True),  # set while waiting for an event
+    # ... and only an event stored after the wait began wakes it: id above this one
+    sa.Column("wait_after", sa.BigInteger, nullable=True),
     sa.Column("entry_event_id", sa.BigInteger, nullable=True),
     # flows: started by start_flow() (a broadcast) rather than an entry; the key makes a
     # retried start a no-op, the data is ``ctx.data``

@@ -28,6 +28,8 @@ __all__ = ["Admin"]
 
 log = structlog.get_logger("segflowd.flows")
 
+_ENDED = ("completed", "exited", "terminated")  # no action brings these back
+
 
 class Admin:
     """The control actions; see the module docstring."""
@@ -44,6 +46,8 @@ class Admin:
         def _cancel_timer(self, iid: int, wake_at: dt.datetime | None) -> None: ...
 
         def _running_query(self, campaign: str | None = None) -> sa.Select[Any]: ...
+
+        async def _match_campaign(self, campaign: str) -> int: ...
 
     def _campaign_arg(self, args: Mapping[str, object]) -> str:
         name = args.get("campaign")
@@ -85,6 +89,9 @@ class Admin:
                     self.wheel.add(int(iid), secs(wake_at))
             for (iid,) in await conn.execute(self._running_query(name)):
                 self._push(Work(int(iid), "run"))
+        # The stepper dropped the wakes of events that came while the campaign was paused;
+        # the store still has the events: match its waits against them.
+        await self._match_campaign(name)
         self._kick.set()
         log.info("campaign.resumed", campaign=name)
         self.k.bus.publish("campaign.resumed", campaign=name)
@@ -109,13 +116,17 @@ class Admin:
         """instance.terminate {"instance"}: end it for good (diverged, failed or live)."""
         inst = await self._instance_arg(args)
         now = self.k.clock.now()
-        if inst.status in ("completed", "exited", "terminated"):
+        if inst.status in _ENDED:
             raise FlowError(f"instance {inst.id} already ended ({inst.status})")
+        fi = flow_instances.c
         async with self.k.store.begin() as conn:
-            await conn.execute(sa.update(flow_instances).where(
-                flow_instances.c.id == inst.id).values(
+            # Conditional: the instance may have ended since it was read.
+            done = await conn.execute(sa.update(flow_instances).where(
+                fi.id == inst.id, fi.status.not_in(_ENDED)).values(
                 status="terminated", live=None, wake_at=None, wait_event=None,
-                ended_at=now, updated_at=now))
+                wait_after=None, ended_at=now, updated_at=now))
+        if done.rowcount != 1:
+            raise FlowError(f"instance {inst.id} ended meanwhile; nothing was terminated")
         self._cancel_timer(int(inst.id), inst.wake_at)
         log.info("flow.terminated", campaign=inst.campaign, instance=inst.id)
         self.k.bus.publish("flow.terminated", campaign=inst.campaign, user_id=inst.user_id,

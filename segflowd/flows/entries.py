@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
 import structlog
@@ -171,16 +171,21 @@ class Entries:
         return iid
 
     async def start_flow(self, campaign: str, user_id: str, *, key: str,
-                         data: Mapping[str, object]) -> bool:
+                         data: Mapping[str, object]) -> Literal["started", "exists", "paused"]:
         """Start ``campaign`` for the user outside segment entry (a broadcast), once per
-        ``key``; ``data`` becomes ``ctx.data``. False when nothing was started: the key was
-        used before, the user has a live instance, or the campaign is paused.
+        ``key``; ``data`` becomes ``ctx.data``. What happened:
+
+        * ``"started"``: a new instance runs;
+        * ``"exists"``: nothing to do, for good: the key was used before, or the user has a
+          live instance of the campaign;
+        * ``"paused"``: nothing was done because the campaign is paused; the same call
+          after ``campaign.resume`` starts it.
         """
         c = self.k.app.campaigns.get(campaign)
         if c is None:
             raise FlowError(f"no campaign {campaign!r}")
         if campaign in self.paused:
-            return False
+            return "paused"
         now = self.k.clock.now()
         try:
             async with self.k.store.begin() as conn:
@@ -190,11 +195,11 @@ class Entries:
                     updated_at=now))
                 iid = int(res.inserted_primary_key[0])  # type: ignore[index]  # always set
         except IntegrityError:
-            return False  # the key was used, or a live instance exists: the store said so
+            return "exists"  # the key was used, or a live instance exists: the store said so
         log.info("flow.started", campaign=c.name, user_id=user_id, instance=iid, key=key)
         self.k.bus.publish("flow.started", campaign=c.name, user_id=user_id, instance=iid)
         self._push(Work(iid, "run"))
-        return True
+        return "started"
 
     async def exit_user(self, campaign: str, user_id: str) -> int | None:
         """End the user's live instance of ``campaign`` (dynamic exit); its id, if any."""
@@ -206,9 +211,13 @@ class Entries:
                 fi.status.in_(ACTIVE)))).first()
             if row is None:
                 return None
-            await conn.execute(sa.update(flow_instances).where(fi.id == row[0]).values(
-                status="exited", live=None, wake_at=None, wait_event=None, ended_at=now,
-                updated_at=now))
+            # Conditional: on READ COMMITTED a step may have completed it since the read.
+            done = await conn.execute(sa.update(flow_instances).where(
+                fi.id == row[0], fi.live == 1, fi.status.in_(ACTIVE)).values(
+                status="exited", live=None, wake_at=None, wait_event=None, wait_after=None,
+                ended_at=now, updated_at=now))
+            if done.rowcount != 1:
+                return None
         iid = int(row[0])
         self._cancel_timer(iid, row[1])
         log.info("flow.exited", campaign=campaign, user_id=user_id, instance=iid)

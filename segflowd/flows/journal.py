@@ -77,6 +77,12 @@ class _ReplayMiss(BaseException):
     pass
 
 
+# What a flow's own code may raise and fail only its instance with: every exception, and
+# SystemExit and KeyboardInterrupt raised by the flow itself (a flow runs synchronously,
+# between two awaits, so a real Ctrl-C or sys.exit() of the process is never one of these).
+_FLOW_RAISES = (Exception, SystemExit, KeyboardInterrupt)
+
+
 def result_for_flow(kind: str, stored: object) -> object:
     """The Python value a flow receives for a journaled result."""
     if not isinstance(stored, dict) or "value" not in stored:
@@ -181,9 +187,11 @@ class Replay:
             except _ReplayMiss:
                 raise Divergence(row.seq, self._miss or "read the journal cannot answer"
                                  ) from None
-            except Exception as exc:
+            except _FLOW_RAISES as exc:
                 raise Divergence(row.seq, f"raised {type(exc).__name__}: {exc} during replay"
                                  ) from None
+            if self._miss is not None:  # a bare ``except:`` in the flow swallowed the miss
+                raise Divergence(row.seq, self._miss)
             if cmd is None:
                 raise Divergence(row.seq, f"the flow now ends before step {row.seq} "
                                  f"({row.kind} {row.name or ''})".rstrip())
@@ -211,7 +219,7 @@ class Replay:
             raise FlowError(str(exc)) from None
         except FlowError:
             raise
-        except Exception as exc:
+        except _FLOW_RAISES as exc:
             raise FlowCrashed(exc) from exc
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
@@ -94,12 +95,28 @@ class FlowEvent:
                    str(data["created_at"]))
 
 
+# The longest a wait may be: a wake time must stay inside what every store's DATETIME holds
+# (and a timedelta can add), whenever the wait starts.
+MAX_WAIT = 100 * 366 * 86400.0  # seconds: a hundred years
+LATEST_WAKE = dt.datetime(9000, 1, 1)  # wait_until() beyond this is refused
+
+
 def _seconds(value: object, what: str) -> float:
     if isinstance(value, dt.timedelta):
-        return value.total_seconds()
+        return _duration(value.total_seconds(), what)
     if isinstance(value, str | int | float):
-        return parse_interval(value)
+        return _duration(parse_interval(value), what)
     raise FlowError(f"{what} must be a number of seconds, a timedelta or '2d', not {value!r}")
+
+
+def _duration(total: float, what: str) -> float:
+    """``total`` seconds, if a wait can be that long (finite, 0 to :data:`MAX_WAIT`)."""
+    if not math.isfinite(total) or total < 0:
+        raise FlowError(f"{what} needs a finite, positive duration, not {total} seconds")
+    if total > MAX_WAIT:
+        raise FlowError(f"{what} of {total:.0f} seconds is longer than the longest wait "
+                        f"({MAX_WAIT:.0f} seconds, a hundred years)")
+    return total
 
 
 class Runtime:
@@ -119,10 +136,12 @@ class Runtime:
     def wait(self, *, days: float = 0, hours: float = 0, minutes: float = 0,
              seconds: float = 0) -> Command:
         """Sleep this long (durably: a restart does not shorten or repeat it)."""
-        total = days * 86400 + hours * 3600 + minutes * 60 + seconds
-        if total < 0:
-            raise FlowError(f"wait() needs a positive duration, not {total} seconds")
-        return Command("wait", None, {"seconds": float(total)})
+        try:
+            total = float(days * 86400 + hours * 3600 + minutes * 60 + seconds)
+        except (TypeError, OverflowError):
+            raise FlowError(f"wait() takes numbers: days={days!r}, hours={hours!r}, "
+                            f"minutes={minutes!r}, seconds={seconds!r}") from None
+        return Command("wait", None, {"seconds": _duration(total, "wait()")})
 
     def wait_until(self, when: dt.datetime) -> Command:
         """Sleep until ``when`` (naive UTC, or aware: converted to UTC)."""
@@ -130,6 +149,9 @@ class Runtime:
             raise FlowError(f"wait_until() takes a datetime, not {when!r}")
         if when.tzinfo is not None:
             when = when.astimezone(dt.UTC).replace(tzinfo=None)
+        if when >= LATEST_WAKE:
+            raise FlowError(f"wait_until({when.isoformat()}) is later than the latest wake "
+                            f"time a store holds ({LATEST_WAKE.isoformat()})")
         return Command("wait_until", None, {"at": when.isoformat()})
 
     def wait_for_event(self, name: str, *, timeout: object = None) -> Command:

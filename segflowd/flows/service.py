@@ -23,7 +23,7 @@ import sqlalchemy as sa
 import structlog
 from anyio.abc import TaskStatus
 
-from ..hooks import ConditionRunner, IngestBatch, MembershipChange, OutboxWaker, StoredEvent
+from ..hooks import ConditionRunner, MembershipChange, OutboxWaker, StoredEvent
 from ..http import Router
 from ..kernel import Kernel
 from ..schema import campaign_settings, flow_instances
@@ -33,6 +33,7 @@ from .entries import Entries
 from .steps import Stepper
 from .timers import Timers
 from .versions import reconcile_versions, record_versions
+from .wakes import Wakes
 from .wheel import TimerWheel
 from .work import (
     BATCH,
@@ -50,7 +51,7 @@ __all__ = ["FlowService", "FlowStatistics"]
 
 log = structlog.get_logger("segflowd.flows")
 
-class FlowService(Timers, Entries, Admin):
+class FlowService(Timers, Wakes, Entries, Admin):
     """Runs every campaign instance. Implements MembershipSink and IngestSink."""
 
     name = "flows"
@@ -86,7 +87,12 @@ class FlowService(Timers, Entries, Admin):
         self._diverged = 0
         self._counts: tuple[tuple[str, str, int], ...] = ()
         self._started = False
-        self._event_batches: collections.deque[list[StoredEvent]] = collections.deque()
+        self._event_batches: collections.deque[tuple[int, list[StoredEvent]]] = (
+            collections.deque())  # (first event id, the batch's awaited events)
+        self._rechecks: list[int] = []
+        self._ev_seen = 0
+        self._ev_pending: collections.Counter[int] = collections.Counter()
+        self._ev_saved = 0
         self._idle_waiters: list[anyio.Event] = []
         self._ticking = False
         self._resyncing = False  # a resync is querying the store for dropped work
@@ -135,6 +141,7 @@ class FlowService(Timers, Entries, Admin):
         self._loaded_until = None
         await self._load(now)
         await self._catch_up_membership()
+        await self._catch_up_events()
         self._started = True
 
     async def _reconcile(self, now: dt.datetime) -> None:
@@ -186,12 +193,14 @@ class FlowService(Timers, Entries, Admin):
                 tg.start_soon(self._worker)
             tg.start_soon(self._recounter)
             tg.start_soon(self._resyncer)
+            tg.start_soon(self._cursor_saver)
             task_status.started()
 
     async def drain(self) -> None:
         """Let in-flight steps finish; queued work stays in the store for the next start."""
         self._ready.clear()
         await self._until_idle()
+        await self._final_cursor_save()  # as far as every stepped wake
 
     async def settle(self, limit: float = 30.0) -> None:
         """Wait until no work is queued or running (tests and benchmarks)."""
@@ -243,6 +252,8 @@ class FlowService(Timers, Entries, Admin):
                     # Timers and runs are found again in the store after an outage; an
                     # event's wake is not (the event is long committed): keep it.
                     self._held_wakes.extend(w for w in steps if w.kind == "event")
+                elif steps:
+                    self.wakes_done(steps)
             finally:
                 for w in batch:
                     self._busy.discard(w.instance)
@@ -309,53 +320,13 @@ class FlowService(Timers, Entries, Admin):
                  event_wakes=len(wakes), event_batches=len(self._event_batches))
         for w in wakes:
             self._push(w)
-        if self._event_batches:
+        if self._event_batches or self._rechecks:
             self._push(Work(-1, "event"))
         for iid in running:
             self._push(Work(iid, "run"))
         for iid, campaign in due:
             if campaign not in self.paused:
                 self._push(Work(iid, "timer"))
-
-    # -- wait_for_event --------------------------------------------------------------
-
-    def ingested(self, batch: IngestBatch) -> None:
-        """Queue the batch's events for instances waiting on them (matched in a task)."""
-        # only names some instance waits for (kept from the store at start, then here)
-        evs = [e for e in batch.events if e.user_id is not None and e.name in self.awaited]
-        if evs:
-            self._event_batches.append(evs)
-            self._push(Work(-1, "event"))
-
-    async def _match_events(self) -> None:
-        """Wake instances waiting for the events of each batch: one query per batch."""
-        fi = flow_instances.c
-        while self._event_batches:
-            queued = self._event_batches.popleft()
-            batch = [e for e in queued if e.user_id is not None]
-            if not batch:
-                continue
-            waiting: dict[tuple[str, str], list[tuple[int, int]]] = {}
-            try:
-                async with self.k.store.connect() as conn:
-                    for iid, uid, name, seq in await conn.execute(
-                            sa.select(fi.id, fi.user_id, fi.wait_event, fi.seq).where(
-                                fi.user_id.in_({e.user_id for e in batch}),
-                                fi.wait_event.in_({e.name for e in batch}),
-                                fi.status == "waiting")):
-                        waiting.setdefault((str(uid), str(name)), []).append(
-                            (int(iid), int(seq)))
-            except BaseException:
-                # Not matched (the store is down, or shutdown): back at the head of the
-                # queue, for the resync to match again.
-                self._event_batches.appendleft(queued)
-                raise
-            for e in batch:
-                for iid, seq in waiting.get((str(e.user_id), e.name), ()):
-                    data: dict[str, object] = {
-                        "id": e.id, "name": e.name, "attributes": dict(e.attributes),
-                        "created_at": e.created_at.isoformat()}
-                    self._push(Work(iid, "event", data, e.name, seq))
 
     # -- stepping (see steps.py) -----------------------------------------------------
 

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..app import CampaignDef
+from ..cursors import max_event_id
 from ..delivery import outbox
 from ..errors import FlowError
 from ..schema import engagement, events, flow_instances, flow_journal, messages, users
@@ -50,7 +51,8 @@ GROUP_UPDATE_ROWS = 200  # instance updates per statement (or per executemany)
 # its steps is written row by row (executemany): one statement per state would be no fewer.
 MAX_STATES_PER_STEP = 0.25
 _SET = {"seq": "n_seq", "status": "n_status", "wake_at": "n_wake", "wait_event": "n_event",
-        "live": "n_live", "ended_at": "n_ended", "error": "n_error", "updated_at": "n_updated"}
+        "wait_after": "n_after", "live": "n_live", "ended_at": "n_ended", "error": "n_error",
+        "updated_at": "n_updated"}
 
 
 # Row by row, run as executemany: each instance conditional on its seq. live=1 leaves
@@ -66,18 +68,18 @@ def _state_update(pairs: list[tuple[int, int]], state: tuple[object, ...]) -> sa
     same new ``state`` (:func:`_state_of`); each row is still conditional on its own seq.
     On MariaDB an executemany of UPDATEs is one round trip per row; this is one in all.
     """
-    delta, status, wake, event, live, ended, error, updated = state
+    delta, status, wake, event, after, live, ended, error, updated = state
     return sa.update(flow_instances).where(
         _fi.id.in_([i for i, _ in pairs]),  # the primary key range; the pairs filter it
         sa.tuple_(_fi.id, _fi.seq).in_(pairs), _fi.live == 1, _fi.status != "diverged",
-    ).values(seq=_fi.seq + delta, status=status, wake_at=wake, wait_event=event, live=live,
-             ended_at=ended, error=error, updated_at=updated)
+    ).values(seq=_fi.seq + delta, status=status, wake_at=wake, wait_event=event,
+             wait_after=after, live=live, ended_at=ended, error=error, updated_at=updated)
 
 
 def _state_of(p: Mapping[str, object]) -> tuple[object, ...]:
     """What an update sets, but for the instance's own seq (kept as its increment)."""
     return (int(p["n_seq"]) - int(p["b_seq"]), p["n_status"],  # type: ignore[call-overload]
-            p["n_wake"], p["n_event"], p["n_live"], p["n_ended"], p["n_error"],
+            p["n_wake"], p["n_event"], p["n_after"], p["n_live"], p["n_ended"], p["n_error"],
             p["n_updated"])
 
 
@@ -85,6 +87,10 @@ def _state_of(p: Mapping[str, object]) -> tuple[object, ...]:
 # read costs a conversion per row)
 _LOAD_COLUMNS = (_fi.id, _fi.campaign, _fi.user_id, _fi.status, _fi.live, _fi.seq, _fi.wake_at,
                  _fi.wait_event, _fi.entry_event_id, _fi.start_data)
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
 
 
 class _Lost(Exception):  # control flow: a conditional update matched no row
@@ -133,6 +139,13 @@ class Stepper:
                 for r in runs:
                     r.result, r.error, r.fix = r.cmd_result, r.cmd_error, None
                     r.seq += 1
+                # A campaign paused meanwhile takes no further step: its instances stay
+                # ``running`` in the store, and resuming it queues them again.
+                held = [r for r in runs if r.campaign.name in self.svc.paused]
+                if held:
+                    for r in held:
+                        r.replay.close()
+                    runs = [r for r in runs if r.campaign.name not in self.svc.paused]
         finally:
             for r in runs:
                 r.replay.close()
@@ -253,6 +266,9 @@ class Stepper:
             except FlowError as exc:
                 r.end, r.end_error = "failed", str(exc)
                 continue
+            except Exception as exc:  # the engine's own fault with this instance: it alone
+                r.end, r.end_error = "failed", _traceback(exc)
+                continue
             reads = r.replay.take_reads()
             if r.cmd is None:
                 r.end = "completed"
@@ -267,13 +283,24 @@ class Stepper:
                 await self._prepare_step(r, now, reads)
             except FlowError as exc:
                 r.end, r.end_error = "failed", str(exc)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    raise  # a condition's store read: nothing of the round was written
+                r.end, r.end_error = "failed", _traceback(exc)
+        if any(not r.end and r.values.get("wait_event") is not None for r in runs):
+            # Events stored up to now came before these waits: only a later one wakes
+            # them (read before the commit, so an event racing the step counts as later).
+            async with self.k.store.connect() as conn:
+                after = await max_event_id(conn)
+            for r in runs:
+                if not r.end and r.values.get("wait_event") is not None:
+                    r.values["wait_after"] = after
         down: Exception | None = None  # the store went away in the middle
         try:
             async with self.k.store.begin() as conn:
                 await self._write_all(conn, runs, now)
         except Exception as exc:
-            if is_unavailable(exc) or (len(runs) == 1 and not isinstance(
-                    exc, _Lost | IntegrityError)):
+            if is_unavailable(exc):
                 raise  # nothing of the round was written; the caller knows what to do
             if not isinstance(exc, _Lost):
                 log.warning("flow.group_retry", steps=len(runs), error=str(exc)[:300])
@@ -287,21 +314,38 @@ class Stepper:
                         if r.lost:
                             await conn.rollback()
                 except Exception as one:
-                    log.error("flow.step_error", instance=r.iid, error=str(one)[:300])
                     r.lost = True
                     if is_unavailable(one):
                         down = one  # the rest stay as the store has them
+                        continue
+                    # The store refused this step (a value it cannot hold, say): the
+                    # instance fails with the reason rather than stay ``running`` for ever.
+                    log.error("flow.step_error", instance=r.iid, error=str(one)[:300])
+                    await self._fail_alone(r, now, one)
         done = [r for r in runs if not r.lost]
         for r in done:
             self._after(r, now)
         stepped = [r for r in done if not r.end]
         if stepped:
             self.svc.count_steps(len(stepped))
+        began = [r.iid for r in stepped if r.cmd is not None and r.cmd.kind == "wait_for_event"]
+        if began:
+            self.svc.waits_began(began)
         if any(r.cmd is not None and r.cmd.kind == "send_email" for r in stepped):
             for waker in self.svc.wakers:
                 waker.wake()
         if down is not None:
             raise down
+
+    async def _fail_alone(self, r: _Run, now: dt.datetime, exc: BaseException) -> None:
+        """Write ``r`` as failed with ``exc`` (its step could not be written)."""
+        r.end, r.end_error = "failed", _traceback(exc)
+        try:
+            async with self.k.store.begin() as conn:
+                await self._write(conn, r, now)
+        except Exception as again:  # the store is down now: the step is redone later
+            log.warning("flow.fail_unwritten", instance=r.iid, error=str(again)[:300])
+            r.lost = True
 
     async def _prepare_step(self, r: _Run, now: dt.datetime, reads: dict[str, object]
                             ) -> None:
@@ -309,7 +353,7 @@ class Stepper:
         assert cmd is not None
         r.cmd_result, r.cmd_error = None, None
         v: dict[str, object] = {"seq": r.seq + 1, "status": "running", "wake_at": None,
-                                "wait_event": None, "updated_at": now}
+                                "wait_event": None, "wait_after": None, "updated_at": now}
         if cmd.kind == "condition":
             r.cmd_result, r.cmd_error = await self._condition(cmd, r.user_id)
         elif cmd.kind in ("opened", "clicked"):
@@ -341,7 +385,7 @@ class Stepper:
         for r in runs:
             p: dict[str, object] = {"b_id": r.iid, "b_seq": r.seq, "n_error": None,
                                     "n_updated": now, "n_ended": None, "n_live": 1,
-                                    "n_wake": None, "n_event": None}
+                                    "n_wake": None, "n_event": None, "n_after": None}
             if r.end:
                 keep = r.end == "diverged"
                 p.update(n_seq=r.seq, n_status=r.end, n_error=r.end_error,
@@ -349,7 +393,8 @@ class Stepper:
             else:
                 v = r.values
                 p.update(n_seq=v["seq"], n_status=v["status"], n_wake=v["wake_at"],
-                         n_event=v["wait_event"], n_live=v.get("live", 1),
+                         n_event=v["wait_event"], n_after=v.get("wait_after"),
+                         n_live=v.get("live", 1),
                          n_ended=v.get("ended_at"))
                 cmd = r.cmd
                 assert cmd is not None
@@ -410,7 +455,7 @@ class Stepper:
             res = await conn.execute(sa.update(flow_instances).where(
                 fi.id == r.iid, fi.seq == r.seq, fi.live == 1, fi.status.in_(ACTIVE)).values(
                 status=r.end, live=1 if keep else None, wake_at=None, wait_event=None,
-                error=r.end_error, updated_at=now, ended_at=None if keep else now))
+                wait_after=None, error=r.end_error, updated_at=now, ended_at=None if keep else now))
             r.lost = res.rowcount != 1
             if not r.lost and r.fix is not None:
                 await conn.execute(sa.update(flow_journal).where(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from ..hooks import ConditionRunner, OutboxWaker
@@ -72,6 +72,8 @@ class StepHost(Protocol):
     def cancel_timer(self, instance: int) -> None: ...
 
     def count_steps(self, n: int) -> None: ...
+
+    def waits_began(self, instances: Iterable[int]) -> None: ...
 
     def schedule(self, instance: int, wake_at: dt.datetime) -> None: ...
 

@@ -648,8 +648,8 @@ async def test_a_send_whose_key_is_already_queued_is_not_queued_again_and_the_st
 async def test_statistics_and_actions_report_state_and_refuse_bad_requests(
         h: Harness) -> None:
     from segflowd.errors import FlowError
-    from segflowd.flows.work import FlowStatistics
     from segflowd.flows.wheel import WheelStatistics
+    from segflowd.flows.work import FlowStatistics
 
     app = make_app("onboarding", onboarding)
     await h.user("ro")
@@ -712,9 +712,12 @@ async def test_start_flow_starts_once_per_key_with_data_as_ctx_data(h: Harness) 
     app = make_app("launch", announces)
     await h.user("vi")
     async with h.running(app) as svc:
-        assert await svc.start_flow("launch", "vi", key="bc:1:vi", data={"code": "X1"})
-        assert not await svc.start_flow("launch", "vi", key="bc:1:vi", data={"code": "X1"})
-        assert not await svc.start_flow("launch", "vi", key="bc:2:vi", data={})  # live one
+        assert await svc.start_flow("launch", "vi", key="bc:1:vi",
+                                    data={"code": "X1"}) == "started"
+        assert await svc.start_flow("launch", "vi", key="bc:1:vi",
+                                    data={"code": "X1"}) == "exists"
+        assert await svc.start_flow("launch", "vi", key="bc:2:vi",
+                                    data={}) == "exists"  # a live one
         await h.settle()
     async with h.running(app):  # the data survives a restart: replay answers it
         await h.advance(2 * DAY)

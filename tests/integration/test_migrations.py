@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -24,9 +26,41 @@ async def test_a_version_1_store_gains_the_live_version_index(store: Store) -> N
         await conn.execute(sa.text(
             "DROP INDEX ix_flow_instances_live_version" if store.dialect == "sqlite"
             else "DROP INDEX ix_flow_instances_live_version ON flow_instances"))
+        await conn.execute(sa.text("ALTER TABLE flow_instances DROP COLUMN wait_after"))
         await conn.execute(sa.update(schema.schema_version).values(version=1))
         assert INDEX not in await conn.run_sync(_indexes)
     assert await store.migrate() == 1
     assert await store.read_schema_version() == schema.SCHEMA_VERSION >= 2
     async with store.connect() as conn:
         assert INDEX in await conn.run_sync(_indexes)
+
+
+async def test_a_version_2_store_gains_wait_after_set_for_pending_event_waits(
+        store: Store) -> None:
+    """m0003: waits already pending are woken only by events stored after the upgrade."""
+    now = dt.datetime(2026, 1, 1)
+    async with store.begin() as conn:
+        await conn.execute(sa.text("ALTER TABLE flow_instances DROP COLUMN wait_after"))
+        await conn.execute(sa.update(schema.schema_version).values(version=2))
+        await conn.execute(sa.insert(schema.users).values(
+            id="u1", attributes={}, created_at=now, updated_at=now))
+        for _n in range(3):
+            await conn.execute(sa.insert(schema.events).values(
+                user_id="u1", name="paid", attributes={}, created_at=now, received_at=now))
+        rows = [dict(campaign="c", user_id="u1", version="v", status=status, live=live,
+                     wait_event=event, created_at=now, updated_at=now)
+                for status, live, event in [("waiting", 1, "paid"), ("waiting", None, None),
+                                            ("completed", None, None)]]
+        for i, row in enumerate(rows):
+            await conn.execute(sa.insert(sa.table(
+                "flow_instances", *(sa.column(k) for k in row))).values(
+                **{**row, "campaign": f"c{i}"}))
+    assert await store.migrate() == 2
+    async with store.connect() as conn:
+        got = (await conn.execute(sa.select(
+            schema.flow_instances.c.campaign, schema.flow_instances.c.wait_after).order_by(
+            schema.flow_instances.c.campaign))).all()
+        top = (await conn.execute(sa.select(sa.func.max(schema.events.c.id)))).scalar()
+    assert top is not None
+    assert top >= 3
+    assert [(str(c), a) for c, a in got] == [("c0", top), ("c1", None), ("c2", None)]

@@ -45,3 +45,24 @@ def test_cached_argument_hashes_tell_equal_but_differently_spelled_values_apart(
     assert len(set(first)) == len(spellings)
     nested = rt.send_email("a", x=[1, 2]).hash  # not cached: not a scalar
     assert nested == rt.send_email("a", x=[1, 2]).hash != rt.send_email("a", x=[1, 3]).hash
+
+
+@pytest.mark.parametrize("call", [
+    lambda rt: rt.wait(days=float("inf")),
+    lambda rt: rt.wait(seconds=float("nan")),
+    lambda rt: rt.wait(days=10**300),
+    lambda rt: rt.wait(days=-1),
+    lambda rt: rt.wait(days="soon"),
+    lambda rt: rt.wait_until(dt.datetime.max),
+    lambda rt: rt.wait_for_event("paid", timeout=dt.timedelta(days=999_999)),
+])
+def test_a_wait_no_store_can_hold_is_a_flow_error(call: object) -> None:
+    """A wake time must fit every store's DATETIME: refused in the flow, naming the wait."""
+    rt = Runtime(lambda _name: False)
+    with pytest.raises(FlowError, match=r"wait|duration"):
+        call(rt)  # type: ignore[operator]
+
+
+def test_the_longest_wait_is_still_allowed() -> None:
+    rt = Runtime(lambda _name: False)
+    assert rt.wait(days=36_000).args["seconds"] == 36_000 * 86400.0

@@ -1,0 +1,221 @@
+"""``wait_for_event`` wakes: events matched to the instances waiting for them.
+
+The fast path is the in-memory hand-off from ingest (:meth:`Wakes.ingested`): each
+committed batch is matched to waiting instances in one query. The store is the
+checkpoint, as for timers:
+
+* a wait records ``wait_after``, the highest event id stored when it began; only an event
+  above it wakes that wait, whichever path finds it;
+* a durable cursor (``engine_cursors`` row :data:`CURSOR_NAME`) trails every event whose
+  wakes have been stepped; at start, events above it are matched against the store again,
+  so an event committed just before a crash still wakes its wait;
+* right after a round of steps commits new waits, the store is asked for events that
+  arrived while those steps ran (before the waits were visible to the fast path);
+* resuming a paused campaign matches its waits against the store (a paused campaign's
+  wakes are dropped by the stepper).
+
+A wake found twice is harmless: it names the seq of the wait it matched, and a step that
+finds the instance moved on does nothing.
+
+A mixin of :class:`~segflowd.flows.service.FlowService`, which owns the state it reads.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..cursors import SAVE_INTERVAL, Cursor, load_cursor, max_event_id, save_cursor
+from ..hooks import IngestBatch, StoredEvent
+from ..schema import events, flow_instances
+from ..store import is_unavailable
+from .work import Work
+
+if TYPE_CHECKING:
+    from ..kernel import Kernel
+
+__all__ = ["CATCH_UP_WINDOW", "CURSOR_NAME", "Wakes"]
+
+log = structlog.get_logger("segflowd.flows")
+
+CURSOR_NAME = "flows.events"  # the engine_cursors row of wait_for_event matching
+CATCH_UP_WINDOW = 10_000  # event ids matched against the store per query at start
+RECHECK_CHUNK = 500  # new waits checked against the store per query
+
+_MATCH = Work(-1, "event")  # the worker's cue to match queued batches and rechecks
+
+
+class Wakes:
+    """Matches events to waits and keeps the wake cursor; see the module docstring."""
+
+    k: Kernel
+    awaited: set[str]
+    _event_batches: collections.deque[tuple[int, list[StoredEvent]]]
+    _rechecks: list[int]  # instances whose new wait is to be checked against the store
+    _ev_seen: int  # the highest event id handed to flows
+    _ev_pending: collections.Counter[int]  # event ids with a wake (or a match) outstanding
+    _ev_saved: int  # the cursor as stored
+
+    if TYPE_CHECKING:
+        def _push(self, work: Work) -> None: ...
+
+    # -- the fast path ---------------------------------------------------------------
+
+    def ingested(self, batch: IngestBatch) -> None:
+        """Queue the batch's events for instances waiting on them (matched in a task)."""
+        if batch.events:
+            self._ev_seen = max(self._ev_seen, max(e.id for e in batch.events))
+        # only names some instance waits for (kept from the store at start, then here)
+        evs = [e for e in batch.events if e.user_id is not None and e.name in self.awaited]
+        if evs:
+            first = min(e.id for e in evs)
+            self._ev_pending[first] += 1  # the cursor stays below until it is matched
+            self._event_batches.append((first, evs))
+            self._push(_MATCH)
+
+    def waits_began(self, instances: Iterable[int]) -> None:
+        """Steps that began a ``wait_for_event`` committed: look for events that came
+        while they ran (the fast path could not see the waits yet)."""
+        before = len(self._rechecks)
+        self._rechecks.extend(instances)
+        if len(self._rechecks) > before:
+            self._push(_MATCH)
+
+    async def _match_events(self) -> None:
+        """Wake instances waiting for the queued events (one query per batch), then check
+        new waits against the store."""
+        fi = flow_instances.c
+        while self._event_batches:
+            first, batch = self._event_batches[0]
+            waiting: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+            # Not matched when this raises (the store is down, or shutdown): the batch
+            # stays at the head of the queue, for the resync to match again.
+            async with self.k.store.connect() as conn:
+                for iid, uid, name, seq, after in await conn.execute(
+                        sa.select(fi.id, fi.user_id, fi.wait_event, fi.seq, fi.wait_after)
+                        .where(fi.user_id.in_({e.user_id for e in batch}),
+                               fi.wait_event.in_({e.name for e in batch}),
+                               fi.status == "waiting")):
+                    waiting.setdefault((str(uid), str(name)), []).append(
+                        (int(iid), int(seq), int(after or 0)))
+            self._event_batches.popleft()
+            woken: set[int] = set()
+            for e in batch:
+                for iid, seq, after in waiting.get((str(e.user_id), e.name), ()):
+                    if e.id > after and iid not in woken:  # its first event after the wait
+                        woken.add(iid)
+                        self._wake(iid, seq, e.id, e.name, dict(e.attributes), e.created_at)
+            self._release(first)
+        while self._rechecks:
+            part = self._rechecks[:RECHECK_CHUNK]
+            async with self.k.store.connect() as conn:
+                await self._match_stored(conn, fi.id.in_(part))
+            del self._rechecks[:len(part)]
+
+    # -- the store as the checkpoint -------------------------------------------------
+
+    async def _match_stored(self, conn: AsyncConnection, *where: Any) -> int:
+        """Wake every waiting instance matching ``where`` by its first stored event above
+        its ``wait_after``; the number woken."""
+        fi, ev = flow_instances.c, events.c
+        rows = await conn.execute(
+            sa.select(fi.id, fi.seq, ev.id, ev.name, ev.attributes, ev.created_at)
+            .select_from(flow_instances.join(events, sa.and_(
+                ev.user_id == fi.user_id, ev.name == fi.wait_event,
+                ev.id > sa.func.coalesce(fi.wait_after, 0))))
+            .where(fi.status == "waiting", fi.live == 1, fi.wait_event.is_not(None), *where)
+            .order_by(fi.id, ev.id))
+        woken: set[int] = set()
+        for iid, seq, eid, name, attributes, created_at in rows:
+            if int(iid) not in woken:
+                woken.add(int(iid))
+                self._wake(int(iid), int(seq), int(eid), str(name), dict(attributes or {}),
+                           created_at)
+        return len(woken)
+
+    async def _match_campaign(self, campaign: str) -> int:
+        """A resumed campaign's waits, matched against the events stored meanwhile."""
+        async with self.k.store.connect() as conn:
+            return await self._match_stored(conn, flow_instances.c.campaign == campaign)
+
+    async def _catch_up_events(self) -> None:
+        """At start: events stored after the cursor are matched again (their hand-off may
+        have died with the last process)."""
+        async with self.k.store.connect() as conn:
+            cursor = await load_cursor(conn, CURSOR_NAME)
+            top = await max_event_id(conn)
+        self._ev_seen = max(self._ev_seen, top)
+        if cursor is None:  # the first start on this store: every wait is newer than top
+            async with self.k.store.begin() as conn:
+                await save_cursor(conn, CURSOR_NAME, Cursor(top, None), self.k.clock.now())
+            self._ev_saved = top
+            return
+        self._ev_saved = cursor.last_event_id
+        if not self.awaited or top <= cursor.last_event_id:
+            return
+        ev = events.c
+        woken = 0
+        async with self.k.store.connect() as conn:
+            for lo in range(cursor.last_event_id, top, CATCH_UP_WINDOW):
+                hi = min(top, lo + CATCH_UP_WINDOW)
+                woken += await self._match_stored(
+                    conn, ev.id > lo, ev.id <= hi, ev.name.in_(sorted(self.awaited)))
+        log.info("flow.events_caught_up", since=cursor.last_event_id, until=top, woken=woken)
+
+    # -- the cursor ------------------------------------------------------------------
+
+    def _wake(self, iid: int, seq: int, eid: int, name: str, attributes: dict[str, object],
+              created_at: dt.datetime) -> None:
+        data: dict[str, object] = {"id": eid, "name": name, "attributes": attributes,
+                                   "created_at": created_at.isoformat()}
+        self._ev_pending[eid] += 1
+        self._push(Work(iid, "event", data, name, seq))
+
+    def _release(self, event_id: int) -> None:
+        self._ev_pending[event_id] -= 1
+        if self._ev_pending[event_id] <= 0:
+            del self._ev_pending[event_id]
+
+    def wakes_done(self, works: Sequence[Work]) -> None:
+        """These event wakes were stepped (or found moot): the cursor may pass them."""
+        for w in works:
+            if w.kind == "event" and w.instance >= 0 and w.event is not None:
+                self._release(int(w.event["id"]))  # type: ignore[call-overload]  # an int
+
+    def _safe_cursor(self) -> int:
+        """Every event up to this id has had its wakes stepped."""
+        if self._ev_pending:
+            return min(self._ev_seen, min(self._ev_pending) - 1)
+        return self._ev_seen
+
+    async def _save_cursor(self) -> None:
+        safe = self._safe_cursor()
+        if safe <= self._ev_saved:
+            return
+        async with self.k.store.begin() as conn:
+            await save_cursor(conn, CURSOR_NAME, Cursor(safe, None), self.k.clock.now())
+        self._ev_saved = safe
+
+    async def _cursor_saver(self) -> None:
+        while True:
+            # Real time, not the flow clock: a simulated month must not wake this 2.6M times.
+            await anyio.sleep(SAVE_INTERVAL)
+            try:
+                await self._save_cursor()
+            except Exception as exc:  # the store is down: saved next time
+                if not is_unavailable(exc):
+                    log.warning("flow.cursor_save_failed", error=str(exc)[:300])
+
+    async def _final_cursor_save(self) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._save_cursor()
+            except Exception as exc:
+                log.warning("flow.cursor_save_failed", error=str(exc)[:300])

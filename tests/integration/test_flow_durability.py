@@ -1,0 +1,302 @@
+"""Flows: the crash, race and pause windows of the durability review, on real stores.
+
+Each test reproduces one finding deterministically (a stopped service stands for a kill
+between the commit and the hand-off; a patched read widens a race to a certainty).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from test_flows import DAY, Harness, awaiting, make_app
+
+from segflowd.cursors import load_cursor
+from segflowd.errors import FlowError
+from segflowd.flows import steps as steps_module
+from segflowd.flows.wakes import CURSOR_NAME
+from segflowd.schema import flow_instances, flow_journal
+from segflowd.store import Store
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def h(store: Store, tmp_path: Path) -> Harness:
+    return Harness(store, tmp_path)
+
+
+async def test_an_event_committed_before_a_crash_wakes_its_wait_at_the_next_start(
+        h: Harness) -> None:
+    """Finding 1: the hand-off died with the process; the cursor finds the event."""
+    app = make_app("cart", awaiting)
+    await h.user("ann")
+    async with h.running(app):
+        await h.join("ann", "seg")
+        await h.advance(0.5 * DAY)
+    # committed (the client had its 2xx), but no flows process heard of it
+    await h.committed_event("ann", "purchase", amount=30)
+    async with h.running(app):
+        await h.advance(3 * DAY)  # past the timeout: it must not be what happened
+    assert await h.sent("ann") == [("thanks", 0.5)]
+
+
+async def test_an_event_before_the_wait_began_does_not_wake_it_after_a_crash(
+        h: Harness) -> None:
+    """The catch-up matches only events stored after the wait began (wait_after)."""
+    app = make_app("cart", awaiting)
+    await h.user("bob")
+    await h.committed_event("bob", "purchase", amount=1)  # before anything waits
+    async with h.running(app):
+        await h.join("bob", "seg")
+    async with h.running(app):
+        await h.advance(3 * DAY)
+    assert await h.sent("bob") == [("nudge", 2)]
+
+
+async def test_the_wake_cursor_passes_only_stepped_wakes_and_is_saved_at_shutdown(
+        h: Harness) -> None:
+    app = make_app("cart", awaiting)
+    await h.user("cy")
+    async with h.running(app) as svc:
+        await h.join("cy", "seg")
+        batch = await h.committed_event("cy", "purchase", amount=2)
+        eid = batch.events[0].id
+        svc.ingested(batch)
+        assert svc._safe_cursor() < eid  # matched, not yet stepped
+        await h.settle()
+        assert svc._safe_cursor() >= eid
+        await svc.drain()  # the daemon's shutdown: the cursor is saved as far as it is safe
+    async with h.store.connect() as conn:
+        cursor = await load_cursor(conn, CURSOR_NAME)
+    assert cursor is not None
+    assert cursor.last_event_id >= eid
+    assert await h.sent("cy") == [("thanks", 0)]
+
+
+async def test_an_event_while_the_campaign_is_paused_wakes_its_wait_on_resume(
+        h: Harness) -> None:
+    """Finding 2: the stepper drops a paused campaign's wakes; resume finds the event."""
+    app = make_app("cart", awaiting)
+    await h.user("dee")
+    async with h.running(app) as svc:
+        await h.join("dee", "seg")
+        await svc.k.actions["campaign.pause"]({"campaign": "cart"})
+        await h.advance(0.5 * DAY)
+        await h.event("dee", "purchase", amount=7)
+        await h.advance(0.5 * DAY)
+        await svc.k.actions["campaign.resume"]({"campaign": "cart"})
+        await h.advance(3 * DAY)
+    assert await h.sent("dee") == [("thanks", 1.0)]
+
+
+async def test_an_event_racing_the_step_that_begins_the_wait_still_wakes_it(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event commits after the wait's high-water mark was read and is handed off
+    before the wait is visible: the check after the commit finds it in the store."""
+    app = make_app("cart", awaiting)
+    await h.user("eve")
+    real = steps_module.max_event_id
+    raced: list[int] = []
+
+    async def racing_read(conn: Any) -> int:
+        if raced:
+            return await real(conn)
+        async with h.store.connect() as other:  # (SQLite: before conn holds a snapshot)
+            mark = await real(other)
+        batch = await h.committed_event("eve", "purchase", amount=9)
+        raced.append(batch.events[0].id)
+        assert h.svc is not None
+        h.svc.ingested(batch)  # the fast path looks now: nothing waits yet
+        return mark
+
+    monkeypatch.setattr(steps_module, "max_event_id", racing_read)
+    async with h.running(app):
+        await h.join("eve", "seg")
+        await h.advance(3 * DAY)
+    assert raced
+    assert await h.sent("eve") == [("thanks", 0)]
+
+
+def loops(ctx: Any, rt: Any) -> Generator[object, object, object]:
+    for i in range(40):
+        yield rt.send_email(f"n{i}")
+
+
+async def test_pausing_stops_a_batch_between_rounds_and_resume_goes_on(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 14: a pause takes effect at the next round, not 1,000 steps later."""
+    app = make_app("loop", loops)
+    await h.user("fil")
+    real = steps_module.Stepper._round
+    rounds = 0
+
+    async def counting(self: Any, runs: Any) -> None:
+        nonlocal rounds
+        await real(self, runs)
+        rounds += 1
+        if rounds == 3:
+            self.svc.paused.add("loop")  # as campaign.pause does, mid-batch
+
+    monkeypatch.setattr(steps_module.Stepper, "_round", counting)
+    async with h.running(app) as svc:
+        await h.join("fil", "seg")
+        (inst,) = await h.instances("fil")
+        assert (inst.status, inst.seq) == ("running", 3)
+        assert len(await h.sent("fil")) == 3
+        await svc.k.actions["campaign.resume"]({"campaign": "loop"})
+        await h.settle()
+    (inst,) = await h.instances("fil")
+    assert inst.status == "completed"
+    assert [t for t, _ in await h.sent("fil")] == [f"n{i}" for i in range(40)]
+
+
+def overflowing(ctx: Any, rt: Any) -> Generator[object, object, object]:
+    yield rt.send_email("hello")
+    if ctx.user.get("huge"):
+        yield rt.wait(days=10**300)  # an OverflowError-sized wait
+    yield rt.send_email("bye")
+
+
+def exiting(ctx: Any, rt: Any) -> Generator[object, object, object]:
+    yield rt.send_email("hello")
+    raise SystemExit(3)
+
+
+async def test_one_instances_bad_wait_or_exit_fails_it_alone_in_its_batch(
+        h: Harness) -> None:
+    """Finding 6: the others of the batch complete; nothing stays running."""
+    app = make_app("ovf", overflowing)
+    for uid, huge in [("g1", False), ("g2", True), ("g3", False)]:
+        await h.user(uid, huge=huge)
+    async with h.running(app) as svc:
+        for uid in ("g1", "g2", "g3"):
+            await h.join(uid, "seg")
+        await h.advance(DAY)
+        assert svc.statistics().failures == 1
+    got = {i.user_id: (i.status, i.error or "") for i in await h.instances()}
+    assert got["g1"][0] == got["g3"][0] == "completed"
+    assert got["g2"][0] == "failed"
+    assert "hundred years" in got["g2"][1]
+    h2 = make_app("sx", exiting)
+    await h.user("g4")
+    async with h.running(h2):
+        await h.join("g4", "seg")
+    (inst,) = await h.instances("g4")
+    assert inst.status == "failed"
+    assert "SystemExit" in inst.error
+
+
+def swallowing(ctx: Any, rt: Any) -> Generator[object, object, object]:
+    yield rt.send_email("one")
+    try:
+        plan = ctx.user.get("plan")
+    except:  # noqa: E722  # the point: a bare except in a team's flow
+        plan = None
+    yield rt.send_email(f"plan-{plan}")
+
+
+async def test_a_bare_except_in_a_flow_cannot_hide_a_divergence(h: Harness) -> None:
+    """Journal replay: a read the journal never recorded is a divergence, even when the
+    flow's own bare ``except:`` catches the replay's signal."""
+    def before(ctx: Any, rt: Any) -> Generator[object, object, object]:
+        yield rt.send_email("one")
+        yield rt.wait(days=1)
+        yield rt.send_email("plan-None")
+
+    def after(ctx: Any, rt: Any) -> Generator[object, object, object]:
+        yield rt.send_email("one")
+        try:
+            plan = ctx.user.get("plan")  # new read before the journaled wait
+        except:  # noqa: E722
+            plan = None
+        yield rt.wait(days=1)
+        yield rt.send_email(f"plan-{plan}")
+
+    await h.user("hal", plan="pro")
+    async with h.running(make_app("b", before)):
+        await h.join("hal", "seg")
+    async with h.running(make_app("b", after)):
+        await h.advance(2 * DAY)
+    (inst,) = await h.instances("hal")
+    assert inst.status == "diverged"
+    assert [t for t, _ in await h.sent("hal")] == ["one"]
+
+
+async def test_an_overlong_value_the_store_refuses_fails_the_instance_alone(
+        h: Harness) -> None:
+    """Finding 6: a DataError in a one-step round used to leave the instance running."""
+    if h.store.dialect == "sqlite":
+        pytest.skip("SQLite stores any length: the refusal is MariaDB's")
+
+    def overlong(ctx: Any, rt: Any) -> Generator[object, object, object]:
+        yield rt.wait_for_event("x" * 400, timeout=60)
+
+    await h.user("ivy")
+    async with h.running(make_app("long", overlong)):
+        await h.join("ivy", "seg")
+    (inst,) = await h.instances("ivy")
+    assert inst.status == "failed"
+    assert inst.live is None
+    async with h.store.connect() as conn:
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(
+            flow_journal))).scalar() == 0
+
+
+async def test_exit_and_terminate_do_not_overwrite_a_status_written_meanwhile(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 12: on READ COMMITTED the instance may complete between the read and the
+    update; the update is conditional, so the completion stands."""
+    if h.store.dialect == "sqlite":
+        pytest.skip("SQLite serialises writers: no read-then-update window")
+    app = make_app("cart", awaiting, behavior="dynamic")
+    await h.user("jo")
+    await h.user("kim")
+    async with h.running(app) as svc:
+        await h.join("jo", "seg")
+        await h.join("kim", "seg")
+        real_begin = h.store.begin
+
+        async def complete(uid: str) -> None:  # another writer: the step that completes it
+            async with real_begin() as other:
+                await other.execute(sa.update(flow_instances).where(
+                    flow_instances.c.user_id == uid).values(
+                    status="completed", live=None, ended_at=h.clock.now()))
+
+        class Racing:
+            """A connection on which the instance completes right after each read."""
+
+            def __init__(self, conn: Any) -> None:
+                self.conn = conn
+
+            async def execute(self, stmt: Any, *a: Any, **kw: Any) -> Any:
+                res = await self.conn.execute(stmt, *a, **kw)
+                if isinstance(stmt, sa.Select):
+                    await complete("jo")
+                return res
+
+        @contextlib.asynccontextmanager
+        async def exit_race() -> Any:
+            async with real_begin() as conn:
+                yield Racing(conn)
+
+        monkeypatch.setattr(h.store, "begin", exit_race)
+        assert await svc.exit_user("cart", "jo") is None
+
+        @contextlib.asynccontextmanager
+        async def terminate_race() -> Any:  # after terminate read the instance
+            await complete("kim")
+            async with real_begin() as conn:
+                yield conn
+
+        monkeypatch.setattr(h.store, "begin", terminate_race)
+        (kim,) = await h.instances("kim")
+        with pytest.raises(FlowError, match="ended meanwhile"):
+            await svc.k.actions["instance.terminate"]({"instance": kim.id})
+        monkeypatch.undo()
+    statuses = {i.user_id: i.status for i in await h.instances()}
+    assert statuses == {"jo": "completed", "kim": "completed"}
