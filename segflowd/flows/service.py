@@ -89,7 +89,7 @@ class FlowService(Timers, Wakes, Entries, Admin):
         self._started = False
         self._event_batches: collections.deque[tuple[int, list[StoredEvent]]] = (
             collections.deque())  # (first event id, the batch's awaited events)
-        self._rechecks: list[int] = []
+        self._rechecks: list[tuple[list[int], int]] = []
         self._ev_seen = 0
         self._ev_pending: collections.Counter[int] = collections.Counter()
         self._ev_saved = 0

@@ -287,14 +287,26 @@ class Stepper:
                 if is_unavailable(exc):
                     raise  # a condition's store read: nothing of the round was written
                 r.end, r.end_error = "failed", _traceback(exc)
-        if any(not r.end and r.values.get("wait_event") is not None for r in runs):
-            # Events stored up to now came before these waits: only a later one wakes
-            # them (read before the commit, so an event racing the step counts as later).
-            async with self.k.store.connect() as conn:
-                after = await max_event_id(conn)
-            for r in runs:
-                if not r.end and r.values.get("wait_event") is not None:
-                    r.values["wait_after"] = after
+        waits = [r for r in runs if not r.end and r.values.get("wait_event") is not None]
+        if not waits:
+            await self._commit_round(runs, now)
+            return
+        # Events stored up to now came before these waits: only a later one wakes them
+        # (read before the commit, so an event racing the step counts as later).
+        async with self.k.store.connect() as conn:
+            after = await max_event_id(conn)
+        for r in waits:
+            r.values["wait_after"] = after
+        # Until the store has been asked for events that raced these steps, the wake
+        # cursor stays below them; asked whatever the commit's outcome (a COMMIT reported
+        # failed may have applied).
+        self.svc.hold_wakes(after + 1)
+        try:
+            await self._commit_round(runs, now)
+        finally:
+            self.svc.waits_began([r.iid for r in waits], after + 1)
+
+    async def _commit_round(self, runs: list[_Run], now: dt.datetime) -> None:
         down: Exception | None = None  # the store went away in the middle
         try:
             async with self.k.store.begin() as conn:
@@ -321,31 +333,32 @@ class Stepper:
                     # The store refused this step (a value it cannot hold, say): the
                     # instance fails with the reason rather than stay ``running`` for ever.
                     log.error("flow.step_error", instance=r.iid, error=str(one)[:300])
-                    await self._fail_alone(r, now, one)
+                    down = await self._fail_alone(r, now, one)
         done = [r for r in runs if not r.lost]
         for r in done:
             self._after(r, now)
         stepped = [r for r in done if not r.end]
         if stepped:
             self.svc.count_steps(len(stepped))
-        began = [r.iid for r in stepped if r.cmd is not None and r.cmd.kind == "wait_for_event"]
-        if began:
-            self.svc.waits_began(began)
         if any(r.cmd is not None and r.cmd.kind == "send_email" for r in stepped):
             for waker in self.svc.wakers:
                 waker.wake()
         if down is not None:
             raise down
 
-    async def _fail_alone(self, r: _Run, now: dt.datetime, exc: BaseException) -> None:
-        """Write ``r`` as failed with ``exc`` (its step could not be written)."""
+    async def _fail_alone(self, r: _Run, now: dt.datetime, exc: BaseException
+                          ) -> Exception | None:
+        """Write ``r`` as failed with ``exc`` (its step could not be written); the store
+        outage that prevented it, if one did (the round then ends as for any outage)."""
         r.end, r.end_error = "failed", _traceback(exc)
         try:
             async with self.k.store.begin() as conn:
                 await self._write(conn, r, now)
-        except Exception as again:  # the store is down now: the step is redone later
+        except Exception as again:
             log.warning("flow.fail_unwritten", instance=r.iid, error=str(again)[:300])
             r.lost = True
+            return again if is_unavailable(again) else None
+        return None
 
     async def _prepare_step(self, r: _Run, now: dt.datetime, reads: dict[str, object]
                             ) -> None:

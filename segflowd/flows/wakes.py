@@ -48,6 +48,7 @@ log = structlog.get_logger("segflowd.flows")
 CURSOR_NAME = "flows.events"  # the engine_cursors row of wait_for_event matching
 CATCH_UP_WINDOW = 10_000  # event ids matched against the store per query at start
 RECHECK_CHUNK = 500  # new waits checked against the store per query
+FINAL_SAVE_LIMIT = 5.0  # seconds the cursor save at shutdown may take
 
 _MATCH = Work(-1, "event")  # the worker's cue to match queued batches and rechecks
 
@@ -58,7 +59,9 @@ class Wakes:
     k: Kernel
     awaited: set[str]
     _event_batches: collections.deque[tuple[int, list[StoredEvent]]]
-    _rechecks: list[int]  # instances whose new wait is to be checked against the store
+    # (instances whose new wait is to be checked against the store, the event id the
+    # cursor is held below until it is)
+    _rechecks: list[tuple[list[int], int]]
     _ev_seen: int  # the highest event id handed to flows
     _ev_pending: collections.Counter[int]  # event ids with a wake (or a match) outstanding
     _ev_saved: int  # the cursor as stored
@@ -80,18 +83,30 @@ class Wakes:
             self._event_batches.append((first, evs))
             self._push(_MATCH)
 
-    def waits_began(self, instances: Iterable[int]) -> None:
-        """Steps that began a ``wait_for_event`` committed: look for events that came
-        while they ran (the fast path could not see the waits yet)."""
-        before = len(self._rechecks)
-        self._rechecks.extend(instances)
-        if len(self._rechecks) > before:
-            self._push(_MATCH)
+    def hold_wakes(self, from_event: int) -> None:
+        """Keep the cursor below ``from_event`` until :meth:`waits_began` is done."""
+        self._ev_pending[from_event] += 1
+
+    def waits_began(self, instances: Iterable[int], from_event: int) -> None:
+        """Steps that began a ``wait_for_event`` were committed (or may have been): look
+        for events from ``from_event`` on that came while they ran (the fast path could
+        not see the waits yet), then let the cursor pass."""
+        self._rechecks.append((list(instances), from_event))
+        self._push(_MATCH)
 
     async def _match_events(self) -> None:
-        """Wake instances waiting for the queued events (one query per batch), then check
-        new waits against the store."""
+        """Check new waits against the store, then wake instances waiting for the queued
+        events (one query per batch). Rechecks go first: they find a wait's earliest
+        events, and the first wake of a wait is the one its step takes."""
         fi = flow_instances.c
+        while self._rechecks:
+            instances, from_event = self._rechecks[0]
+            async with self.k.store.connect() as conn:
+                for lo in range(0, len(instances), RECHECK_CHUNK):
+                    await self._match_stored(
+                        conn, fi.id.in_(instances[lo:lo + RECHECK_CHUNK]))
+            self._rechecks.pop(0)
+            self._release(from_event)
         while self._event_batches:
             first, batch = self._event_batches[0]
             waiting: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
@@ -113,11 +128,6 @@ class Wakes:
                         woken.add(iid)
                         self._wake(iid, seq, e.id, e.name, dict(e.attributes), e.created_at)
             self._release(first)
-        while self._rechecks:
-            part = self._rechecks[:RECHECK_CHUNK]
-            async with self.k.store.connect() as conn:
-                await self._match_stored(conn, fi.id.in_(part))
-            del self._rechecks[:len(part)]
 
     # -- the store as the checkpoint -------------------------------------------------
 
@@ -129,8 +139,11 @@ class Wakes:
             sa.select(fi.id, fi.seq, ev.id, ev.name, ev.attributes, ev.created_at)
             .select_from(flow_instances.join(events, sa.and_(
                 ev.user_id == fi.user_id, ev.name == fi.wait_event,
-                ev.id > sa.func.coalesce(fi.wait_after, 0))))
-            .where(fi.status == "waiting", fi.live == 1, fi.wait_event.is_not(None), *where)
+                ev.id > fi.wait_after)))
+            # a wait without wait_after (begun by an older segflowd) is left to the fast
+            # path: which events came after it is not known
+            .where(fi.status == "waiting", fi.live == 1, fi.wait_event.is_not(None),
+                   fi.wait_after.is_not(None), *where)
             .order_by(fi.id, ev.id))
         woken: set[int] = set()
         for iid, seq, eid, name, attributes, created_at in rows:
@@ -214,7 +227,8 @@ class Wakes:
                     log.warning("flow.cursor_save_failed", error=str(exc)[:300])
 
     async def _final_cursor_save(self) -> None:
-        with anyio.CancelScope(shield=True):
+        # bounded: a store that stopped answering must not hold the shutdown
+        with anyio.move_on_after(FINAL_SAVE_LIMIT, shield=True):
             try:
                 await self._save_cursor()
             except Exception as exc:

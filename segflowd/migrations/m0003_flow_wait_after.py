@@ -24,7 +24,10 @@ _events = sa.Table("events", _meta, sa.Column("id", sa.BigInteger))
 
 
 def upgrade(conn: Connection) -> None:
-    conn.execute(sa.text("ALTER TABLE flow_instances ADD COLUMN wait_after BIGINT NULL"))
+    # MariaDB commits an ALTER at once: a step killed after it runs again from here
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("flow_instances")}
+    if "wait_after" not in columns:
+        conn.execute(sa.text("ALTER TABLE flow_instances ADD COLUMN wait_after BIGINT NULL"))
     top = conn.execute(sa.select(sa.func.max(_events.c.id))).scalar() or 0
     c = _flow_instances.c
     conn.execute(sa.update(_flow_instances).where(

@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
 from test_flows import DAY, Harness, awaiting, make_app
 
 from segflowd.cursors import load_cursor
 from segflowd.errors import FlowError
 from segflowd.flows import steps as steps_module
 from segflowd.flows.wakes import CURSOR_NAME
-from segflowd.schema import flow_instances, flow_journal
+from segflowd.schema import flow_instances, flow_journal, schema_version
 from segflowd.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -300,3 +301,61 @@ async def test_exit_and_terminate_do_not_overwrite_a_status_written_meanwhile(
         monkeypatch.undo()
     statuses = {i.user_id: i.status for i in await h.instances()}
     assert statuses == {"jo": "completed", "kim": "completed"}
+
+
+async def test_a_round_whose_commit_is_reported_failed_still_finds_the_racing_event(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The round that begins the wait commits, but the reply is lost (MySQL 2013); the
+    event that raced the step is still found in the store and wakes the wait."""
+    app = make_app("cart", awaiting)
+    await h.user("eve")
+    real = steps_module.max_event_id
+    raced: list[int] = []
+
+    async def racing_read(conn: Any) -> int:
+        if raced:
+            return await real(conn)
+        async with h.store.connect() as other:
+            mark = await real(other)
+        batch = await h.committed_event("eve", "purchase", amount=9)
+        raced.append(batch.events[0].id)
+        assert h.svc is not None
+        h.svc.ingested(batch)  # matched before the wait is visible: nothing waits yet
+        return mark
+
+    monkeypatch.setattr(steps_module, "max_event_id", racing_read)
+    real_write_all = steps_module.Stepper._write_all
+    armed: list[int] = []
+
+    async def write_all(self: Any, conn: Any, runs: Any, now: Any) -> None:
+        await real_write_all(self, conn, runs, now)
+        if not armed and any(r.values.get("wait_event") for r in runs if not r.end):
+            armed.append(1)
+
+    monkeypatch.setattr(steps_module.Stepper, "_write_all", write_all)
+    real_begin = h.store.begin
+
+    @contextlib.asynccontextmanager
+    async def begin() -> Any:
+        async with real_begin() as conn:
+            yield conn
+        if armed == [1]:  # committed; the client hears otherwise
+            armed.append(2)
+            raise OperationalError("COMMIT", {}, Exception(
+                "(2013, 'Lost connection to server during query')"))
+
+    monkeypatch.setattr(h.store, "begin", begin)
+    async with h.running(app):
+        await h.join("eve", "seg")
+        await h.advance(3 * DAY)
+    assert armed == [1, 2]
+    assert await h.sent("eve") == [("thanks", 0)]
+
+
+async def test_m0003_runs_again_after_a_kill_between_its_alter_and_the_stamp(
+        store: Store) -> None:
+    """MariaDB commits an ALTER at once: the step must not fail on the column it added."""
+    async with store.begin() as conn:
+        await conn.execute(sa.update(schema_version).values(version=2))  # column present
+    assert await store.migrate() == 2
+    assert await store.read_schema_version() == 3
