@@ -1,4 +1,5 @@
-"""Fail on an import cycle inside ``segflowd``, or on the core importing a box.
+"""Fail on an import cycle inside ``segflowd``, on the core importing a box, or on a module
+over 500 lines.
 
 Reads every module with :mod:`ast` (no import runs) and counts every import: top-level,
 inside functions, and under ``if TYPE_CHECKING:`` alike, since a type-only cycle still
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 TOP = {"daemon", "testing", "__main__"}  # core modules that may import the boxes
+MAX_LINES = 500  # a module past this has grown a second concern: split it
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -125,11 +127,16 @@ def main(argv: list[str]) -> int:
             for d in sorted(deps):
                 if not _is_core(files[d], root):
                     problems.append(f"the core module {name} imports the box module {d}")
+    for name, path in sorted(files.items()):
+        n = len(path.read_text().splitlines())
+        if n > MAX_LINES:
+            problems.append(f"{name} has {n} lines (at most {MAX_LINES}): split it")
     for p in problems:
         print(f"import graph: {p}", file=sys.stderr)
     if problems:
         return 1
-    print(f"import graph: {len(graph)} modules of {pkg}, no cycle, the core imports no box")
+    print(f"import graph: {len(graph)} modules of {pkg}, no cycle, the core imports no box, "
+          f"none over {MAX_LINES} lines")
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,63 +37,12 @@ from .journal import (
     result_for_flow,
 )
 from .runtime import WAIT_KINDS, Command
+from .updates import LOAD_COLUMNS, Lost, traceback_text, update_instances
 from .work import ACTIVE, StepHost, Work
 
 __all__ = ["Stepper"]
 
 log = structlog.get_logger("segflowd.flows")
-
-
-_fi = flow_instances.c
-GROUP_UPDATE_ROWS = 200  # instance updates per statement (or per executemany)
-# A round whose steps leave their instances in more distinct states than this fraction of
-# its steps is written row by row (executemany): one statement per state would be no fewer.
-MAX_STATES_PER_STEP = 0.25
-_SET = {"seq": "n_seq", "status": "n_status", "wake_at": "n_wake", "wait_event": "n_event",
-        "wait_after": "n_after", "live": "n_live", "ended_at": "n_ended", "error": "n_error",
-        "updated_at": "n_updated"}
-
-
-# Row by row, run as executemany: each instance conditional on its seq. live=1 leaves
-# running, waiting or diverged; a diverged instance takes no step.
-_GROUP_UPDATE = sa.update(flow_instances).where(
-    _fi.id == sa.bindparam("b_id"), _fi.seq == sa.bindparam("b_seq"), _fi.live == 1,
-    _fi.status != "diverged",
-).values(**{col: sa.bindparam(key) for col, key in _SET.items()})
-
-
-def _state_update(pairs: list[tuple[int, int]], state: tuple[object, ...]) -> sa.Update:
-    """One UPDATE moving every instance in ``pairs`` ((id, seq it started from)) to the
-    same new ``state`` (:func:`_state_of`); each row is still conditional on its own seq.
-    On MariaDB an executemany of UPDATEs is one round trip per row; this is one in all.
-    """
-    delta, status, wake, event, after, live, ended, error, updated = state
-    return sa.update(flow_instances).where(
-        _fi.id.in_([i for i, _ in pairs]),  # the primary key range; the pairs filter it
-        sa.tuple_(_fi.id, _fi.seq).in_(pairs), _fi.live == 1, _fi.status != "diverged",
-    ).values(seq=_fi.seq + delta, status=status, wake_at=wake, wait_event=event,
-             wait_after=after, live=live, ended_at=ended, error=error, updated_at=updated)
-
-
-def _state_of(p: Mapping[str, object]) -> tuple[object, ...]:
-    """What an update sets, but for the instance's own seq (kept as its increment)."""
-    return (int(p["n_seq"]) - int(p["b_seq"]), p["n_status"],  # type: ignore[call-overload]
-            p["n_wake"], p["n_event"], p["n_after"], p["n_live"], p["n_ended"], p["n_error"],
-            p["n_updated"])
-
-
-# What stepping reads of an instance (not its timestamps, version or error: every column
-# read costs a conversion per row)
-_LOAD_COLUMNS = (_fi.id, _fi.campaign, _fi.user_id, _fi.status, _fi.live, _fi.seq, _fi.wake_at,
-                 _fi.wait_event, _fi.entry_event_id, _fi.start_data)
-
-
-def _traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))
-
-
-class _Lost(Exception):  # control flow: a conditional update matched no row
-    pass
 
 
 @dataclasses.dataclass
@@ -155,7 +103,7 @@ class Stepper:
         ids = [w.instance for w in works]
         async with self.k.store.connect() as conn:
             insts = {int(r.id): r for r in await conn.execute(
-                sa.select(*_LOAD_COLUMNS).where(fi.id.in_(ids)))}
+                sa.select(*LOAD_COLUMNS).where(fi.id.in_(ids)))}
             journals = await load_journals(conn, ids)
             uids = {str(i.user_id) for i in insts.values()}
             people = {str(u.id): u for u in await conn.execute(
@@ -267,7 +215,7 @@ class Stepper:
                 r.end, r.end_error = "failed", str(exc)
                 continue
             except Exception as exc:  # the engine's own fault with this instance: it alone
-                r.end, r.end_error = "failed", _traceback(exc)
+                r.end, r.end_error = "failed", traceback_text(exc)
                 continue
             reads = r.replay.take_reads()
             if r.cmd is None:
@@ -286,7 +234,7 @@ class Stepper:
             except Exception as exc:
                 if is_unavailable(exc):
                     raise  # a condition's store read: nothing of the round was written
-                r.end, r.end_error = "failed", _traceback(exc)
+                r.end, r.end_error = "failed", traceback_text(exc)
         waits = [r for r in runs if not r.end and r.values.get("wait_event") is not None]
         if not waits:
             await self._commit_round(runs, now)
@@ -314,7 +262,7 @@ class Stepper:
         except Exception as exc:
             if is_unavailable(exc):
                 raise  # nothing of the round was written; the caller knows what to do
-            if not isinstance(exc, _Lost):
+            if not isinstance(exc, Lost):
                 log.warning("flow.group_retry", steps=len(runs), error=str(exc)[:300])
             for r in runs:  # one transaction each: a lost or bad step fails alone
                 r.lost = down is not None
@@ -350,7 +298,7 @@ class Stepper:
                           ) -> Exception | None:
         """Write ``r`` as failed with ``exc`` (its step could not be written); the store
         outage that prevented it, if one did (the round then ends as for any outage)."""
-        r.end, r.end_error = "failed", _traceback(exc)
+        r.end, r.end_error = "failed", traceback_text(exc)
         try:
             async with self.k.store.begin() as conn:
                 await self._write(conn, r, now)
@@ -418,7 +366,7 @@ class Stepper:
                              "name": cmd.name, "args_hash": cmd.hash, "result": stored,
                              "reads": v.get("_reads") or None, "created_at": now})
             updates.append(p)
-        await self._update_instances(conn, updates)
+        await update_instances(conn, updates)
         for r in runs:
             if r.fix is not None:
                 await conn.execute(sa.update(flow_journal).where(
@@ -438,28 +386,6 @@ class Stepper:
             await outbox.enqueue_many(conn, sends, now=now, look_up=False)
         for r in runs:
             r.lost = False
-
-    async def _update_instances(self, conn: AsyncConnection,
-                                updates: list[dict[str, object]]) -> None:
-        """Every instance update of a round, each conditional on its seq; _Lost when one
-        matched no row (someone moved that instance meanwhile)."""
-        states: dict[tuple[object, ...], list[tuple[int, int]]] = {}
-        for p in updates:
-            states.setdefault(_state_of(p), []).append(
-                (p["b_id"], p["b_seq"]))  # type: ignore[arg-type]  # ints
-        if len(states) > max(1.0, len(updates) * MAX_STATES_PER_STEP):
-            for lo in range(0, len(updates), GROUP_UPDATE_ROWS):
-                part = updates[lo:lo + GROUP_UPDATE_ROWS]
-                res = await conn.execute(_GROUP_UPDATE, part)
-                if res.rowcount != len(part):
-                    raise _Lost
-            return
-        for state, pairs in states.items():
-            for lo in range(0, len(pairs), GROUP_UPDATE_ROWS):
-                some = pairs[lo:lo + GROUP_UPDATE_ROWS]
-                res = await conn.execute(_state_update(some, state))
-                if res.rowcount != len(some):
-                    raise _Lost
 
     async def _write(self, conn: AsyncConnection, r: _Run, now: dt.datetime) -> None:
         fi = flow_instances.c
