@@ -1,9 +1,11 @@
 """The daemon's lifecycle: ``startup → run → shutdown`` in one anyio task group.
 
-Startup connects to (and migrates) the store, retrying while it is unreachable, then
-binds the HTTP listener and starts each service; READY=1 goes to systemd once all of
-that holds. SIGTERM or SIGINT stops accepting, drains within ``[daemon] drain_timeout``
-seconds, and returns normally (exit 0). A second signal skips the drain.
+Startup takes the store's daemon lock (:mod:`segflowd.lock`: one daemon per store),
+connects to (and migrates) the store, retrying while it is unreachable, then binds the
+HTTP listener and starts each service; READY=1 goes to systemd once all of that holds.
+SIGTERM or SIGINT stops accepting, drains within ``[daemon] drain_timeout`` seconds,
+releases the lock and returns normally (exit 0). A second signal skips the drain. A lock
+lost to another daemon while running drains the same way, then raises StoreLocked.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .hooks import ContextProvider, IngestSink, MembershipSink, OutboxWaker
 from .http import Request, Response, Router, error_response, json_response
 from .ingest.service import IngestService
 from .kernel import Kernel
+from .lock import DaemonLock
 from .metrics import Metrics, Sample
 from .sdnotify import Notifier
 from .segments.engine import SegmentService
@@ -139,12 +142,15 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.store = Store.open(config.store.url, pool_size=config.store.pool_size,
                                 connect_timeout=config.store.connect_timeout)
+        self.lock = DaemonLock.for_store(self.store,
+                                         connect_timeout=config.store.connect_timeout)
         self.metrics = Metrics()
         self.bus = Bus()
         self.kernel = Kernel(config=config, app=app, store=self.store, clock=self.clock,
                              bus=self.bus, metrics=self.metrics)
         self.kernel.stats["daemon"] = self.statistics
         self.kernel.stats["store"] = self.store.statistics
+        self.kernel.stats["lock"] = self.lock.statistics
         self.router = Router()
         self.services: list[Service] = (
             list(services) if services is not None else build_services(self.kernel))
@@ -154,6 +160,7 @@ class Daemon:
         self._stop = anyio.Event()
         self._server: _EmbeddedServer | None = None
         self._http_done = anyio.Event()
+        self._lock_lost: SegflowError | None = None
         self._register_core()
 
     # -- public ----------------------------------------------------------------------
@@ -173,8 +180,9 @@ class Daemon:
         """Start, serve until asked to stop, drain, return.
 
         A failure the user can act on (store schema too new, port busy, store refusing
-        the credentials) is raised as that :class:`SegflowError` itself, not wrapped in
-        an exception group; anything else propagates as the task group raised it.
+        the credentials, another daemon holding the store's lock) is raised as that
+        :class:`SegflowError` itself, not wrapped in an exception group; anything else
+        propagates as the task group raised it.
         """
         force = anyio.Event()
         try:
@@ -189,8 +197,11 @@ class Daemon:
             raise first from None
         finally:
             with anyio.CancelScope(shield=True):
+                await self.lock.release()
                 await self.store.close()
         log.info("daemon.stopped")
+        if self._lock_lost is not None:
+            raise self._lock_lost
 
     async def _run(self, force: anyio.Event) -> None:
         async with anyio.create_task_group() as tg:
@@ -221,12 +232,17 @@ class Daemon:
             self.notifier.extend_timeout(delay + self.config.store.connect_timeout
                                          + STORE_WAIT_SLACK)
 
+        # The lock comes first: a second daemon must not migrate the schema under the
+        # one that holds the store.
+        await self.lock.acquire(retry_max=self.config.store.start_retry_max,
+                                on_retry=on_retry)
         await self.store.wait_ready(retry_max=self.config.store.start_retry_max,
                                     on_retry=on_retry)
         for service in self.services:
             service.register_routes(self.router)
         sock = _bind(self.config.http.host, self.config.http.port)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_lock)
             for service in self.services:
                 await tg.start(_run_service, service)
             await tg.start(self._serve_http, sock)
@@ -240,6 +256,15 @@ class Daemon:
                      segments=len(self.app.segments), campaigns=len(self.app.campaigns),
                      templates=len(self.app.templates),
                      transactions=len(self.app.transactions))
+
+    async def _keep_lock(self) -> None:
+        """Hold the store's lock; if it is lost for good, drain and stop (run() raises)."""
+        try:
+            await self.lock.watch()
+        except SegflowError as exc:  # StoreLocked, or the lock cannot be taken again
+            self._lock_lost = exc
+            log.error("daemon.lock_lost_for_good", error=str(exc))
+            self.request_stop()
 
     async def _serve_http(self, sock: socket.socket, *,
                           task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -6,7 +6,8 @@
     ├── TemplateError            a template is missing or does not render
     ├── StoreError               the store failed
     │   ├── StoreUnavailable     the store cannot be reached (HTTP 503, retry later)
-    │   └── SchemaTooNew         the store's schema is newer than this segflowd knows
+    │   ├── SchemaTooNew         the store's schema is newer than this segflowd knows
+    │   └── StoreLocked          another segflowd runs on the store (names it; exit 2)
     ├── ProviderError            a delivery provider could not be loaded or configured
     ├── FlowError                a campaign flow misused the runtime (bad wait, unknown source)
     ├── TokenError               a signed link token is malformed, forged or for elsewhere
@@ -41,6 +42,7 @@ __all__ = [
     "SegflowError",
     "SourceError",
     "StoreError",
+    "StoreLocked",
     "StoreUnavailable",
     "TemplateError",
     "TokenError",
@@ -91,6 +93,13 @@ class StoreUnavailable(StoreError):
 
 class SchemaTooNew(StoreError):
     """The store was migrated by a newer segflowd than this one."""
+
+
+class StoreLocked(StoreError):
+    """Another segflowd holds the store's daemon lock (see :mod:`segflowd.lock`).
+
+    ``str(exc)`` names the holder: host and pid (SQLite), or the server connection.
+    """
 
 
 class ProviderError(SegflowError):

@@ -1,7 +1,8 @@
 """The ``segflowd`` command: ``run`` (the default), ``check``, ``migrate``, ``version``.
 
 Exit status: 0 success; 1 a runtime failure or problems found by ``check``; 2 a bad
-configuration or app (a person has to fix a file; systemd should not restart-loop).
+configuration or app, or another segflowd already running on the store (a person has to
+act; systemd should not restart-loop).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import structlog
 from .. import __version__
 from ..app import Segflow
 from ..config import Config, load_config
-from ..errors import AppError, ConfigError, SegflowError, StoreError
+from ..errors import AppError, ConfigError, SegflowError, StoreError, StoreLocked
 from ..loader import load_app
 from ..logs import configure_logging
 from .check import run_check
@@ -125,7 +126,7 @@ def cmd_run(config_path: str | None) -> int:
         _run_async(main)
     except SegflowError as exc:
         structlog.get_logger("segflowd").error("daemon.failed", error=str(exc))
-        return _fail(str(exc), EXIT_FAILURE)
+        return _fail(str(exc), EXIT_USAGE if isinstance(exc, StoreLocked) else EXIT_FAILURE)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled by the daemon
         return EXIT_OK
     return EXIT_OK

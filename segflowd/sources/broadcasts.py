@@ -9,8 +9,17 @@ audience segment. What a caller may rely on:
 * **Resumable**: members are taken in user-id order after ``broadcasts.after``; at start
   every broadcast still ``running`` continues from there.
 * **Rate-limited**: at most ``rate`` users per second (measured on the injected clock).
+* **Transient store errors are retried**: a batch the store refused for a reason that
+  passes (a deadlock, a lock wait timeout, a dropped connection, the server down) is
+  tried again after a backoff from ``RETRY_FIRST`` doubling to ``RETRY_MAX`` seconds.
+  ``failed`` is kept for errors a retry would not cure; its ``error`` says which.
+* **Paused campaigns**: a broadcast that starts a paused campaign is refused at launch.
+  If the campaign is paused while its broadcast runs, the broadcast holds (still
+  ``running``; nobody is counted done or skipped) and goes on once the campaign resumes,
+  across a restart too.
 * **Progress** goes to the live bus as ``broadcast.progress`` (``done``/``total``), then
-  ``broadcast.completed`` or ``broadcast.failed``.
+  ``broadcast.completed`` or ``broadcast.failed``; ``broadcast.held`` and
+  ``broadcast.released`` mark a hold.
 
 Starting a flow goes through :class:`FlowStarter`, which the flow engine implements.
 """
@@ -19,8 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Mapping, Sequence, Set
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import anyio
 import sqlalchemy as sa
@@ -31,12 +40,14 @@ from ..delivery.outbox import Queued, enqueue_many
 from ..errors import SegflowError
 from ..hooks import OutboxWaker
 from ..schema import broadcasts, segment_members
+from ..store import is_unavailable
 
 if TYPE_CHECKING:
     from ..http import Router
     from ..kernel import Kernel
 
-__all__ = ["BroadcastError", "BroadcastService", "BroadcastStatistics", "FlowStarter"]
+__all__ = ["BroadcastError", "BroadcastService", "BroadcastStatistics", "FlowStart",
+           "FlowStarter"]
 
 log = structlog.get_logger("segflowd.broadcasts")
 
@@ -44,20 +55,32 @@ DEFAULT_RATE = 50.0  # users per second
 MAX_RATE = 10_000.0  # users per second
 BATCH_SECONDS = 1.0  # a batch holds about this many seconds of the rate
 MAX_BATCH = 500  # users per store transaction, at most
+RETRY_FIRST = 1.0  # seconds before retrying a batch the store failed transiently
+RETRY_MAX = 30.0  # seconds between retries, at most (the backoff doubles up to it)
+HOLD_POLL = 1.0  # seconds between looks at the paused campaign of a held broadcast
 
 
 class BroadcastError(SegflowError, ValueError):
     """A broadcast cannot be launched as asked (unknown template or segment, bad rate)."""
 
 
-class FlowStarter(Protocol):
-    """Starts a campaign's flow for one user, once per ``key`` (the flow engine's part).
+FlowStart = Literal["started", "exists", "paused"]
 
-    Returns False when an instance for ``key`` was started before (nothing is done).
-    """
+
+class FlowStarter(Protocol):
+    """Starts a campaign's flow for one user, once per ``key`` (the flow engine's part)."""
+
+    @property
+    def paused(self) -> Set[str]:
+        """The campaigns paused now: they start nobody."""
+        ...
 
     async def start_flow(self, campaign: str, user_id: str, *, key: str,
-                         data: Mapping[str, object]) -> bool: ...
+                         data: Mapping[str, object]) -> FlowStart:
+        """``"started"``; ``"exists"`` when an instance for ``key`` was started before or
+        the user has a live one (nothing to do, for good); ``"paused"`` when the campaign
+        is paused (nothing was done; the same call after a resume starts it)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +89,8 @@ class BroadcastStatistics:
     launched: int
     completed: int
     users_done: int
+    held: int  # broadcasts waiting for their paused campaign
+    retries: int  # batches tried again after a transient store error
 
 
 class BroadcastService:
@@ -83,6 +108,8 @@ class BroadcastService:
         self._launched = 0
         self._completed = 0
         self._users = 0
+        self._held: set[int] = set()
+        self._retries = 0
         k.actions["broadcast.launch"] = self._action_launch
         k.stats["broadcasts"] = self.statistics
 
@@ -129,6 +156,10 @@ class BroadcastService:
             if self.flows is None:
                 raise BroadcastError("this daemon's flow engine cannot start flows for "
                                      "broadcasts; send a template instead")
+            if campaign in self.flows.paused:
+                raise BroadcastError(
+                    f"campaign {campaign!r} is paused, so the broadcast would start nobody: "
+                    f"resume it first (segflowd resume {campaign})")
         if segment not in app.segments:
             known = ", ".join(sorted(app.segments)) or "none"
             raise BroadcastError(f"unknown segment {segment!r} (segments: {known})")
@@ -203,20 +234,53 @@ class BroadcastService:
     # -- running -----------------------------------------------------------------------
 
     async def _run_one(self, bid: int) -> None:
+        retry = RETRY_FIRST
         try:
-            while (pause := await self.step(bid)) is not None:
+            while True:
+                try:
+                    pause = await self.step(bid)
+                except Exception as exc:
+                    if not is_unavailable(exc):
+                        await self._fail(bid, exc)
+                        return
+                    # A deadlock, a lock wait timeout, a dropped connection: the batch was
+                    # rolled back with its cursor, so trying it again sends nobody twice.
+                    self._retries += 1
+                    log.warning("broadcast.store_unavailable", broadcast=bid,
+                                error=_short(exc), retry_in_s=retry)
+                    await self.k.clock.sleep(retry)
+                    retry = min(retry * 2, RETRY_MAX)
+                    continue
+                retry = RETRY_FIRST
+                if pause is None:
+                    return
                 if pause > 0:
                     await self.k.clock.sleep(pause)
-        except SegflowError as exc:
-            await self._finish(bid, "failed", str(exc))
         finally:
             self._running.discard(bid)
+            self._held.discard(bid)
+
+    async def _fail(self, bid: int, exc: Exception) -> None:
+        """Record a failure no retry would cure, retrying only the record itself."""
+        if not isinstance(exc, SegflowError):
+            log.error("broadcast.error", broadcast=bid, exc_info=exc)
+        retry = RETRY_FIRST
+        while True:
+            try:
+                await self._finish(bid, "failed", _short(exc))
+                return
+            except Exception as again:
+                if not is_unavailable(again):
+                    raise
+                await self.k.clock.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX)
 
     async def step(self, bid: int) -> float | None:
         """Handle the next batch of broadcast ``bid``.
 
-        Returns the seconds to wait before the next batch (the rate limit), or None once
-        the broadcast is finished."""
+        Returns the seconds to wait before the next batch (the rate limit, or
+        :data:`HOLD_POLL` while its campaign is paused), or None once the broadcast is
+        finished. A store error propagates; nothing after the last commit counts as done."""
         b, sm = broadcasts.c, segment_members.c
         clock = self.k.clock
         started = clock.monotonic()
@@ -224,21 +288,36 @@ class BroadcastService:
             row = (await conn.execute(sa.select(broadcasts).where(b.id == bid))).first()
             if row is None or row.status != "running":
                 return None
+            if row.campaign is not None:
+                if self.flows is None:
+                    raise BroadcastError(f"broadcast {bid} starts campaign {row.campaign!r} "
+                                         "but this daemon's flow engine cannot start flows")
+                if row.campaign in self.flows.paused:
+                    self._hold(bid, row.campaign)
+                    return HOLD_POLL
             size = max(1, min(MAX_BATCH, int(row.rate * BATCH_SECONDS)))
             q = sa.select(sm.user_id).where(sm.segment == row.segment)
             if row.after is not None:
                 q = q.where(sm.user_id > row.after)
             user_ids = [r[0] for r in await conn.execute(q.order_by(sm.user_id).limit(size))]
-        done = int(row.done) + len(user_ids)
-        if user_ids and row.campaign is not None:
+        paused = False
+        if user_ids and row.campaign is not None and self.flows is not None:
             # Outside the store transaction: the flow engine commits its own, and
             # starts once per key, so a batch retried after a crash starts nobody twice.
-            if self.flows is None:
-                raise BroadcastError(f"broadcast {bid} starts campaign {row.campaign!r} "
-                                     "but this daemon's flow engine cannot start flows")
+            handled = 0
             for uid in user_ids:
-                await self.flows.start_flow(row.campaign, uid, key=f"bc:{bid}:{uid}",
-                                            data=dict(row.data or {}))
+                outcome = await self.flows.start_flow(
+                    row.campaign, uid, key=f"bc:{bid}:{uid}", data=dict(row.data or {}))
+                if outcome == "paused":  # paused mid-batch: the rest wait for the resume
+                    paused = True
+                    break
+                handled += 1  # started, or it had been ("exists"): this user is done
+            user_ids = user_ids[:handled]
+            if not user_ids:
+                self._hold(bid, row.campaign)
+                return HOLD_POLL
+        self._release(bid, row.campaign)
+        done = int(row.done) + len(user_ids)
         if user_ids:
             async with self.k.store.begin() as conn:
                 if row.template is not None:
@@ -257,8 +336,25 @@ class BroadcastService:
                 w.wake()
         self.k.bus.publish("broadcast.progress", broadcast=bid, done=done,
                            total=int(row.total), segment=row.segment)
+        if paused:
+            assert row.campaign is not None  # only a campaign's start says "paused"
+            self._hold(bid, row.campaign)
+            return HOLD_POLL
         # At most `rate` users per second: a batch of n takes at least n / rate seconds.
         return max(0.0, len(user_ids) / float(row.rate) - (clock.monotonic() - started))
+
+    def _hold(self, bid: int, campaign: str) -> None:
+        if bid not in self._held:
+            self._held.add(bid)
+            log.info("broadcast.held", broadcast=bid, campaign=campaign,
+                     reason="campaign paused")
+            self.k.bus.publish("broadcast.held", broadcast=bid, campaign=campaign)
+
+    def _release(self, bid: int, campaign: str | None) -> None:
+        if bid in self._held:
+            self._held.discard(bid)
+            log.info("broadcast.released", broadcast=bid, campaign=campaign)
+            self.k.bus.publish("broadcast.released", broadcast=bid, campaign=campaign)
 
     async def _finish(self, bid: int, status: str, error: str | None) -> None:
         now = self.k.clock.now()
@@ -274,4 +370,12 @@ class BroadcastService:
 
     def statistics(self) -> BroadcastStatistics:
         return BroadcastStatistics(running=len(self._running), launched=self._launched,
-                                   completed=self._completed, users_done=self._users)
+                                   completed=self._completed, users_done=self._users,
+                                   held=len(self._held), retries=self._retries)
+
+
+def _short(exc: BaseException) -> str:
+    """The error's first line (the driver's message, without SQLAlchemy's statement)."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc)
+    return text.split("\n", 1)[0][:300] or type(exc).__name__

@@ -52,7 +52,10 @@ def test_a_live_socket_is_never_hijacked_and_a_killed_daemons_is_replaced(
     first = start_daemon(store_url=sqlite_url)
     config = first.config_path
     sock = config.parent / "run" / "segflow.sock"
-    second = spawn(config, env={"SEGFLOW_HTTP_LISTEN": f"127.0.0.1:{free_port()}"})
+    # Another store: on the same one the store's daemon lock would refuse it first.
+    other_store = f"sqlite+aiosqlite:///{config.parent}/other.db"
+    second = spawn(config, env={"SEGFLOW_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
+                                "SEGFLOW_STORE_URL": other_store})
     second.wait(timeout=EXIT_TIMEOUT)
     out, err = output(second)
     assert second.returncode == 1
