@@ -13,9 +13,10 @@ import datetime as dt
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .schema import engine_cursors, events
+from .schema import engine_cursors, events, segment_changes
 
-__all__ = ["SAVE_INTERVAL", "Cursor", "load_cursor", "max_event_id", "save_cursor"]
+__all__ = ["SAVE_INTERVAL", "Cursor", "load_cursor", "max_change_id", "max_event_id",
+           "save_cursor"]
 
 # Seconds a consumer's stored cursor may trail its work. Saving after every batch would
 # be a write transaction per ingest flush per consumer; a cursor that trails only means
@@ -50,6 +51,12 @@ async def save_cursor(conn: AsyncConnection, name: str, cursor: Cursor,
         sa.update(engine_cursors).where(engine_cursors.c.name == name).values(**values))
     if done.rowcount == 0:
         await conn.execute(sa.insert(engine_cursors).values(name=name, **values))
+
+
+async def max_change_id(conn: AsyncConnection) -> int:
+    """The highest segment change id this connection sees (0 for none)."""
+    found = (await conn.execute(sa.select(sa.func.max(segment_changes.c.id)))).scalar()
+    return int(found or 0)
 
 
 async def max_event_id(conn: AsyncConnection) -> int:

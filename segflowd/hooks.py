@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 __all__ = [
+    "ChangeCursorSink",
     "ConditionRunner",
     "ContextProvider",
     "IngestBatch",
@@ -72,6 +73,15 @@ class MembershipSink(Protocol):
     """Told of membership changes after they are committed, in the order they happened."""
 
     async def membership_changed(self, changes: Sequence[MembershipChange]) -> None: ...
+
+
+@runtime_checkable
+class ChangeCursorSink(Protocol):
+    """A membership sink that keeps a durable cursor over ``segment_changes.id``: told,
+    after hand-offs, that every change with an id up to ``change_id`` has been handed to
+    it (a change still being written, by any writer, has a higher id)."""
+
+    def changes_through(self, change_id: int) -> None: ...
 
 
 class OutboxWaker(Protocol):

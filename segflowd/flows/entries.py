@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.exc import IntegrityError
 
 from ..app import CampaignDef
+from ..cursors import Cursor, load_cursor, max_change_id, save_cursor
 from ..errors import FlowError
 from ..hooks import MembershipChange
 from ..schema import flow_instances, segment_changes, segment_members
@@ -24,9 +25,11 @@ from .work import ACTIVE, CATCH_UP_CHANGES, MEMBERSHIP_CHUNK, Work
 if TYPE_CHECKING:
     from ..kernel import Kernel
 
-__all__ = ["Entries"]
+__all__ = ["CHANGES_CURSOR", "Entries"]
 
 log = structlog.get_logger("segflowd.flows")
+
+CHANGES_CURSOR = "flows.changes"  # the engine_cursors row over segment_changes.id
 
 
 class Entries:
@@ -39,6 +42,9 @@ class Entries:
     # and the (campaign, user) pairs with a live instance.
     _started_since: dict[tuple[str, str], dt.datetime] | None
     _live_pairs: set[tuple[str, str]]
+    _ch_through: int  # every segment change up to this id was handed to flows
+    _ch_frozen: int | None  # while changes are held (an outage): the cursor stops here
+    _ch_saved: int  # the changes cursor as stored
 
     if TYPE_CHECKING:
         def _push(self, work: Work) -> None: ...
@@ -48,26 +54,45 @@ class Entries:
         def _cancel_timer(self, iid: int, wake_at: dt.datetime | None) -> None: ...
 
     async def _catch_up_membership(self) -> None:
-        """Hand over again the newest segment changes: the segment engine commits a change
-        before it tells flows, so a crash in between left an entry without its instance.
-        Replaying is safe: an entry is skipped where the campaign has an instance for the
-        user started at or after it, and an exit only ends what should have ended."""
-        watched = {s for c in self.k.app.campaigns.values() for s in (*c.segments, *c.exclude)}
-        if not watched:
-            return
-        sc, fi = segment_changes.c, flow_instances.c
+        """Hand over again the segment changes after the durable cursor (``engine_cursors``
+        row :data:`CHANGES_CURSOR`): the segment engine commits a change before it tells
+        flows, so a crash in between left an entry without its instance. Replaying is
+        safe: an entry is skipped where the campaign has an instance for the user started
+        at or after it, and an exit only ends what should have ended. A store that never
+        had the cursor (the first start, or one upgraded from before it) replays the
+        newest :data:`CATCH_UP_CHANGES` changes, as segflowd did before the cursor."""
+        sc = segment_changes.c
         async with self.k.store.connect() as conn:
-            top = int((await conn.execute(sa.select(sa.func.max(sc.id)))).scalar() or 0)
-            rows = (await conn.execute(
-                sa.select(sc.segment, sc.user_id, sc.entered, sc.at).where(
-                    sc.id > top - CATCH_UP_CHANGES, sc.segment.in_(watched))
-                .order_by(sc.id))).all()
+            cursor = await load_cursor(conn, CHANGES_CURSOR)
+            top = await max_change_id(conn)
+        since = max(0, top - CATCH_UP_CHANGES) if cursor is None else cursor.last_event_id
+        self._ch_through = self._ch_saved = since
+        watched = {s for c in self.k.app.campaigns.values() for s in (*c.segments, *c.exclude)}
+        last = since
+        while watched and last < top:
+            async with self.k.store.connect() as conn:
+                rows = (await conn.execute(
+                    sa.select(sc.id, sc.segment, sc.user_id, sc.entered, sc.at).where(
+                        sc.id > last, sc.id <= top, sc.segment.in_(watched))
+                    .order_by(sc.id).limit(CATCH_UP_CHANGES))).all()
             if not rows:
-                return
-            since = min(r.at for r in rows)
-            uids = sorted({str(r.user_id) for r in rows})
-            started: dict[tuple[str, str], dt.datetime] = {}
-            live: set[tuple[str, str]] = set()
+                break
+            await self._replay_changes(rows)
+            last = int(rows[-1].id)
+        self._ch_through = top
+        async with self.k.store.begin() as conn:
+            await save_cursor(conn, CHANGES_CURSOR, Cursor(top, None), self.k.clock.now())
+        self._ch_saved = top
+        if top > since:
+            log.info("flow.changes_caught_up", since=since, until=top)
+
+    async def _replay_changes(self, rows: Sequence[Any]) -> None:
+        fi = flow_instances.c
+        since = min(r.at for r in rows)
+        uids = sorted({str(r.user_id) for r in rows})
+        started: dict[tuple[str, str], dt.datetime] = {}
+        live: set[tuple[str, str]] = set()
+        async with self.k.store.connect() as conn:
             for lo in range(0, len(uids), MEMBERSHIP_CHUNK):
                 part = uids[lo:lo + MEMBERSHIP_CHUNK]
                 for c, u, t in await conn.execute(
@@ -88,9 +113,36 @@ class Entries:
     async def membership_changed(self, changes: Sequence[MembershipChange]) -> None:
         """Start instances whose campaign now holds; end dynamic ones that no longer do.
 
-        While the store is down the changes are held and applied once it is back.
+        While the store is down the changes are held and applied once it is back; the
+        changes cursor stays where it was until they are.
         """
-        await self._apply_membership(changes)
+        frozen = self._ch_frozen
+        if frozen is None:
+            self._ch_frozen = self._ch_through  # below these changes, whatever happens
+        try:
+            await self._apply_membership(changes)
+        except BaseException:
+            raise  # frozen until a restart replays them from the cursor
+        else:
+            if frozen is None and not self._held:
+                self._ch_frozen = None
+
+    def changes_through(self, change_id: int) -> None:
+        """Every segment change up to ``change_id`` has been handed to flows."""
+        self._ch_through = max(self._ch_through, change_id)
+
+    def changes_applied(self) -> None:
+        """Held changes were applied after an outage: the cursor may move again."""
+        if not self._held:
+            self._ch_frozen = None
+
+    async def _save_changes_cursor(self) -> None:
+        safe = self._ch_through if self._ch_frozen is None else self._ch_frozen
+        if safe <= self._ch_saved:
+            return
+        async with self.k.store.begin() as conn:
+            await save_cursor(conn, CHANGES_CURSOR, Cursor(safe, None), self.k.clock.now())
+        self._ch_saved = safe
 
     async def _apply_membership(self, changes: Sequence[MembershipChange]) -> None:
         by_user: dict[str, list[MembershipChange]] = {}

@@ -93,6 +93,9 @@ class FlowService(Timers, Wakes, Entries, Admin):
         self._ev_seen = 0
         self._ev_pending: collections.Counter[int] = collections.Counter()
         self._ev_saved = 0
+        self._ch_through = 0
+        self._ch_frozen: int | None = None
+        self._ch_saved = 0
         self._idle_waiters: list[anyio.Event] = []
         self._ticking = False
         self._resyncing = False  # a resync is querying the store for dropped work
@@ -304,6 +307,7 @@ class FlowService(Timers, Wakes, Entries, Admin):
         try:
             if held:
                 await self._apply_membership(held)
+                self.changes_applied()
             async with self.k.store.connect() as conn:
                 running = [int(i) for (i,) in await conn.execute(self._running_query())]
                 due = [(int(i), str(c)) for i, c in await conn.execute(

@@ -69,6 +69,8 @@ class Wakes:
     if TYPE_CHECKING:
         def _push(self, work: Work) -> None: ...
 
+        async def _save_changes_cursor(self) -> None: ...
+
     # -- the fast path ---------------------------------------------------------------
 
     def ingested(self, batch: IngestBatch) -> None:
@@ -222,6 +224,7 @@ class Wakes:
             await anyio.sleep(SAVE_INTERVAL)
             try:
                 await self._save_cursor()
+                await self._save_changes_cursor()
             except Exception as exc:  # the store is down: saved next time
                 if not is_unavailable(exc):
                     log.warning("flow.cursor_save_failed", error=str(exc)[:300])
@@ -231,5 +234,6 @@ class Wakes:
         with anyio.move_on_after(FINAL_SAVE_LIMIT, shield=True):
             try:
                 await self._save_cursor()
+                await self._save_changes_cursor()
             except Exception as exc:
                 log.warning("flow.cursor_save_failed", error=str(exc)[:300])

@@ -53,7 +53,14 @@ from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..app import evaluating_at
-from ..cursors import SAVE_INTERVAL, Cursor, load_cursor, max_event_id, save_cursor
+from ..cursors import (
+    SAVE_INTERVAL,
+    Cursor,
+    load_cursor,
+    max_change_id,
+    max_event_id,
+    save_cursor,
+)
 from ..errors import AppError, StoreUnavailable
 from ..hooks import IngestBatch, MembershipChange, MembershipSink
 from ..http import Router
@@ -117,6 +124,8 @@ class SegmentService(ScheduledRefresh):
         self._changes = 0
         self._refreshes = 0
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
+        self._ch_seen = 0
+        self._ch_inflight: collections.Counter[int] = collections.Counter()
         kernel.actions["segment.refresh"] = self._action_refresh
         kernel.stats["segments"] = self.statistics
         m = kernel.metrics
@@ -163,6 +172,7 @@ class SegmentService(ScheduledRefresh):
         now = self.k.clock.now()
         async with self.k.store.connect() as conn:
             stored = {r.segment: r for r in (await conn.execute(sa.select(segment_state))).all()}
+            self._ch_seen = await max_change_id(conn)
         for name, defn in self.k.app.segments.items():
             self._locks[name] = anyio.Lock()
             row = stored.get(name)
@@ -311,6 +321,8 @@ class SegmentService(ScheduledRefresh):
         async def one(name: str) -> None:
             async with self._eval_limiter, self._locks[name]:
                 now = self.k.clock.now()
+                floor = self._changes_opening()
+                top = 0
                 try:
                     # Shielded: a short transaction is finished, not abandoned, on
                     # shutdown (SQLite cannot roll back a transaction cancelled mid-way).
@@ -318,15 +330,21 @@ class SegmentService(ScheduledRefresh):
                         async with self.k.store.begin() as conn:
                             changes = await apply_batch(conn, self._segments[name],
                                                          user_ids, now, causes)
+                            if changes:
+                                top = await max_change_id(conn)
                 except Exception as exc:
                     if is_unavailable(exc) or isinstance(exc, StoreUnavailable):
+                        # The COMMIT may have applied: the floor stays, so no durable
+                        # cursor passes changes nobody was told of (a restart catches up).
                         failures.append(exc)
                         return
+                    self._changes_closed(floor, 0)  # rolled back: nothing was written
                     await self._segment_failed(name, exc)
                     return
                 self._count(len(user_ids))
                 async with self._deliver_lock:
                     await self._deliver(name, changes)
+                    self._changes_closed(floor, top)
                 found[name] = changes
 
         async with anyio.create_task_group() as tg:

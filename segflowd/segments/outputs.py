@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from ..hooks import MembershipChange, MembershipSink
+from ..hooks import ChangeCursorSink, MembershipChange, MembershipSink
 from ..kernel import Kernel
 from ..metrics import Sample
 from .query import db_message, save_state
@@ -72,6 +72,28 @@ class MembershipOutputs:
     _changes: int
     _refreshes: int
     _rate: collections.deque[tuple[float, int]]
+    # Durable sinks' cursor over segment_changes.id: the highest id handed over, and the
+    # floors of the writers still between their first write and their hand-off (each of
+    # their changes has an id above its floor, whatever order the commits land in).
+    _ch_seen: int
+    _ch_inflight: collections.Counter[int]
+
+    def _changes_opening(self) -> int:
+        """A writer of segment_changes begins: its floor (release with _changes_closed)."""
+        floor = self._ch_seen
+        self._ch_inflight[floor] += 1
+        return floor
+
+    def _changes_closed(self, floor: int, top: int) -> None:
+        """The writer's changes (ids up to ``top``) were handed over, or never written."""
+        self._ch_seen = max(self._ch_seen, top)
+        self._ch_inflight[floor] -= 1
+        if self._ch_inflight[floor] <= 0:
+            del self._ch_inflight[floor]
+        through = min(self._ch_inflight) if self._ch_inflight else self._ch_seen
+        for sink in list(self.sinks):
+            if isinstance(sink, ChangeCursorSink):
+                sink.changes_through(through)
 
     async def _deliver(self, name: str, changes: Sequence[MembershipChange], *,
                        adjust_size: bool = True) -> None:

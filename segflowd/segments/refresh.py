@@ -41,6 +41,7 @@ class RefreshResult:
     exited: int
     size: int
     evaluated_at: dt.datetime
+    top: int = 0  # the highest segment change id the refresh wrote (0: none)
 
     def as_json(self) -> dict[str, object]:
         return {"segment": self.segment, "entered": self.entered, "exited": self.exited,
@@ -69,11 +70,16 @@ class ScheduledRefresh(MembershipOutputs):
             raise AppError(st.error or f"segment {name!r} is broken")
         async with self._locks[name]:
             st.refreshing = True
+            floor = self._changes_opening()
             try:
                 result = await self._refresh_locked(seg, st)
+                self._changes_closed(floor, result.top)
             except Exception as exc:
                 if is_unavailable(exc) or isinstance(exc, StoreUnavailable):
+                    # The COMMIT may have applied: the floor stays, so no durable cursor
+                    # passes changes nobody was told of (a restart catches up).
                     raise
+                self._changes_closed(floor, 0)
                 await self._segment_failed(name, exc)
                 raise AppError(f"segment {name!r}: refresh failed: {db_message(exc)}") from None
             finally:
@@ -121,7 +127,7 @@ class ScheduledRefresh(MembershipOutputs):
         log.info("segment.refreshed", segment=name, entered=entered, exited=exited, size=size)
         self.k.bus.publish("segment.refreshed", segment=name, entered=entered, exited=exited,
                            size=size)
-        return RefreshResult(name, entered, exited, size, now)
+        return RefreshResult(name, entered, exited, size, now, after)
 
     async def refresh_due(self) -> list[RefreshResult]:
         """Refresh every segment whose time has come (bounded concurrency); for tests."""

@@ -6,6 +6,7 @@ between the commit and the hand-off; a patched read widens a race to a certainty
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Generator
 from pathlib import Path
@@ -14,13 +15,23 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
-from test_flows import DAY, Harness, awaiting, make_app
+from test_flows import DAY, Harness, awaiting, make_app, onboarding
 
 from segflowd.cursors import load_cursor
 from segflowd.errors import FlowError
+from segflowd.flows import entries as entries_module
 from segflowd.flows import steps as steps_module
+from segflowd.flows import work as flows_work
+from segflowd.flows.entries import CHANGES_CURSOR
 from segflowd.flows.wakes import CURSOR_NAME
-from segflowd.schema import flow_instances, flow_journal, schema_version
+from segflowd.schema import (
+    flow_instances,
+    flow_journal,
+    schema_version,
+    segment_changes,
+    segment_members,
+)
+from segflowd.segments.outputs import MembershipOutputs
 from segflowd.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -359,3 +370,61 @@ async def test_m0003_runs_again_after_a_kill_between_its_alter_and_the_stamp(
         await conn.execute(sa.update(schema_version).values(version=2))  # column present
     assert await store.migrate() == 2
     assert await store.read_schema_version() == 3
+
+
+async def test_entries_committed_but_never_handed_over_all_start_after_a_crash(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 3: the catch-up reads every change after the durable cursor, not only the
+    newest window (shrunk here to 20 so 50 changes span three reads)."""
+    monkeypatch.setattr(entries_module, "CATCH_UP_CHANGES", 20)
+    monkeypatch.setattr(flows_work, "CATCH_UP_CHANGES", 20)
+    app = make_app("onboarding", onboarding)
+    uids = [f"u{i:02}" for i in range(50)]
+    for uid in uids:
+        await h.user(uid)
+    async with h.running(app):  # saves the changes cursor at start
+        pass
+    now = h.clock.now()
+    async with h.store.begin() as conn:  # a refresh committed; the process died before
+        await conn.execute(sa.insert(segment_members), [     # it told flows
+            {"segment": "seg", "user_id": u, "entered_at": now, "evaluated_at": now}
+            for u in uids])
+        await conn.execute(sa.insert(segment_changes), [
+            {"segment": "seg", "user_id": u, "entered": True, "at": now} for u in uids])
+    async with h.running(app):
+        pass
+    started = {i.user_id for i in await h.instances()}
+    assert started == set(uids)
+    async with h.store.connect() as conn:
+        cursor = await load_cursor(conn, CHANGES_CURSOR)
+    assert cursor is not None
+    assert cursor.last_event_id >= 50
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.through: list[int] = []
+
+    async def membership_changed(self, changes: Any) -> None:
+        return None
+
+    def changes_through(self, change_id: int) -> None:
+        self.through.append(change_id)
+
+
+def test_the_engine_never_tells_a_cursor_past_a_writer_still_in_flight() -> None:
+    """Writers of segment_changes commit in any order; the id a durable sink may pass is
+    below every writer still between its first write and its hand-off."""
+    out = MembershipOutputs()
+    sink = _Sink()
+    out.sinks, out._ch_seen, out._ch_inflight = [sink], 100, collections.Counter()
+    slow = out._changes_opening()  # a refresh: its ids will be above 100
+    fast = out._changes_opening()
+    out._changes_closed(fast, 180)  # committed first with higher ids
+    assert sink.through == [100]
+    nxt = out._changes_opening()  # floor 180 now
+    out._changes_closed(slow, 150)
+    assert sink.through[-1] == 180  # the slow one is done; the next floor holds
+    out._changes_closed(nxt, 0)  # rolled back: wrote nothing
+    assert sink.through[-1] == 180
+    assert not out._ch_inflight
