@@ -49,6 +49,8 @@ class Admin:
 
         async def _match_campaign(self, campaign: str) -> int: ...
 
+        def _release_paused(self, campaign: str) -> None: ...
+
     def _campaign_arg(self, args: Mapping[str, object]) -> str:
         name = args.get("campaign")
         if not isinstance(name, str) or name not in self.k.app.campaigns:
@@ -92,6 +94,7 @@ class Admin:
         # The stepper dropped the wakes of events that came while the campaign was paused;
         # the store still has the events: match its waits against them.
         await self._match_campaign(name)
+        self._release_paused(name)  # the wakes just matched hold the cursor now
         self._kick.set()
         log.info("campaign.resumed", campaign=name)
         self.k.bus.publish("campaign.resumed", campaign=name)

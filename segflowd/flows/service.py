@@ -93,6 +93,8 @@ class FlowService(Timers, Wakes, Entries, Admin):
         self._ev_seen = 0
         self._ev_pending: collections.Counter[int] = collections.Counter()
         self._ev_saved = 0
+        self._paused_wakes: dict[str, list[int]] = {}
+        self._keep_pending: collections.Counter[int] = collections.Counter()
         self._ch_through = 0
         self._ch_frozen: int | None = None
         self._ch_saved = 0

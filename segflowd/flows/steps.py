@@ -139,7 +139,11 @@ class Stepper:
         if inst is None or inst.live != 1 or inst.status not in ACTIVE:
             return None
         if inst.campaign in self.svc.paused:
-            return None  # its wait stays in the store; resuming the campaign reloads it
+            # Its wait stays in the store; resuming the campaign reloads it, and an event
+            # wake is held (the cursor stays below it) until the resume has matched again.
+            if w.kind == "event":
+                self.svc.hold_paused_wake(str(inst.campaign), w)
+            return None
         c = self.k.app.campaigns.get(inst.campaign)
         if c is None:
             log.warning("flow.campaign_missing", instance=inst.id, campaign=inst.campaign)

@@ -65,6 +65,9 @@ class Wakes:
     _ev_seen: int  # the highest event id handed to flows
     _ev_pending: collections.Counter[int]  # event ids with a wake (or a match) outstanding
     _ev_saved: int  # the cursor as stored
+    # event ids of wakes a paused campaign dropped, held below the cursor until it resumes
+    _paused_wakes: dict[str, list[int]]
+    _keep_pending: collections.Counter[int]  # of those, not yet seen by wakes_done
 
     if TYPE_CHECKING:
         def _push(self, work: Work) -> None: ...
@@ -202,7 +205,27 @@ class Wakes:
         """These event wakes were stepped (or found moot): the cursor may pass them."""
         for w in works:
             if w.kind == "event" and w.instance >= 0 and w.event is not None:
-                self._release(int(w.event["id"]))  # type: ignore[call-overload]  # an int
+                eid = int(w.event["id"])  # type: ignore[call-overload]  # an int
+                if self._keep_pending[eid] > 0:  # held for a paused campaign
+                    self._keep_pending[eid] -= 1
+                    if self._keep_pending[eid] <= 0:
+                        del self._keep_pending[eid]
+                    continue
+                self._release(eid)
+
+    def hold_paused_wake(self, campaign: str, work: Work) -> None:
+        """A paused campaign's instance was not woken by ``work``: keep the cursor below
+        its event until :meth:`_release_paused` (after the resume matched again), so a
+        crash in between still finds the event at the next start."""
+        if work.event is None:
+            return
+        eid = int(work.event["id"])  # type: ignore[call-overload]  # an int
+        self._paused_wakes.setdefault(campaign, []).append(eid)
+        self._keep_pending[eid] += 1
+
+    def _release_paused(self, campaign: str) -> None:
+        for eid in self._paused_wakes.pop(campaign, ()):
+            self._release(eid)
 
     def _safe_cursor(self) -> int:
         """Every event up to this id has had its wakes stepped."""

@@ -23,7 +23,7 @@ LOAD_CHUNK = 5000  # waits the loader moves into the wheel per query
 MEMBERSHIP_CHUNK = 500  # users whose memberships are read per query on entries and exits
 LOAD_RETRY = 5.0  # seconds before the loader tries a store that failed again
 RESYNC_RETRY = 1.0  # seconds between attempts to pick up work an outage dropped
-CATCH_UP_CHANGES = 10_000  # segment changes replayed per query at start (newest this many: no cursor)
+CATCH_UP_CHANGES = 10_000  # changes replayed per query at start (with no cursor: the newest)
 STATS_REFRESH = 30.0  # seconds between recounts of instances per campaign and state
 LATENESS_WINDOW = 10_000  # fired timers kept for the lateness percentile
 
@@ -74,6 +74,8 @@ class StepHost(Protocol):
     def count_steps(self, n: int) -> None: ...
 
     def hold_wakes(self, from_event: int) -> None: ...
+
+    def hold_paused_wake(self, campaign: str, work: Work) -> None: ...
 
     def waits_began(self, instances: Iterable[int], from_event: int) -> None: ...
 

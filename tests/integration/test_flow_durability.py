@@ -12,6 +12,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
@@ -428,3 +429,28 @@ def test_the_engine_never_tells_a_cursor_past_a_writer_still_in_flight() -> None
     out._changes_closed(nxt, 0)  # rolled back: wrote nothing
     assert sink.through[-1] == 180
     assert not out._ch_inflight
+
+
+async def test_a_crash_between_resume_and_its_match_still_wakes_the_paused_wait(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paused campaign's dropped wake holds the cursor until the resume has matched
+    again, so a crash right after resume's commit leaves the event for the next start."""
+    app = make_app("cart", awaiting)
+    await h.user("lea")
+    async with h.running(app) as svc:
+        await h.join("lea", "seg")
+        await svc.k.actions["campaign.pause"]({"campaign": "cart"})
+        await h.advance(0.5 * DAY)
+        await h.event("lea", "purchase", amount=11)
+
+        async def killed(campaign: str) -> int:
+            raise anyio.get_cancelled_exc_class()  # the process dies here
+
+        monkeypatch.setattr(svc, "_match_campaign", killed)
+        with contextlib.suppress(anyio.get_cancelled_exc_class()):
+            await svc.k.actions["campaign.resume"]({"campaign": "cart"})
+        await svc._save_cursor()  # the saver ran before the kill
+        monkeypatch.undo()
+    async with h.running(app):
+        await h.advance(3 * DAY)
+    assert await h.sent("lea") == [("thanks", 0.5)]
