@@ -151,7 +151,10 @@ class Stepper:
         pending: object = None
         fix: object = None
         if w.kind == "timer":
-            if inst.status != "waiting" or inst.wake_at is None or inst.wake_at > now:
+            if inst.status != "waiting" or inst.wake_at is None:
+                return None
+            if inst.wake_at > now:  # fired early (the clock stepped back): armed again
+                self.svc.schedule(int(inst.id), inst.wake_at)
                 return None
             if inst.wait_event is not None:
                 fix = {"value": None}

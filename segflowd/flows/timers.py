@@ -18,7 +18,7 @@ import structlog
 
 from ..schema import flow_instances
 from .wheel import TimerWheel, WheelStatistics
-from .work import EPOCH, LOAD_CHUNK, LOAD_RETRY, Work, secs
+from .work import CLOCK_STEP_TOLERANCE, EPOCH, LOAD_CHUNK, LOAD_RETRY, Work, secs
 
 if TYPE_CHECKING:
     from ..kernel import Kernel
@@ -50,6 +50,8 @@ class Timers:
     if TYPE_CHECKING:
         def _push(self, work: Work) -> None: ...
 
+        async def _count_far(self) -> None: ...
+
         def _notify_idle(self) -> None: ...
 
     def next_due(self) -> dt.datetime | None:
@@ -67,6 +69,13 @@ class Timers:
     async def _ticker(self) -> None:
         while True:
             now = self.k.clock.now()
+            if secs(now) < self.wheel.now - CLOCK_STEP_TOLERANCE:
+                try:
+                    await self._rewind(now)
+                except Exception as exc:  # the store is down: the waits are safe in it
+                    log.warning("wheel.load_failed", error=str(exc)[:300])
+                    await self.k.clock.sleep(LOAD_RETRY)
+                    continue
             self._fire(now)
             stale = (self._loaded_until is not None
                      and (self._loaded_until - now).total_seconds() < self.horizon / 2)
@@ -90,6 +99,17 @@ class Timers:
             await self._sleep_or_kick(delay)
             self._ticking = True
             self._sleep_target = float("inf")
+
+    async def _rewind(self, now: dt.datetime) -> None:
+        """The wall clock stepped back past the wheel: a wheel never moves back, so it is
+        rebuilt at ``now`` from the store, where every wait is. Without this, each wait
+        would fire at once and be found early (its wake_at is still ahead)."""
+        log.warning("wheel.clock_stepped_back", by_s=round(self.wheel.now - secs(now), 3))
+        self.wheel = TimerWheel(secs(now))
+        self._loaded_until = None
+        self._far_min = None
+        await self._count_far()
+        await self._load(now)
 
     async def _sleep_or_kick(self, delay: float) -> None:
         async with anyio.create_task_group() as tg:

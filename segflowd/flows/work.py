@@ -12,8 +12,8 @@ from typing import Literal, Protocol
 from ..hooks import ConditionRunner, OutboxWaker
 from ..kernel import Kernel
 
-__all__ = ["ACTIVE", "EPOCH", "MAX_COMMANDS_WITHOUT_WAIT", "FlowStatistics", "StepHost", "Work",
-           "WorkKind", "secs"]
+__all__ = ["ACTIVE", "CLOCK_STEP_TOLERANCE", "EPOCH", "MAX_COMMANDS_WITHOUT_WAIT",
+           "FlowStatistics", "StepHost", "Work", "WorkKind", "secs"]
 
 HORIZON = 300.0  # seconds: waits due sooner than this live in the in-memory wheel
 MAX_COMMANDS_WITHOUT_WAIT = 1000  # commands a flow may yield in a row before it is a runaway
@@ -26,6 +26,7 @@ RESYNC_RETRY = 1.0  # seconds between attempts to pick up work an outage dropped
 CATCH_UP_CHANGES = 10_000  # changes replayed per query at start (with no cursor: the newest)
 STATS_REFRESH = 30.0  # seconds between recounts of instances per campaign and state
 LATENESS_WINDOW = 10_000  # fired timers kept for the lateness percentile
+CLOCK_STEP_TOLERANCE = 1.0  # seconds the wall clock may be behind the wheel before a rebuild
 
 EPOCH = dt.datetime(1970, 1, 1)  # the wheel counts seconds from here (naive UTC)
 ACTIVE = ("running", "waiting")  # the statuses of an instance that can still step

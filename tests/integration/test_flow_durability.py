@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime as dt
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -454,3 +455,43 @@ async def test_a_crash_between_resume_and_its_match_still_wakes_the_paused_wait(
     async with h.running(app):
         await h.advance(3 * DAY)
     assert await h.sent("lea") == [("thanks", 0.5)]
+
+
+def hourly(ctx: Any, rt: Any) -> Generator[object, object, object]:
+    yield rt.send_email("a")
+    yield rt.wait(hours=1)
+    yield rt.send_email("b")
+
+
+async def test_a_wait_begun_after_the_clock_stepped_back_fires_at_its_time(
+        h: Harness) -> None:
+    """Finding 5: the wheel never moved back, so a wait due before its tick fired at
+    once, was found early and dropped. Now the wheel is rebuilt at the new time."""
+    app = make_app("hourly", hourly)
+    await h.user("old")
+    await h.user("new")
+    async with h.running(app) as svc:
+        await h.join("old", "seg")
+        await h.advance(3 * 3600)  # old: a, then b an hour later
+        h.clock.set(h.clock.now() - dt.timedelta(hours=2))  # NTP steps the clock back
+        await h.join("new", "seg")  # its wait is due before the wheel's old tick
+        await h.advance(30 * 60)
+        assert [t for t, _ in await h.sent("new")] == ["a"]  # not early
+        await h.advance(45 * 60)
+        assert svc.wheel_statistics().near + svc.wheel_statistics().far == 0
+    assert [t for t, _ in await h.sent("new")] == ["a", "b"]
+    (inst,) = await h.instances("new")
+    assert inst.status == "completed"
+
+
+async def test_a_clock_step_forward_fires_every_wait_it_passes_once(h: Harness) -> None:
+    app = make_app("hourly", hourly)
+    for uid in ("f1", "f2"):
+        await h.user(uid)
+    async with h.running(app):
+        await h.join("f1", "seg")
+        await h.join("f2", "seg")
+        h.clock.set(h.clock.now() + dt.timedelta(hours=5))  # NTP steps the clock forward
+        await h.advance(1)
+    for uid in ("f1", "f2"):
+        assert [t for t, _ in await h.sent(uid)] == ["a", "b"]
