@@ -15,7 +15,7 @@ import collections
 import datetime as dt
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
@@ -93,6 +93,7 @@ class FlowService(Timers, Wakes, Entries, Admin):
         self._ev_seen = 0
         self._ev_pending: collections.Counter[int] = collections.Counter()
         self._ev_saved = 0
+        self._match_failures = 0
         self._paused_wakes: dict[str, list[int]] = {}
         self._keep_pending: collections.Counter[int] = collections.Counter()
         self._ch_through = 0
@@ -250,15 +251,12 @@ class FlowService(Timers, Wakes, Entries, Admin):
                 batch.append(w)
             self._active_batches += 1
             try:
-                if any(w.kind == "event" and w.instance < 0 for w in batch):
-                    await self._guarded(self._match_events())
+                if (any(w.kind == "event" and w.instance < 0 for w in batch)
+                        and await self._guarded(self._match_events()) == "error"):
+                    self._match_failed()
                 steps = [w for w in batch if w.instance >= 0]
-                if steps and not await self._guarded(self._stepper.run_batch(steps)):
-                    # Timers and runs are found again in the store after an outage; an
-                    # event's wake is not (the event is long committed): keep it.
-                    self._held_wakes.extend(w for w in steps if w.kind == "event")
-                elif steps:
-                    self.wakes_done(steps)
+                if steps:
+                    await self._step(steps)
             finally:
                 for w in batch:
                     self._busy.discard(w.instance)
@@ -268,16 +266,36 @@ class FlowService(Timers, Wakes, Entries, Admin):
                 self._notify_idle()
             await anyio.lowlevel.checkpoint()  # a burst of due steps must not starve ingest
 
-    async def _guarded(self, work: Awaitable[None]) -> bool:
-        """Run ``work``; False if the store was unavailable (the outage is noted)."""
+    async def _step(self, steps: list[Work]) -> None:
+        """Step a batch; an event wake is released only once its step ran."""
+        outcome = await self._guarded(self._stepper.run_batch(steps))
+        if outcome == "error" and len(steps) > 1:
+            # An error of the engine's own (a journal it cannot read, say) would take the
+            # whole batch with it: each instance is tried alone, so only its own is lost.
+            for w in steps:
+                await self._step([w])
+            return
+        if outcome == "down":
+            # Timers and runs are found again in the store after an outage; an event's
+            # wake is not (the event is long committed): keep it.
+            self._held_wakes.extend(w for w in steps if w.kind == "event")
+            return
+        # ok, or one instance's step failed for good (logged with its id): its wait is
+        # left as it is, and its timeout (if it has one) still fires
+        self.wakes_done(steps)
+
+    async def _guarded(self, work: Awaitable[None]) -> Literal["ok", "down", "error"]:
+        """Run ``work``; "down" if the store was unavailable (the outage is noted),
+        "error" for any other failure (logged)."""
         try:
             await work
         except Exception as exc:  # a store outage must not kill the worker; work stays durable
             if is_unavailable(exc):
                 self._store_failed(exc)
-                return False
+                return "down"
             log.error("flow.step_error", error=str(exc), exc_info=True)
-        return True
+            return "error"
+        return "ok"
 
     # -- after a store outage --------------------------------------------------------
 

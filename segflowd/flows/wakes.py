@@ -48,6 +48,7 @@ log = structlog.get_logger("segflowd.flows")
 CURSOR_NAME = "flows.events"  # the engine_cursors row of wait_for_event matching
 CATCH_UP_WINDOW = 10_000  # event ids matched against the store per query at start
 RECHECK_CHUNK = 500  # new waits checked against the store per query
+MATCH_ATTEMPTS = 5  # tries at matching one batch (errors other than outages) before it is dropped
 FINAL_SAVE_LIMIT = 5.0  # seconds the cursor save at shutdown may take
 
 _MATCH = Work(-1, "event")  # the worker's cue to match queued batches and rechecks
@@ -65,6 +66,8 @@ class Wakes:
     _ev_seen: int  # the highest event id handed to flows
     _ev_pending: collections.Counter[int]  # event ids with a wake (or a match) outstanding
     _ev_saved: int  # the cursor as stored
+    _match_failures: int  # failed tries at the batch at the head of the queue
+    _resync: anyio.Event
     # event ids of wakes a paused campaign dropped, held below the cursor until it resumes
     _paused_wakes: dict[str, list[int]]
     _keep_pending: collections.Counter[int]  # of those, not yet seen by wakes_done
@@ -126,6 +129,7 @@ class Wakes:
                     waiting.setdefault((str(uid), str(name)), []).append(
                         (int(iid), int(seq), int(after or 0)))
             self._event_batches.popleft()
+            self._match_failures = 0
             woken: set[int] = set()
             for e in batch:
                 for iid, seq, after in waiting.get((str(e.user_id), e.name), ()):
@@ -188,6 +192,19 @@ class Wakes:
         log.info("flow.events_caught_up", since=cursor.last_event_id, until=top, woken=woken)
 
     # -- the cursor ------------------------------------------------------------------
+
+    def _match_failed(self) -> None:
+        """Matching failed for a reason other than an outage: try again after the resync
+        delay; a batch that fails :data:`MATCH_ATTEMPTS` times is given up (logged),
+        so one bad batch cannot stall every wake after it."""
+        if self._event_batches:
+            self._match_failures += 1
+            if self._match_failures >= MATCH_ATTEMPTS:
+                first, batch = self._event_batches.popleft()
+                log.error("flow.events_unmatched", first_event=first, events=len(batch))
+                self._release(first)
+                self._match_failures = 0
+        self._resync.set()
 
     def _wake(self, iid: int, seq: int, eid: int, name: str, attributes: dict[str, object],
               created_at: dt.datetime) -> None:

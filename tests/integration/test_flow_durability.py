@@ -26,6 +26,7 @@ from segflowd.flows import steps as steps_module
 from segflowd.flows import work as flows_work
 from segflowd.flows.entries import CHANGES_CURSOR
 from segflowd.flows.wakes import CURSOR_NAME
+from segflowd.hooks import IngestBatch
 from segflowd.schema import (
     flow_instances,
     flow_journal,
@@ -495,3 +496,58 @@ async def test_a_clock_step_forward_fires_every_wait_it_passes_once(h: Harness) 
         await h.advance(1)
     for uid in ("f1", "f2"):
         assert [t for t, _ in await h.sent(uid)] == ["a", "b"]
+
+
+async def test_an_engine_error_in_a_batch_steps_each_instance_alone(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: an error other than an outage took every wake of the batch with
+    it (released unstepped: the waits later timed out). Now each is tried alone."""
+    app = make_app("cart", awaiting)
+    for uid in ("m1", "m2"):
+        await h.user(uid)
+    real = steps_module.load_journals
+    calls = 0
+
+    async def flaky(*a: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("a journal row it cannot read")
+        return await real(*a, **kw)
+
+    async with h.running(app) as svc:
+        for uid in ("m1", "m2"):
+            await h.join(uid, "seg")
+        monkeypatch.setattr(steps_module, "load_journals", flaky)
+        b1 = await h.committed_event("m1", "purchase", amount=1)
+        b2 = await h.committed_event("m2", "purchase", amount=2)
+        svc.ingested(IngestBatch(users=frozenset({"m1", "m2"}),
+                                 events=(*b1.events, *b2.events)))
+        await h.advance(3 * DAY)
+    assert calls >= 3  # the batch, then each alone
+    for uid in ("m1", "m2"):
+        assert await h.sent(uid) == [("thanks", 0)]
+
+
+async def test_a_matching_error_is_retried_not_left_until_the_next_event(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: a non-outage error while matching left the batch queued with
+    nothing to retry it, stalling every wake after it."""
+    app = make_app("cart", awaiting)
+    await h.user("n1")
+    async with h.running(app) as svc:
+        await h.join("n1", "seg")
+        failed: list[int] = []
+        real_match = type(svc)._match_events
+
+        async def flaky(self: Any) -> None:
+            if not failed:
+                failed.append(1)
+                raise ValueError("query interrupted")
+            await real_match(self)
+
+        monkeypatch.setattr(type(svc), "_match_events", flaky)
+        await h.event("n1", "purchase", amount=5)
+        await h.advance(60)  # the resync delay
+    assert failed == [1]
+    assert await h.sent("n1") == [("thanks", 0)]
