@@ -328,18 +328,25 @@ class FlowService(Timers, Wakes, Entries, Admin):
             if held:
                 await self._apply_membership(held)
                 self.changes_applied()
+            now = self.k.clock.now()
+            # Every wait the wheel should hold, not only those due: a step whose COMMIT
+            # was reported failed may have applied, and its wait never reached the wheel.
+            until = max(now, self._loaded_until or now)
             async with self.k.store.connect() as conn:
                 running = [int(i) for (i,) in await conn.execute(self._running_query())]
-                due = [(int(i), str(c)) for i, c in await conn.execute(
-                    sa.select(fi.id, fi.campaign).where(
+                near = [(int(i), str(c), w) for i, c, w in await conn.execute(
+                    sa.select(fi.id, fi.campaign, fi.wake_at).where(
                         fi.live == 1, fi.status == "waiting", fi.wake_at.is_not(None),
-                        fi.wake_at <= self.k.clock.now()))]
+                        fi.wake_at < until))]
+                far_min = (await conn.execute(sa.select(sa.func.min(fi.wake_at)).where(
+                    fi.wake_at >= until))).scalar()
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
             self._store_failed(exc)
             return
         wakes, self._held_wakes = self._held_wakes, []
+        due = [(iid, c) for iid, c, w in near if w <= now]
         log.info("flow.resynced", running=len(running), due=len(due), entries=len(held),
                  event_wakes=len(wakes), event_batches=len(self._event_batches))
         for w in wakes:
@@ -348,9 +355,16 @@ class FlowService(Timers, Wakes, Entries, Admin):
             self._push(Work(-1, "event"))
         for iid in running:
             self._push(Work(iid, "run"))
-        for iid, campaign in due:
-            if campaign not in self.paused:
+        for iid, campaign, wake_at in near:
+            if campaign in self.paused:
+                continue
+            if wake_at <= now:
                 self._push(Work(iid, "timer"))
+            else:
+                self.wheel.add(iid, secs(wake_at))  # (re)placed: add replaces
+        if far_min is not None and (self._far_min is None or far_min < self._far_min):
+            self._far_min = far_min  # the loader brings it in when the horizon reaches it
+        self._kick.set()
 
     # -- stepping (see steps.py) -----------------------------------------------------
 

@@ -551,3 +551,38 @@ async def test_a_matching_error_is_retried_not_left_until_the_next_event(
         await h.advance(60)  # the resync delay
     assert failed == [1]
     assert await h.sent("n1") == [("thanks", 0)]
+
+
+async def test_a_wait_whose_commit_was_reported_failed_still_fires_on_time(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 4: the wait committed but the step heard 'lost connection', so it never
+    reached the wheel; the resync after the failure now rebuilds the near wheel."""
+    app = make_app("hourly", hourly)
+    await h.user("ola")
+    real_write_all = steps_module.Stepper._write_all
+    armed: list[int] = []
+
+    async def write_all(self: Any, conn: Any, runs: Any, now: Any) -> None:
+        await real_write_all(self, conn, runs, now)
+        if not armed and any(r.cmd is not None and r.cmd.kind == "wait" for r in runs):
+            armed.append(1)
+
+    monkeypatch.setattr(steps_module.Stepper, "_write_all", write_all)
+    real_begin = h.store.begin
+
+    @contextlib.asynccontextmanager
+    async def begin() -> Any:
+        async with real_begin() as conn:
+            yield conn
+        if armed == [1]:  # committed; the step hears otherwise
+            armed.append(2)
+            raise OperationalError("COMMIT", {}, Exception(
+                "(2013, 'Lost connection to server during query')"))
+
+    monkeypatch.setattr(h.store, "begin", begin)
+    async with h.running(app):
+        await h.join("ola", "seg")
+        await h.advance(5)  # the resync after the failure (RESYNC_RETRY)
+        await h.advance(2 * 3600)
+    assert armed == [1, 2]
+    assert [(t, round(d * 24, 1)) for t, d in await h.sent("ola")] == [("a", 0), ("b", 1.0)]
