@@ -28,6 +28,7 @@ from segflowd.flows.entries import CHANGES_CURSOR
 from segflowd.flows.wakes import CURSOR_NAME
 from segflowd.hooks import IngestBatch
 from segflowd.schema import (
+    SCHEMA_VERSION,
     flow_instances,
     flow_journal,
     schema_version,
@@ -372,7 +373,7 @@ async def test_m0003_runs_again_after_a_kill_between_its_alter_and_the_stamp(
     async with store.begin() as conn:
         await conn.execute(sa.update(schema_version).values(version=2))  # column present
     assert await store.migrate() == 2
-    assert await store.read_schema_version() == 3
+    assert await store.read_schema_version() == SCHEMA_VERSION
 
 
 async def test_entries_committed_but_never_handed_over_all_start_after_a_crash(
