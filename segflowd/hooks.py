@@ -48,7 +48,9 @@ class IngestBatch:
     """What one group commit made durable."""
 
     users: frozenset[str]  # users created, updated, or given events (or joined from anonymous)
-    events: tuple[StoredEvent, ...]  # new events, in commit order (duplicates are not here)
+    # new events in commit order, and any event a client sent again whose first try was
+    # already stored (its reply may have been lost): consumers dedupe by id
+    events: tuple[StoredEvent, ...]
     deleted: frozenset[str] = frozenset()  # users forgotten
 
 

@@ -217,7 +217,7 @@ class GroupCommitter:
         elapsed = (time.perf_counter() - started) * 1000
         self._flushes += 1
         self._writes += rows
-        self._stored += len(ingest.events)
+        self._stored += sum(not d for r in results for d in r.duplicates)
         if len(self._known) > KNOWN_USERS_MAX:
             self._known.clear()
         self._known.update(ingest.users)

@@ -220,6 +220,20 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
                                   name=e.name, attributes=e.attributes,
                                   created_at=e.created_at or now, received_at=now))
 
+    # A key stored before this flush is a client's retry, and the first try may have been
+    # committed with its reply lost (a 503 after COMMIT): the engines were never told of
+    # it. They are now, under its stored id; each dedupes by id (a transactional message
+    # by its key, a flow wake by the wait it matched, a segment by evaluating again).
+    for key, stored_id in sorted(seen.items(), key=lambda kv: kv[1]):
+        first = in_batch.get(key)
+        if first is None or first in new_id:
+            continue
+        e = events[first]
+        stored.append(StoredEvent(id=stored_id, user_id=owner(e), anonymous_id=e.anonymous_id,
+                                  name=e.name, attributes=e.attributes,
+                                  created_at=e.created_at or now, received_at=now))
+    stored.sort(key=lambda s: s.id)
+
     # Per-request results, in the order of each request's event writes.
     results: list[CommitResult] = []
     pos = 0

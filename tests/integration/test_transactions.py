@@ -17,6 +17,8 @@ from segflowd.bus import Bus
 from segflowd.config import load_config
 from segflowd.cursors import load_cursor
 from segflowd.hooks import IngestBatch, StoredEvent
+from segflowd.ingest.committer import GroupCommitter
+from segflowd.ingest.writes import EventWrite
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.schema import events, messages, subscriptions, suppressions, users
@@ -217,3 +219,32 @@ async def test_events_matching_nothing_move_the_cursor_at_most_once_a_second(
     # A matching event still moves the cursor in its own transaction, put off or not.
     await h.tx.process((await h.event("fay", "purchase")).events)
     assert await _stored_cursor(h.store) == last.events[0].id + 1
+
+
+async def test_a_retry_of_an_event_whose_reply_was_lost_still_sends_its_mail(
+        h: H, store: Store) -> None:
+    """#23.9: the first try committed but the client heard 503 and the engines were never
+    told; later events moved the cursor on. The client's retry is a duplicate, and the
+    engines are told of it again under its stored id, so the mail still goes (once)."""
+    await h.user("u1", "u1@example.com")
+    await h.user("u2", "u2@example.com")
+    async with store.begin() as conn:  # the first try: committed, the reply lost
+        await conn.execute(sa.insert(events).values(
+            user_id="u1", name="reset_password_requested", attributes={},
+            dedupe_key="msg-1", created_at=NOW, received_at=NOW))
+    c = GroupCommitter(store, h.clock, [h.tx])
+    async with anyio.create_task_group() as tg:
+        await tg.start(c.run)
+        await c.submit([EventWrite("purchase", {}, None, user_id="u2")])  # moves the cursor
+        await h.tx.process_pending()
+        retry = await c.submit([EventWrite("reset_password_requested", {}, None,
+                                           user_id="u1", dedupe_key="msg-1")])
+        assert retry.duplicates == (True,)
+        await h.tx.process_pending()
+        again = await c.submit([EventWrite("reset_password_requested", {}, None,
+                                           user_id="u1", dedupe_key="msg-1")])
+        assert again.duplicates == (True,)
+        await h.tx.process_pending()
+        await c.close()
+    sent = sorted((str(m.template), str(m.user_id)) for m in await h.messages())
+    assert sent == [("password-reset", "u1"), ("receipt", "u2"), ("security-notice", "u1")]
