@@ -22,7 +22,7 @@ from ..errors import FlowError
 __all__ = ["Command", "CommandKind", "Context", "FlowEvent", "Runtime", "args_hash"]
 
 CommandKind = Literal["send_email", "wait", "wait_until", "wait_for_event", "condition",
-                      "opened", "clicked", "exit"]
+                      "opened", "clicked", "exit", "continue_as_new"]
 WAIT_KINDS = frozenset({"wait", "wait_until", "wait_for_event"})
 
 # A read's key ("user.plan", "user", "event", "patched.x") and its answer: the value as
@@ -174,6 +174,16 @@ class Runtime:
     def exit(self) -> Command:
         """End the flow here."""
         return Command("exit")
+
+    def continue_as_new(self, **state: object) -> Command:
+        """End this instance (``completed``) and start the campaign over for the user as a
+        new instance, in the same step, with ``state`` as its ``ctx.data``: a flow that
+        loops for months keeps its journal (and its replay) short."""
+        try:
+            json.dumps(state)
+        except (TypeError, ValueError) as exc:
+            raise FlowError(f"continue_as_new() state must be JSON-able: {exc}") from None
+        return Command("continue_as_new", None, dict(state))
 
     def patched(self, name: str) -> bool:
         """True on code paths added by change ``name``; False while replaying older journals.

@@ -388,6 +388,10 @@ class FlowService(Timers, Wakes, Entries, Admin):
         self.k.bus.publish(f"flow.{status}", campaign=campaign, user_id=user_id,
                            instance=iid, **extra)
 
+    def start_run(self, instance: int) -> None:
+        """Step a newly committed instance (continue_as_new)."""
+        self._push(Work(instance, "run"))
+
     def count_steps(self, n: int) -> None:
         self._steps += n
         self.k.metrics.inc("segflow_flow_steps_total", n)

@@ -25,7 +25,7 @@ from ..app import CampaignDef
 from ..cursors import max_event_id
 from ..delivery import outbox
 from ..errors import FlowError
-from ..schema import engagement, events, flow_instances, flow_journal, messages, users
+from ..schema import events, flow_instances, flow_journal, users
 from ..store import is_unavailable
 from . import work
 from .journal import (
@@ -36,6 +36,7 @@ from .journal import (
     load_journals,
     result_for_flow,
 )
+from .reads import engaged, run_condition
 from .runtime import WAIT_KINDS, Command
 from .updates import LOAD_COLUMNS, Lost, traceback_text, update_instances
 from .work import ACTIVE, StepHost, Work
@@ -67,6 +68,9 @@ class _Run:
     lost: bool = False
 
 
+_ENDING = frozenset({"exit", "continue_as_new"})  # commands after which the instance is over
+
+
 class Stepper:
     """The stepping half of :class:`~segflowd.flows.service.FlowService`."""
 
@@ -83,7 +87,7 @@ class Stepper:
                 await self._round(runs)
                 runs = [r for r in runs if not (r.lost or r.end or r.cmd is None
                                                 or r.cmd.kind in WAIT_KINDS
-                                                or r.cmd.kind == "exit")]
+                                                or r.cmd.kind in _ENDING)]
                 for r in runs:
                     r.result, r.error, r.fix = r.cmd_result, r.cmd_error, None
                     r.seq += 1
@@ -323,10 +327,11 @@ class Stepper:
         v: dict[str, object] = {"seq": r.seq + 1, "status": "running", "wake_at": None,
                                 "wait_event": None, "wait_after": None, "updated_at": now}
         if cmd.kind == "condition":
-            r.cmd_result, r.cmd_error = await self._condition(cmd, r.user_id)
+            r.cmd_result, r.cmd_error = await run_condition(self.svc.conditions, cmd,
+                                                           r.user_id)
         elif cmd.kind in ("opened", "clicked"):
-            r.cmd_result = await self._engaged(r.user_id, str(cmd.name),
-                                               "open" if cmd.kind == "opened" else "click")
+            r.cmd_result = await engaged(self.k.store, r.user_id, str(cmd.name),
+                                         "open" if cmd.kind == "opened" else "click")
         elif cmd.kind == "wait":
             secs = cmd.args.get("seconds")
             v.update(status="waiting", wake_at=now + dt.timedelta(
@@ -341,6 +346,9 @@ class Stepper:
                 t, int | float) else now + dt.timedelta(seconds=float(t)))
         elif cmd.kind == "exit":
             v.update(status="exited", live=None, ended_at=now)
+        elif cmd.kind == "continue_as_new":
+            v.update(status="completed", live=None, ended_at=now)
+            v["_continue"] = dict(cmd.args)
         v["_reads"] = reads
         r.values = v
 
@@ -381,6 +389,9 @@ class Stepper:
                 ).values(result=r.fix))
         if rows:
             await conn.execute(sa.insert(flow_journal), rows)
+        for r in runs:
+            if not r.end and "_continue" in r.values:
+                await self._continue(conn, r, now)
         sends = [outbox.Queued(kind="campaign", template=str(r.cmd.name), user_id=r.user_id,
                                dedupe_key=f"flow:{r.iid}:{r.seq}", data=dict(r.cmd.args),
                                campaign=r.campaign.name, instance_id=r.iid)
@@ -410,7 +421,7 @@ class Stepper:
             return
         cmd = r.cmd
         assert cmd is not None
-        values = {k: v for k, v in r.values.items() if k != "_reads"}
+        values = {k: v for k, v in r.values.items() if not k.startswith("_")}
         res = await conn.execute(sa.update(flow_instances).where(
             fi.id == r.iid, fi.seq == r.seq, fi.live == 1, fi.status.in_(ACTIVE)
         ).values(**values))
@@ -426,11 +437,22 @@ class Stepper:
         await conn.execute(sa.insert(flow_journal).values(
             instance_id=r.iid, seq=r.seq, kind=cmd.kind, name=cmd.name, args_hash=cmd.hash,
             result=stored, reads=r.values.get("_reads") or None, created_at=now))
+        if cmd.kind == "continue_as_new":
+            await self._continue(conn, r, now)
         if cmd.kind == "send_email":
             await outbox.enqueue(
                 conn, kind="campaign", template=str(cmd.name), now=now, user_id=r.user_id,
                 dedupe_key=f"flow:{r.iid}:{r.seq}", data=dict(cmd.args),
                 campaign=r.campaign.name, instance_id=r.iid)
+
+    async def _continue(self, conn: AsyncConnection, r: _Run, now: dt.datetime) -> None:
+        """continue_as_new: the new instance, in the step's transaction (the old one's
+        update, which ends it, came first: one live instance per campaign and user)."""
+        res = await conn.execute(sa.insert(flow_instances).values(
+            campaign=r.campaign.name, user_id=r.user_id, version=r.campaign.version,
+            status="running", live=1, seq=0, start_data=r.values["_continue"],
+            created_at=now, updated_at=now))
+        r.values["_continued_as"] = int(res.inserted_primary_key[0])  # type: ignore[index]
 
     def _after(self, r: _Run, now: dt.datetime) -> None:
         """Effects outside the store, once the round committed."""
@@ -447,36 +469,14 @@ class Stepper:
                   command=cmd.kind, name=cmd.name)
         bus.publish("flow.step", campaign=name, user_id=r.user_id, instance=r.iid,
                     seq=r.seq, command=cmd.kind, name=cmd.name)
+        new = r.values.get("_continued_as")
+        if cmd.kind == "continue_as_new" and isinstance(new, int):
+            log.info("flow.continued", campaign=name, user_id=r.user_id, instance=r.iid,
+                     new_instance=new)
+            bus.publish("flow.continued", campaign=name, user_id=r.user_id, instance=r.iid,
+                        new_instance=new)
+            svc.start_run(new)
         if cmd.kind == "exit":
             log.info("flow.exited", campaign=name, user_id=r.user_id, instance=r.iid)
             bus.publish("flow.exited", campaign=name, user_id=r.user_id, instance=r.iid,
                         reason="exit()")
-
-    # -- commands that read ----------------------------------------------------------
-
-    async def _condition(self, cmd: Command, user_id: str) -> tuple[object, str | None]:
-        source = str(cmd.name)
-        runner = self.svc.conditions
-        if runner is None:
-            raise FlowError(f"condition on source {source!r}: no data sources are configured "
-                            f"(add [sources.{source}] to segflow.toml)")
-        params = cmd.args.get("params")
-        # DirectFlow's conditions name the user <%= profile_id %>: the flow's user, unless
-        # the flow passes its own.
-        values = {"profile_id": user_id, **(params if isinstance(params, dict) else {})}
-        try:
-            ok = await runner.condition(source, str(cmd.args["sql"]), values)
-        except KeyError:
-            raise FlowError(f"condition on unknown source {source!r}: add [sources.{source}]"
-                            " to segflow.toml") from None
-        except Exception as exc:
-            return None, f"condition on {source!r} failed: {exc}"
-        return bool(ok), None
-
-    async def _engaged(self, user_id: str, template: str, kind: str) -> bool:
-        m, e = messages.c, engagement.c
-        async with self.k.store.connect() as conn:
-            row = (await conn.execute(sa.select(e.id).select_from(
-                engagement.join(messages, e.message_id == m.id)).where(
-                m.user_id == user_id, m.template == template, e.kind == kind).limit(1))).first()
-        return row is not None

@@ -31,6 +31,7 @@ from segflowd.schema import (
     SCHEMA_VERSION,
     flow_instances,
     flow_journal,
+    messages,
     schema_version,
     segment_changes,
     segment_members,
@@ -587,3 +588,44 @@ async def test_a_wait_whose_commit_was_reported_failed_still_fires_on_time(
         await h.advance(2 * 3600)
     assert armed == [1, 2]
     assert [(t, round(d * 24, 1)) for t, d in await h.sent("ola")] == [("a", 0), ("b", 1.0)]
+
+
+def ticking(ctx: Any, rt: Any) -> Generator[object, object, object]:
+    n = int(ctx.data.get("n", 0))
+    for _ in range(3):
+        yield rt.send_email("tick", n=n)
+        yield rt.wait(days=1)
+        n += 1
+    if n < 9:
+        yield rt.continue_as_new(n=n)
+
+
+async def test_continue_as_new_keeps_a_looping_flows_journal_short(h: Harness) -> None:
+    """#23.16: a flow that loops starts over as a new instance with its state as
+    ctx.data, so no journal grows past one lap; it survives a restart mid-lap."""
+    app = make_app("ticker", ticking)
+    await h.user("pat")
+    async with h.running(app):
+        await h.join("pat", "seg")
+        await h.advance(4.5 * DAY)
+    async with h.running(app):  # a restart: the current lap replays its short journal
+        await h.advance(6 * DAY)
+    insts = await h.instances("pat")
+    assert [i.status for i in insts] == ["completed", "completed", "completed"]
+    assert [dict(i.start_data or {}) for i in insts] == [{}, {"n": 3}, {"n": 6}]
+    async with h.store.connect() as conn:
+        data = [r[0] for r in await conn.execute(
+            sa.select(messages.c.data).order_by(messages.c.id))]
+        longest = (await conn.execute(sa.select(sa.func.count()).select_from(flow_journal)
+                                      .group_by(flow_journal.c.instance_id)
+                                      .order_by(sa.func.count().desc()).limit(1))).scalar()
+    assert [d["n"] for d in data] == list(range(9))  # each once, none lost at the restart
+    assert longest == 7  # one lap: 3 sends, 3 waits, and continue_as_new
+
+
+def test_continue_as_new_state_must_be_json() -> None:
+    from segflowd.errors import FlowError
+    from segflowd.flows.runtime import Runtime
+
+    with pytest.raises(FlowError, match="JSON"):
+        Runtime(lambda _n: False).continue_as_new(when=object())
