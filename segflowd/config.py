@@ -8,6 +8,9 @@ Rules a caller may rely on:
 * A string key ``k`` may instead be given as ``k_env = "VAR"``: its value is read from
   the environment variable ``VAR``, so secrets stay out of the file.
 * Relative paths (and relative SQLite database paths) are relative to the config file.
+* Durations in ``[retention]`` are strings with a unit: ``"90d"``, ``"12h"``, ``"2w"``
+  (``s``, ``m``, ``h``, ``d``, ``w``, as ``refresh=`` in the app); an age may instead
+  be ``"forever"``, which keeps that kind of data for good.
 * Anything wrong raises :class:`~segflowd.errors.ConfigError` naming file, key, line.
 """
 
@@ -25,12 +28,14 @@ from pathlib import Path
 from .errors import ConfigError
 
 __all__ = [
+    "Age",
     "Config",
     "DaemonConfig",
     "EmailConfig",
     "HttpConfig",
     "HttpKey",
     "NamedTable",
+    "RetentionConfig",
     "StoreConfig",
     "default_config_path",
     "load_config",
@@ -44,11 +49,18 @@ DEFAULT_MAX_EVENT = 32 * 1024  # bytes
 DEFAULT_MAX_REQUEST = 500 * 1024  # bytes
 DEFAULT_STORE_RETRY_MAX = 30.0  # seconds between attempts to reach the store at start
 ENV_PREFIX = "SEGFLOW_"
+DAY = 86400.0  # seconds
+MIN_RETENTION = DAY  # seconds: nothing younger is ever pruned (see RetentionConfig)
+MIN_RETENTION_INTERVAL = 60.0  # seconds between the starts of two prune passes, at least
+MAX_RETENTION_BATCH = 10_000  # rows per prune statement, at most
+FOREVER = "forever"  # the one spelling of "keep this kind of data for good"
 
 _LOG_FORMATS = ("auto", "json", "console")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY, "w": 7 * DAY}
+Age = typing.NewType("Age", float)  # seconds, written "90d"; `Age | None` takes "forever"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +123,19 @@ class EmailConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished data is kept (seconds; None keeps it forever); see
+    :mod:`segflowd.retention.rules` for what is never pruned whatever its age."""
+
+    finished_instances: Age | None = Age(90 * DAY)  # ended instances and their journal
+    segment_changes: Age | None = Age(90 * DAY)  # entries and exits, by ``at``
+    messages: Age | None = Age(365 * DAY)  # finished messages and their opens/clicks
+    events: Age | None = None  # segments are SQL over events: kept unless asked
+    interval: Age = Age(3600.0)  # between the starts of two prune passes
+    batch_size: int = 1000  # rows per prune statement
+
+
+@dataclasses.dataclass(frozen=True)
 class NamedTable:
     """A ``[providers.NAME]`` or ``[sources.NAME]`` table: free-form options."""
 
@@ -131,6 +156,7 @@ class Config:
     email: EmailConfig
     providers: Mapping[str, NamedTable]
     sources: Mapping[str, NamedTable]
+    retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -180,6 +206,7 @@ _SECTIONS: dict[str, type] = {
     "store": StoreConfig,
     "http": HttpConfig,
     "email": EmailConfig,
+    "retention": RetentionConfig,
 }
 _NAMED = ("providers", "sources")
 
@@ -250,6 +277,7 @@ class _Parser:
             email=email,
             providers=named["providers"],
             sources=named["sources"],
+            retention=typing.cast(RetentionConfig, sections["retention"]),
         )
         self._validate(config)
         return _absolutize(config)
@@ -349,6 +377,10 @@ class _Parser:
                 except ValueError:
                     pass
             raise self.error(key, f"must be a number, not {_tname(value)}")
+        if hint is Age:
+            return self._age(value, key, forever=False)
+        if set(typing.get_args(hint)) == {Age, type(None)}:
+            return self._age(value, key, forever=True)
         if hint is Path:
             if not isinstance(value, str) or not value:
                 raise self.error(key, f"must be a path string, not {_tname(value)}")
@@ -367,6 +399,23 @@ class _Parser:
         if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields yet
             raise self.error(key, "unsupported type")
         raise self.error(key, f"unsupported type {hint!r}")  # pragma: no cover
+
+    def _age(self, value: object, key: str, *, forever: bool) -> Age | None:
+        """A duration with a unit ("90d"); with ``forever``, "forever" too (None)."""
+        spelled = '"90d", "12h" or "2w"' + (' (or "forever" to keep forever)' if forever else "")
+        if not isinstance(value, str):  # 90 (days? seconds?) and 0 (never? at once?) are refused
+            raise self.error(key, f"must be a duration with a unit like {spelled}, "
+                                  f"not {_tname(value)}")
+        text = value.strip()
+        if forever and text == FOREVER:
+            return None
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text)
+        if not m:
+            raise self.error(key, f"{value!r} is not a duration: write e.g. {spelled}")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        if seconds <= 0:
+            raise self.error(key, f"must be longer than 0: write e.g. {spelled}")
+        return Age(seconds)
 
     # -- cross-field validation ------------------------------------------------------
 
@@ -413,6 +462,16 @@ class _Parser:
         for name, table in c.sources.items():
             if not table.get_str("url"):
                 raise self.error(f"sources.{name}.url", "required: give url or url_env")
+        r = c.retention
+        for field in ("finished_instances", "segment_changes", "messages", "events"):
+            if (getattr(r, field) or MIN_RETENTION) < MIN_RETENTION:
+                raise self.error(f"retention.{field}",
+                                 f'must be at least 1d (or "{FOREVER}" to keep forever)')
+        if r.interval < MIN_RETENTION_INTERVAL:
+            raise self.error("retention.interval", "must be at least 1m")
+        if not 1 <= r.batch_size <= MAX_RETENTION_BATCH:
+            raise self.error("retention.batch_size",
+                             f"must be between 1 and {MAX_RETENTION_BATCH}")
 
 
 def _tname(value: object) -> str:

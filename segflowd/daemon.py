@@ -38,6 +38,7 @@ from .ingest.service import IngestService
 from .kernel import Kernel
 from .lock import DaemonLock
 from .metrics import Metrics, Sample
+from .retention.service import RetentionService
 from .sdnotify import Notifier
 from .segments.engine import SegmentService
 from .segments.transactions import TransactionService
@@ -109,6 +110,9 @@ def build_services(k: Kernel) -> list[Service]:
     context_providers.append(PreloadContext(data_sources, k.store))  # template `profile`
     services += [source_service, AudienceService(k, data_sources, ingest_sinks=ingest_sinks),
                  BroadcastService(k, wakers=wakers, flows=flows)]
+    # -- retention (prunes finished data in small batches; after the services whose
+    # cursors and live rows its rules read) --
+    services.append(RetentionService(k))
     # -- control socket --
     services.append(ControlService(k))
     return services
