@@ -12,6 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from .jsonvalues import PortableJSON
+
 __all__ = [
     "SCHEMA_VERSION",
     "anonymous_links",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = sa.MetaData()
 
@@ -46,8 +48,9 @@ Time = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 Id = sa.String(191)  # 191 * 4 bytes fits InnoDB's 767-byte index prefix limit
 Name = sa.String(191)
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrement wants INTEGER
-Json = sa.JSON().with_variant(mysql.JSON(), "mysql", "mariadb")
 LongText = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+# Its as_boolean() / as_integer() / as_float() / as_string() mean the same on both stores.
+Json = PortableJSON().with_variant(mysql.JSON(), "mysql", "mariadb")
 
 # Binary collation: ids and names compare byte for byte. utf8mb4_bin is PAD SPACE
 # ("ann " = "ann"), so a MariaDB server gets its no-pad variant at create time (see
@@ -96,6 +99,9 @@ events = sa.Table(
     sa.Index("ix_events_user_name_time", "user_id", "name", "created_at"),  # segments per user
     sa.Index("ix_events_name_time", "name", "created_at"),  # segments over all users
     sa.Index("ix_events_anon", "anonymous_id"),  # joining anonymous events on identify
+    # Ids only grow, even past deleted rows (a forgotten user's): wait marks and consumer
+    # cursors take a higher id for a later event. SQLite reuses max+1 without this.
+    sqlite_autoincrement=True,
     **_mysql,
 )
 
@@ -122,6 +128,7 @@ segment_changes = sa.Table(
     sa.Column("at", Time, nullable=False),
     sa.Index("ix_segment_changes_user", "user_id", "id"),
     sa.Index("ix_segment_changes_segment", "segment", "id"),
+    sqlite_autoincrement=True,  # as events: marks of "changes after this one" compare ids
     **_mysql,
 )
 
