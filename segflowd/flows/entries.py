@@ -30,6 +30,7 @@ __all__ = ["CHANGES_CURSOR", "Entries"]
 log = structlog.get_logger("segflowd.flows")
 
 CHANGES_CURSOR = "flows.changes"  # the engine_cursors row over segment_changes.id
+EXIT_ATTEMPTS = 3  # reads of the live instance a dynamic exit makes while steps move it on
 
 
 class Entries:
@@ -116,16 +117,19 @@ class Entries:
         While the store is down the changes are held and applied once it is back; the
         changes cursor stays where it was until they are.
         """
-        frozen = self._ch_frozen
-        if frozen is None:
-            self._ch_frozen = self._ch_through  # below these changes, whatever happens
-        try:
-            await self._apply_membership(changes)
-        except BaseException:
-            raise  # frozen until a restart replays them from the cursor
-        else:
-            if frozen is None and not self._held:
-                self._ch_frozen = None
+        start = self._ch_through  # below these changes, whatever happens
+        mine = self._ch_frozen is None
+        if mine:
+            self._ch_frozen = start
+        # On an exception the freeze stays, until a restart replays them from the cursor.
+        await self._apply_membership(changes)
+        if self._held:
+            # Held (an outage): frozen below them, even if a resync that finished while
+            # these were applied lifted an earlier freeze.
+            if self._ch_frozen is None:
+                self._ch_frozen = start
+        elif mine:
+            self._ch_frozen = None
 
     def changes_through(self, change_id: int) -> None:
         """Every segment change up to ``change_id`` has been handed to flows."""
@@ -257,19 +261,23 @@ class Entries:
         """End the user's live instance of ``campaign`` (dynamic exit); its id, if any."""
         fi = flow_instances.c
         now = self.k.clock.now()
-        async with self.k.store.begin() as conn:
-            row = (await conn.execute(sa.select(fi.id, fi.wake_at).where(
-                fi.campaign == campaign, fi.user_id == user_id, fi.live == 1,
-                fi.status.in_(ACTIVE)))).first()
-            if row is None:
-                return None
-            # Conditional: on READ COMMITTED a step may have completed it since the read.
-            done = await conn.execute(sa.update(flow_instances).where(
-                fi.id == row[0], fi.live == 1, fi.status.in_(ACTIVE)).values(
-                status="exited", live=None, wake_at=None, wait_event=None, wait_after=None,
-                ended_at=now, updated_at=now))
-            if done.rowcount != 1:
-                return None
+        for _ in range(EXIT_ATTEMPTS):
+            async with self.k.store.begin() as conn:
+                row = (await conn.execute(sa.select(fi.id, fi.wake_at).where(
+                    fi.campaign == campaign, fi.user_id == user_id, fi.live == 1,
+                    fi.status.in_(ACTIVE)))).first()
+                if row is None:
+                    return None
+                # Conditional: on READ COMMITTED a step may have ended it since the read;
+                # if that step was continue_as_new, its successor is read next time round.
+                done = await conn.execute(sa.update(flow_instances).where(
+                    fi.id == row[0], fi.live == 1, fi.status.in_(ACTIVE)).values(
+                    status="exited", live=None, wake_at=None, wait_event=None,
+                    wait_after=None, ended_at=now, updated_at=now))
+            if done.rowcount == 1:
+                break
+        else:
+            return None
         iid = int(row[0])
         self._cancel_timer(iid, row[1])
         log.info("flow.exited", campaign=campaign, user_id=user_id, instance=iid)

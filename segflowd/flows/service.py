@@ -94,8 +94,8 @@ class FlowService(Timers, Wakes, Entries, Admin):
         self._ev_pending: collections.Counter[int] = collections.Counter()
         self._ev_saved = 0
         self._match_failures = 0
-        self._paused_wakes: dict[str, list[int]] = {}
-        self._keep_pending: collections.Counter[int] = collections.Counter()
+        self._paused_wakes: dict[tuple[int, int], str] = {}
+        self._release_on_resume: dict[str, list[int]] = {}
         self._ch_through = 0
         self._ch_frozen: int | None = None
         self._ch_saved = 0

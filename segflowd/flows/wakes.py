@@ -68,9 +68,10 @@ class Wakes:
     _ev_saved: int  # the cursor as stored
     _match_failures: int  # failed tries at the batch at the head of the queue
     _resync: anyio.Event
-    # event ids of wakes a paused campaign dropped, held below the cursor until it resumes
-    _paused_wakes: dict[str, list[int]]
-    _keep_pending: collections.Counter[int]  # of those, not yet seen by wakes_done
+    # (instance, event id) of wakes a paused campaign dropped -> the campaign; and per
+    # campaign, the event ids whose release waits for its resume (one per dropped wake)
+    _paused_wakes: dict[tuple[int, int], str]
+    _release_on_resume: dict[str, list[int]]
 
     if TYPE_CHECKING:
         def _push(self, work: Work) -> None: ...
@@ -223,10 +224,9 @@ class Wakes:
         for w in works:
             if w.kind == "event" and w.instance >= 0 and w.event is not None:
                 eid = int(w.event["id"])  # type: ignore[call-overload]  # an int
-                if self._keep_pending[eid] > 0:  # held for a paused campaign
-                    self._keep_pending[eid] -= 1
-                    if self._keep_pending[eid] <= 0:
-                        del self._keep_pending[eid]
+                campaign = self._paused_wakes.get((w.instance, eid))
+                if campaign is not None:  # dropped for a paused campaign: at its resume
+                    self._release_on_resume.setdefault(campaign, []).append(eid)
                     continue
                 self._release(eid)
 
@@ -237,11 +237,14 @@ class Wakes:
         if work.event is None:
             return
         eid = int(work.event["id"])  # type: ignore[call-overload]  # an int
-        self._paused_wakes.setdefault(campaign, []).append(eid)
-        self._keep_pending[eid] += 1
+        # Marked, not counted: the same wake may be dropped again (pushed again after an
+        # outage); what waits for the resume is each release wakes_done would have made.
+        self._paused_wakes[(work.instance, eid)] = campaign
 
     def _release_paused(self, campaign: str) -> None:
-        for eid in self._paused_wakes.pop(campaign, ()):
+        for key in [k for k, c in self._paused_wakes.items() if c == campaign]:
+            del self._paused_wakes[key]
+        for eid in self._release_on_resume.pop(campaign, ()):
             self._release(eid)
 
     def _safe_cursor(self) -> int:

@@ -59,6 +59,7 @@ class SegmentState:
     refreshing: bool = False
     scheduled: bool = False
     error: str | None = None
+    refresh_committed: bool = False  # the running refresh's diff is committed
 
 
 class MembershipOutputs:

@@ -71,13 +71,20 @@ class ScheduledRefresh(MembershipOutputs):
         async with self._locks[name]:
             st.refreshing = True
             floor = self._changes_opening()
+            st.refresh_committed = False
             try:
                 result = await self._refresh_locked(seg, st)
                 self._changes_closed(floor, result.top)
             except Exception as exc:
-                if is_unavailable(exc) or isinstance(exc, StoreUnavailable):
-                    # The COMMIT may have applied: the floor stays, so no durable cursor
-                    # passes changes nobody was told of (a restart catches up).
+                if (is_unavailable(exc) or isinstance(exc, StoreUnavailable)
+                        or st.refresh_committed):
+                    # The COMMIT may have applied, or did and the hand-off broke off: the
+                    # floor stays, so no durable cursor passes changes nobody was told of
+                    # (a restart catches up from the cursor).
+                    if not (is_unavailable(exc) or isinstance(exc, StoreUnavailable)):
+                        await self._segment_failed(name, exc)
+                        raise AppError(f"segment {name!r}: refresh failed: "
+                                       f"{db_message(exc)}") from None
                     raise
                 self._changes_closed(floor, 0)
                 await self._segment_failed(name, exc)
@@ -104,6 +111,7 @@ class ScheduledRefresh(MembershipOutputs):
                 nxt = now + dt.timedelta(seconds=seg.defn.refresh)
                 await save_state(conn, name, last_refresh_at=now, next_refresh_at=nxt,
                                   size=size, last_error=None)
+        st.refresh_committed = True
         st.size, st.last_refresh_at, st.next_refresh_at, st.error = size, now, nxt, None
         self._refreshes += 1
         # Handed on while the lock is held, so a later incremental change of this

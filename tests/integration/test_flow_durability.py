@@ -17,10 +17,11 @@ import anyio
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from test_flows import DAY, Harness, awaiting, make_app, onboarding
 
 from segflowd.cursors import load_cursor
-from segflowd.errors import FlowError
+from segflowd.errors import FlowError, StoreUnavailable
 from segflowd.flows import entries as entries_module
 from segflowd.flows import steps as steps_module
 from segflowd.flows import work as flows_work
@@ -36,6 +37,8 @@ from segflowd.schema import (
     segment_changes,
     segment_members,
 )
+from segflowd.segments import refresh as refresh_module
+from segflowd.segments.engine import SegmentService
 from segflowd.segments.outputs import MembershipOutputs
 from segflowd.store import Store
 
@@ -629,3 +632,137 @@ def test_continue_as_new_state_must_be_json() -> None:
 
     with pytest.raises(FlowError, match="JSON"):
         Runtime(lambda _n: False).continue_as_new(when=object())
+
+
+@pytest.mark.parametrize("outage", [False, True])
+async def test_a_paused_wake_dropped_twice_is_released_once_at_resume(
+        h: Harness, monkeypatch: pytest.MonkeyPatch, outage: bool) -> None:
+    """Review round 2: a paused campaign's wake dropped twice (its batch met an outage
+    and the resync pushed it again) was released twice at resume, so the cursor passed
+    the event before the resume's own wake was stepped; a kill then lost it."""
+    app = make_app("cart", awaiting)
+    await h.user("lea")
+    async with h.running(app) as svc:
+        await h.join("lea", "seg")
+        await svc.k.actions["campaign.pause"]({"campaign": "cart"})
+        await h.advance(0.5 * DAY)
+        real_batch = svc._stepper.run_batch
+        downs: list[int] = [] if outage else [0]
+
+        async def flaky(works: Any) -> None:
+            await real_batch(works)  # A prepared: paused -> held
+            if not downs and any(w.kind == "event" for w in works):
+                downs.append(1)  # the rest of the batch met an outage
+                raise StoreUnavailable("store unavailable: lost connection")
+
+        monkeypatch.setattr(svc._stepper, "run_batch", flaky)
+        await h.event("lea", "purchase", amount=11)
+        await h.advance(5)  # resync re-pushes the held wake
+        assert downs == ([1] if outage else [0])
+        real_match = svc._match_campaign
+        queued: list[Any] = []
+
+        async def killed(campaign: str) -> int:
+            monkeypatch.setattr(svc, "_push", queued.append)  # worker never gets it
+            await real_match(campaign)
+            svc._release_paused(campaign)  # what resume does next
+            await svc._save_cursor()  # the saver ran
+            raise anyio.get_cancelled_exc_class()  # kill -9
+
+        monkeypatch.setattr(svc, "_match_campaign", killed)
+        with contextlib.suppress(anyio.get_cancelled_exc_class()):
+            await svc.k.actions["campaign.resume"]({"campaign": "cart"})
+        monkeypatch.undo()
+    async with h.running(app):
+        await h.advance(3 * DAY)
+    assert await h.sent("lea") == [("thanks", 0.5)]
+
+
+async def test_a_refresh_whose_hand_off_breaks_after_commit_keeps_its_floor(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review round 2: the refresh committed, then reading its changes back failed (a
+    pool timeout); it closed its floor as if nothing was written, and a later writer let
+    the changes cursor pass entries flows never heard of."""
+    app = make_app("onboarding", onboarding)
+    app.segment("other", sql="SELECT id FROM users WHERE id = 'zz'")
+    for u in ("u1", "u2", "u3"):
+        await h.user(u)
+    async with h.running(app) as svc:
+        seg = SegmentService(svc.k, membership_sinks=[svc])
+        await seg.start()
+        real_diff = refresh_module.refresh_diff
+        real_connect = h.store.connect
+        armed: list[int] = []
+
+        async def diff(*a: Any, **kw: Any) -> Any:
+            out = await real_diff(*a, **kw)
+            if a[1].name == "seg":
+                armed.append(1)
+            return out
+
+        @contextlib.asynccontextmanager
+        async def connect() -> Any:
+            if armed == [1]:
+                armed.append(2)
+                raise PoolTimeout("QueuePool limit of size 5 overflow 10 reached")
+            async with real_connect() as c:
+                yield c
+
+        monkeypatch.setattr(refresh_module, "refresh_diff", diff)
+        monkeypatch.setattr(h.store, "connect", connect)
+        with contextlib.suppress(Exception):
+            await seg.refresh("seg")  # committed; hand-off failed; closed with top=0
+        monkeypatch.undo()
+        await h.user("zz")
+        await seg.refresh("other")  # a later writer moves the through-id past
+        await svc._save_changes_cursor()
+    async with h.running(app):  # restart: catch up from the durable cursor
+        await h.settle()
+    started = {i.user_id for i in await h.instances()}
+    assert {"u1", "u2", "u3"} <= started, started
+
+
+async def test_a_dynamic_exit_racing_continue_as_new_ends_the_successor(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review round 2: the instance continued as new between exit_user's read and its
+    update; the exit read again and ended the successor, not nothing."""
+    if h.store.dialect == "sqlite":
+        pytest.skip("SQLite serialises writers: no read-then-update window")
+    app = make_app("ticker", ticking, behavior="dynamic")
+    await h.user("quin")
+    async with h.running(app) as svc:
+        await h.join("quin", "seg")
+        (old,) = await h.instances("quin")
+        real_begin = h.store.begin
+        raced: list[int] = []
+
+        class Racing:
+            def __init__(self, conn: Any) -> None:
+                self.conn = conn
+
+            async def execute(self, stmt: Any, *a: Any, **kw: Any) -> Any:
+                res = await self.conn.execute(stmt, *a, **kw)
+                if isinstance(stmt, sa.Select) and not raced:
+                    raced.append(1)  # the step commits continue_as_new now
+                    now = h.clock.now()
+                    async with real_begin() as other:
+                        await other.execute(sa.update(flow_instances).where(
+                            flow_instances.c.id == old.id).values(
+                            status="completed", live=None, wake_at=None, ended_at=now))
+                        await other.execute(sa.insert(flow_instances).values(
+                            campaign="ticker", user_id="quin", version=old.version,
+                            status="waiting", live=1, seq=0, start_data={"n": 3},
+                            created_at=now, updated_at=now))
+                return res
+
+        @contextlib.asynccontextmanager
+        async def racing_begin() -> Any:
+            async with real_begin() as conn:
+                yield Racing(conn)
+
+        monkeypatch.setattr(h.store, "begin", racing_begin)
+        exited = await svc.exit_user("ticker", "quin")
+        monkeypatch.undo()
+    assert raced == [1]
+    statuses = [(i.id, i.status) for i in await h.instances("quin")]
+    assert statuses == [(old.id, "completed"), (exited, "exited")]
