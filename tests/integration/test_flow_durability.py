@@ -27,7 +27,7 @@ from segflowd.flows import steps as steps_module
 from segflowd.flows import work as flows_work
 from segflowd.flows.entries import CHANGES_CURSOR
 from segflowd.flows.wakes import CURSOR_NAME
-from segflowd.hooks import IngestBatch
+from segflowd.hooks import IngestBatch, MembershipChange
 from segflowd.schema import (
     SCHEMA_VERSION,
     flow_instances,
@@ -766,3 +766,27 @@ async def test_a_dynamic_exit_racing_continue_as_new_ends_the_successor(
     assert raced == [1]
     statuses = [(i.id, i.status) for i in await h.instances("quin")]
     assert statuses == [(old.id, "completed"), (exited, "exited")]
+
+
+async def test_changes_held_while_a_resync_lifts_the_freeze_freeze_it_again(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review round 2: a delivery that started while changes were held (cursor frozen)
+    held its own after a resync had applied the old ones and lifted the freeze; the
+    freeze must come back, below this delivery's changes."""
+    app = make_app("onboarding", onboarding)
+    await h.user("rae")
+    async with h.running(app) as svc:
+        now = h.clock.now()
+        old = MembershipChange("seg", "rae", True, now)
+        svc._held, svc._ch_frozen, svc._ch_through = [old], 5, 7  # an earlier outage
+
+        async def apply(changes: Any) -> None:
+            svc._held = []  # the resync applied the old changes meanwhile ...
+            svc.changes_applied()
+            svc._held.extend(changes)  # ... and these meet the outage now
+
+        monkeypatch.setattr(svc, "_apply_membership", apply)
+        await svc.membership_changed([MembershipChange("seg", "rae", False, now)])
+        monkeypatch.undo()
+        assert svc._ch_frozen == 7  # below this delivery, not lifted
+        svc._held = []  # (leave the service clean for the block's exit)
