@@ -1,11 +1,13 @@
 """The ``outbox`` provider: each message becomes an .eml file in a folder.
 
 For local use and tests: open the files with any mail client. A file appears whole or
-not at all (written to a temporary name, then renamed).
+not at all (written to a temporary name, then renamed), so a failure to write one is
+certain: nothing was sent, the temporary file is removed and the message is retried.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Sequence
@@ -37,7 +39,11 @@ class OutboxProvider:
         return await anyio.to_thread.run_sync(self._write_all, list(messages))
 
     def _write_all(self, messages: list[OutgoingMessage]) -> list[SendResult]:
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return [SendResult(ok=False, error=f"cannot create {self.path}: {exc}",
+                               transient=True)] * len(messages)
         results = []
         for msg in messages:
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", msg.message_id)[:120]
@@ -50,6 +56,8 @@ class OutboxProvider:
                     os.fsync(fh.fileno())
                 os.replace(tmp, final)
             except OSError as exc:
+                with contextlib.suppress(OSError):  # the write's error is the one to report
+                    tmp.unlink(missing_ok=True)
                 results.append(SendResult(ok=False, error=f"cannot write {final}: {exc}",
                                           transient=True))
                 continue

@@ -6,7 +6,13 @@ Options: ``server_token`` (or ``server_token_env``), ``message_stream`` (default
 
 Each message in a batch has its own ``ErrorCode``: 0 sent; 406 (inactive recipient)
 fails the message and suppresses the address; 100/405/412/429 are transient; any
-other code is permanent. HTTP 429 and 5xx fail the whole call transiently.
+other code is permanent. HTTP 429 and 5xx answered by Postmark fail the whole call
+transiently, as does a connection that could not be made: nothing was sent.
+
+Whatever leaves the outcome open is *maybe sent* (``unknown``, never re-sent): a timeout
+or a lost connection once the request may have gone out, a gateway's 502/504 (its
+upstream had the request), and a 200 whose body does not answer the batch (or one of its
+messages) in Postmark's documented shape.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import httpx
 from segflowd.errors import ProviderError
 from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
 
+from ._http import GATEWAY_ERRORS, NOT_SENT
 from ._options import Options
 
 DEFAULT_BASE_URL = "https://api.postmarkapp.com"
@@ -59,23 +66,33 @@ class PostmarkProvider:
     async def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         if not messages:
             return []
+        n = len(messages)
         try:
             resp = await self._client.post("/email/batch",
                                            json=[self._payload(m) for m in messages])
-        except httpx.HTTPError as exc:
+        except NOT_SENT as exc:  # no request reached Postmark
             return [SendResult(ok=False, error=f"postmark: {type(exc).__name__}: {exc}",
-                               transient=True)] * len(messages)
+                               transient=True)] * n
+        except httpx.HTTPError as exc:  # the request may have reached Postmark
+            return [_maybe_sent(f"{type(exc).__name__}: {exc}")] * n
+        if resp.status_code in GATEWAY_ERRORS:  # the gateway's upstream had the request
+            return [_maybe_sent(f"HTTP {resp.status_code} from a gateway")] * n
         if resp.status_code == 429 or resp.status_code >= 500:
             return [SendResult(ok=False, error=f"postmark HTTP {resp.status_code}",
-                               transient=True)] * len(messages)
-        if resp.status_code != 200:
+                               transient=True)] * n
+        if not 200 <= resp.status_code < 300:
             detail = _error_text(resp)
             code = _code(resp)
             return [SendResult(ok=False, error=f"postmark HTTP {resp.status_code}: {detail}",
-                               transient=code in TRANSIENT_CODES)] * len(messages)
-        answers = resp.json()
-        if not isinstance(answers, list) or len(answers) != len(messages):
-            raise ProviderError("postmark answered the batch with a malformed response")
+                               transient=code in TRANSIENT_CODES)] * n
+        try:
+            answers = resp.json()
+        except ValueError:
+            answers = None
+        if not isinstance(answers, list) or len(answers) != n:
+            # Postmark took the batch; what it did with each message cannot be read.
+            return [_maybe_sent(f"HTTP {resp.status_code} with an answer that does not "
+                                f"match the batch: {resp.text[:200]!r}")] * n
         return [_result(a) for a in answers]
 
     async def aclose(self) -> None:
@@ -83,15 +100,20 @@ class PostmarkProvider:
 
 
 def _result(answer: object) -> SendResult:
-    if not isinstance(answer, dict):
-        return SendResult(ok=False, error="postmark: malformed answer", transient=True)
-    code = int(answer.get("ErrorCode", -1))
+    code = answer.get("ErrorCode") if isinstance(answer, dict) else None
+    if not isinstance(answer, dict) or not isinstance(code, int) or isinstance(code, bool):
+        return _maybe_sent(f"malformed answer for this message: {str(answer)[:200]!r}")
     if code == 0:
         return SendResult(ok=True, provider_message_id=str(answer.get("MessageID") or ""))
     error = f"postmark {code}: {answer.get('Message', '')}"
     if code == INACTIVE_RECIPIENT:
         return SendResult(ok=False, error=error, suppress=True)
     return SendResult(ok=False, error=error, transient=code in TRANSIENT_CODES)
+
+
+def _maybe_sent(why: str) -> SendResult:
+    return SendResult(ok=False, error=f"postmark: {why} (may have been sent: not retried)",
+                      maybe_sent=True)
 
 
 def _code(resp: httpx.Response) -> int:

@@ -7,8 +7,12 @@ Requests are signed with AWS Signature Version 4 by ``httpx-auth``. Options: ``r
 ``timeout`` (seconds), ``concurrency`` is delivery's, ``max_batch``.
 
 Throttling (HTTP 429, ``TooManyRequestsException``, ``LimitExceededException``) and 5xx
-are transient; ``MessageRejected``, ``MailFromDomainNotVerifiedException`` and other
-4xx answers are permanent.
+answered by SES are transient, as is a connection that could not be made;
+``MessageRejected``, ``MailFromDomainNotVerifiedException`` and other 4xx answers are
+permanent. Each message has its own outcome: one call's failure never touches the
+others of the batch. *Maybe sent* (``unknown``, never re-sent): a timeout or lost
+connection once the request may have gone out, a gateway's 502/504, and a 2xx whose body
+has no ``MessageId``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from httpx_auth import AWS4Auth
 
 from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
 
+from ._http import GATEWAY_ERRORS, NOT_SENT
 from ._options import Options
 
 DEFAULT_TIMEOUT = 30.0  # seconds per API call
@@ -54,13 +59,15 @@ class SesProvider:
 
         async def one(i: int, msg: OutgoingMessage) -> None:
             async with self._limit:
-                results[i] = await self._send_one(msg)
+                try:
+                    results[i] = await self._send_one(msg)
+                except Exception as exc:  # never cancel the other calls, nor lose their answers
+                    results[i] = _maybe_sent(f"{type(exc).__name__}: {exc}")
 
         async with anyio.create_task_group() as tg:
             for i, msg in enumerate(messages):
                 tg.start_soon(one, i, msg)
-        return [r or SendResult(ok=False, error="ses: no answer", transient=True)
-                for r in results]
+        return [r or _maybe_sent("no answer") for r in results]
 
     async def _send_one(self, msg: OutgoingMessage) -> SendResult:
         body: dict[str, object] = {
@@ -72,11 +79,19 @@ class SesProvider:
             body["ConfigurationSetName"] = self.configuration_set
         try:
             resp = await self._client.post("/v2/email/outbound-emails", json=body)
-        except httpx.HTTPError as exc:
+        except NOT_SENT as exc:  # no request reached SES
             return SendResult(ok=False, error=f"ses: {type(exc).__name__}: {exc}",
                               transient=True)
-        if resp.status_code == 200:
-            return SendResult(ok=True, provider_message_id=str(resp.json().get("MessageId")))
+        except httpx.HTTPError as exc:  # the request may have reached SES
+            return _maybe_sent(f"{type(exc).__name__}: {exc}")
+        if resp.status_code in GATEWAY_ERRORS:
+            return _maybe_sent(f"HTTP {resp.status_code} from a gateway")
+        if 200 <= resp.status_code < 300:
+            message_id = _json_field(resp, "MessageId")
+            if not message_id:  # SES took it, but its answer cannot be read
+                return _maybe_sent(f"HTTP {resp.status_code} without a MessageId: "
+                                   f"{resp.text[:200]!r}")
+            return SendResult(ok=True, provider_message_id=message_id)
         kind = (resp.headers.get("x-amzn-errortype", "").split(":")[0]
                 or _json_field(resp, "__type") or _json_field(resp, "code"))
         message = _json_field(resp, "message") or _json_field(resp, "Message") or resp.text[:300]
@@ -86,6 +101,11 @@ class SesProvider:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _maybe_sent(why: str) -> SendResult:
+    return SendResult(ok=False, error=f"ses: {why} (may have been sent: not retried)",
+                      maybe_sent=True)
 
 
 def _json_field(resp: httpx.Response, key: str) -> str:

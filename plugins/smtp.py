@@ -5,7 +5,10 @@ for implicit TLS on 465, ``none``), ``username``/``password`` (or ``password_env
 ``timeout`` (seconds), ``validate_certs`` (default true), ``max_batch``.
 
 5xx answers for a recipient are permanent (550/551/553 also suppress the address); 4xx
-answers and lost connections are transient.
+answers are transient, as are a refused or lost connection before DATA: nothing was sent.
+Once DATA began, a timeout or a lost connection leaves the outcome open: the server may
+have the whole message, so it is *maybe sent* (``unknown``, never re-sent). An answer
+refusing the data is still a refusal (nothing was taken).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 from collections.abc import Sequence
+from typing import Any
 
 import aiosmtplib
 import anyio
@@ -31,6 +35,16 @@ DEFAULT_TIMEOUT = 30.0  # seconds per SMTP command
 MAX_BATCH = 1
 ABORT_TURNS = 3  # event-loop turns an aborted transport needs to close its socket
 SUPPRESS_CODES = frozenset({550, 551, 553})  # mailbox unavailable / not local / bad name
+
+
+class _Client(aiosmtplib.SMTP):
+    """An SMTP client that knows whether the current transaction reached DATA."""
+
+    data_started = False
+
+    async def data(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        self.data_started = True
+        return await super().data(*args, **kwargs)
 
 
 class SmtpProvider:
@@ -52,14 +66,14 @@ class SmtpProvider:
         self.validate_certs = validate if isinstance(validate, bool) else \
             str(validate).lower() in ("1", "true", "yes")
         self.max_batch = max(1, o.integer("max_batch", MAX_BATCH))
-        self._client: aiosmtplib.SMTP | None = None
+        self._client: _Client | None = None
         self._lock = anyio.Lock()
         self.connections = 0  # connections opened so far (connection reuse is visible)
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> _Client:
         if self._client is not None and self._client.is_connected:
             return self._client
-        client = aiosmtplib.SMTP(
+        client = _Client(
             hostname=self.host, port=self.port, timeout=self.timeout,
             use_tls=self.security == "tls",
             start_tls=self.security == "starttls",
@@ -84,8 +98,10 @@ class SmtpProvider:
         return results
 
     async def _send_one(self, msg: OutgoingMessage) -> SendResult:
+        client: _Client | None = None
         try:
             client = await self._connect()
+            client.data_started = False
             errors, reply = await client.sendmail(
                 email.utils.parseaddr(msg.sender)[1], [email.utils.parseaddr(msg.to)[1]],
                 msg.mime)
@@ -93,13 +109,17 @@ class SmtpProvider:
             refused = exc.recipients[0] if exc.recipients else None
             code = refused.code if refused is not None else 550
             return _answer(code, str(refused.message if refused else exc))
-        except aiosmtplib.SMTPResponseException as exc:
+        except aiosmtplib.SMTPResponseException as exc:  # an answer, even to the data: refused
             await self._drop()
             return _answer(exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             await self._drop()
-            return SendResult(ok=False, error=f"smtp: {type(exc).__name__}: {exc}",
-                              transient=True)
+            error = f"smtp: {type(exc).__name__}: {exc}"
+            if client is not None and client.data_started:
+                # The server may have the whole message: its answer never came.
+                return SendResult(ok=False, maybe_sent=True,
+                                  error=f"{error} (after DATA: may have been sent, not retried)")
+            return SendResult(ok=False, error=error, transient=True)
         if errors:
             code, text = next(iter(errors.values()))
             return _answer(code, text)

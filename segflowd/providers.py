@@ -2,6 +2,14 @@
 
 A provider is found by name in the ``segflow.providers`` entry-point group and built
 with its ``[providers.NAME]`` table. Built-ins register the same way a third party does.
+
+Every failure a provider reports says whether the message may have gone out, because
+delivery is at-most-once: a message that *certainly* did not go out (the connection was
+refused, the provider answered with a refusal) may be retried; one that *may* have gone
+out (no answer after the request was sent, an answer that cannot be read) is recorded
+``unknown`` and never re-sent by itself. Per message that is :attr:`SendResult.maybe_sent`;
+for a whole call, :class:`SendError`. Any other exception from :meth:`Provider.send`, or a
+wrong number of results, says nothing about what went out and counts as maybe sent.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ __all__ = [
     "OutgoingMessage",
     "Provider",
     "ProviderContext",
+    "SendError",
     "SendResult",
     "available_providers",
     "load_provider",
@@ -55,8 +64,12 @@ class OutgoingMessage:
 class SendResult:
     """The provider's answer for one message.
 
-    ``ok`` sent; otherwise ``transient`` errors are retried with backoff and permanent ones
-    fail the message (and suppress the address when ``suppress`` is set).
+    ``ok``: sent (``provider_message_id`` is stored, clipped to 255 characters).
+    Otherwise ``maybe_sent`` says the message may have gone out all the same: it is
+    recorded ``unknown`` and never retried (``transient`` and ``suppress`` are ignored).
+    Without it the message certainly did not go out: ``transient`` errors are retried
+    with backoff and permanent ones fail the message (and suppress the address when
+    ``suppress`` is set).
     """
 
     ok: bool
@@ -64,6 +77,22 @@ class SendResult:
     error: str | None = None
     transient: bool = False
     suppress: bool = False
+    maybe_sent: bool = False
+
+
+class SendError(ProviderError):
+    """Raised by :meth:`Provider.send` when the whole call failed, saying what went out.
+
+    ``maybe_sent=False``: the provider certainly took none of the messages (connection
+    refused, an answered refusal); each is retried when ``transient``, failed otherwise.
+    ``maybe_sent=True``: some or all may have gone out; each is recorded ``unknown``.
+    A provider that knows the outcome of each message returns results instead.
+    """
+
+    def __init__(self, message: str, *, maybe_sent: bool, transient: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
+        self.transient = transient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +111,11 @@ class Provider(Protocol):
     max_batch: int
 
     async def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
-        """One result per message, in order. Raise only for a failure of the whole call."""
+        """One result per message, in order.
+
+        Raise :class:`SendError` only for a failure of the whole call. Any other exception
+        (or a wrong number of results) makes every message of the call ``unknown``.
+        """
         ...
 
     async def aclose(self) -> None:

@@ -1,32 +1,45 @@
 """Outcomes: what became of each message of a batch, recorded, published and counted.
 
 A send result (or the status decided while preparing) becomes the row's new status in one
-transaction: ``sent``; ``queued`` again after a :func:`backoff` delay for a transient error
-below ``[email] max_attempts``; ``failed`` otherwise, suppressing the address where the
-provider says so (a bounce); or the ``failed`` / ``suppressed`` decided without sending.
-Each outcome is then published as ``message.<status>`` (``message.retrying`` for a retry),
-logged and counted; the counts make the :class:`DeliveryStatistics`.
+transaction: ``sent``; ``unknown`` when the provider may have sent it (never retried by
+itself); ``queued`` again after a :func:`backoff` delay for a transient error below
+``[email] max_attempts``; ``failed`` otherwise, suppressing the address where the provider
+says so (a bounce); or the ``failed`` / ``suppressed`` decided without sending. Each
+outcome is then published as ``message.<status>`` (``message.retrying`` for a retry),
+logged and counted; the counts make the :class:`DeliveryStatistics`. Nothing here grows
+with the number of messages sent (:class:`SendRate`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..errors import StoreUnavailable
 from ..kernel import Kernel
 from ..providers import SendResult
 from ..schema import messages, suppressions
 from .prepare import Prepared, bare_address
 
 __all__ = ["DeliveryStatistics", "Outcomes", "ProviderCounters", "ProviderStatistics",
-           "backoff"]
+           "SendRate", "backoff"]
 
 log = structlog.get_logger("segflowd.delivery")
+
+Event = tuple[str, dict[str, object]]  # a bus event: kind, data
+RATE_WINDOW = 60  # seconds of sends behind sent_per_second
+ERROR_MAX = 4000  # characters of an error kept in last_error
+PROVIDER_ID_MAX = 255  # characters: messages.provider_message_id's length
+STOPPED_WHILE_SENDING = ("delivery stopped while the provider had the message: it may or "
+                         "may not have been delivered (not re-sent)")
 
 
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -83,7 +96,7 @@ class Outcomes:
         self.counters = ProviderCounters()
         self.totals = {"sent": 0, "failed": 0, "suppressed": 0, "retried": 0, "unknown": 0}
         self.depth: dict[str, int] = {}
-        self.recent: list[tuple[float, int]] = []  # (monotonic, sent) per batch
+        self.rate = SendRate()
         m = k.metrics
         m.describe("segflow_messages_total", "counter", "messages by outcome")
         m.describe("segflow_outbox_messages", "gauge", "outbox rows by status")
@@ -92,46 +105,141 @@ class Outcomes:
 
     async def record(self, prepared: Sequence[Prepared],
                      results: Mapping[int, SendResult]) -> None:
-        """Store, publish and count each outcome; ``results`` is keyed by ``id(prepared)``."""
+        """Store, publish and count each outcome; ``results`` is keyed by ``id(prepared)``.
+
+        One transaction for the batch. Should the store refuse it for a reason other than
+        being unreachable (a value it will not take), each message is recorded on its own,
+        and one the store still refuses gets its status alone: no row stays ``sending``
+        because of one bad value. :class:`StoreUnavailable` is raised for the caller to
+        retry; a row already recorded is never recorded (or counted) twice.
+        """
         now = self.k.clock.now()
+        decided = [(p, self._decide(p, results.get(id(p)), now)) for p in prepared]
+        events: list[Event] = []
+        try:
+            async with self.k.store.begin() as conn:
+                for p, d in decided:
+                    events += await self._write(conn, p, d, now)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            log.error("delivery.record_batch_refused", messages=len(prepared),
+                      error=_describe(exc))
+            events = []
+            for p, d in decided:
+                events += await self._write_alone(p, d, now)
+        self._publish(events)
+
+    def _decide(self, p: Prepared, res: SendResult | None, now: dt.datetime) -> _Decision:
         ecfg = self.k.config.email
-        events: list[tuple[str, dict[str, object]]] = []
+        row = p.row
+        base: dict[str, object] = {"message": row["id"], "user_id": row["user_id"],
+                                   "template": row["template"]}
+        values: dict[str, object] = {"updated_at": now}
+        suppress: str | None = None
+        if p.message is not None:
+            values["message_id"] = p.message.message_id
+        if res is None and p.status == "retry":
+            res = SendResult(ok=False, error=p.error, transient=True)
+        if res is None:
+            status, error = p.status or "failed", p.error
+        elif res.ok:
+            status, error = "sent", None
+            values.update(sent_at=now, provider_message_id=self._provider_id(p, res))
+        elif res.maybe_sent:
+            status, error = "unknown", _text(res.error) or "the provider may have sent it"
+        elif res.transient and row["attempts"] < ecfg.max_attempts:
+            status, error = "queued", _text(res.error)
+            delay = backoff(row["attempts"], ecfg.retry_base, ecfg.retry_max, self.rng)
+            values["next_attempt_at"] = now + _seconds(delay)
+            base["retry_in_s"] = round(delay, 3)
+        else:
+            status, error = "failed", _text(res.error)
+            if res.suppress and p.message is not None:
+                suppress = bare_address(p.message.to)
+        values.update(status=status, last_error=_clip(error))
+        kind = "retrying" if status == "queued" else status
+        event = (f"message.{kind}", {**base, "error": error} if error else base)
+        return _Decision(values, event, suppress)
+
+    def _provider_id(self, p: Prepared, res: SendResult) -> str | None:
+        pid = res.provider_message_id
+        if pid is None:
+            return None
+        pid = str(pid)
+        if len(pid) > PROVIDER_ID_MAX:  # kept as far as it fits: the column's limit
+            log.warning("message.provider_id_clipped", message=p.row["id"], provider_id=pid)
+            pid = pid[:PROVIDER_ID_MAX]
+        return pid
+
+    async def _write(self, conn: AsyncConnection, p: Prepared, d: _Decision,
+                     now: dt.datetime) -> list[Event]:
+        """The row's update (and suppression); its events when the row was still ours."""
+        events: list[Event] = []
+        if d.suppress is not None:
+            await conn.execute(self.k.store.insert_ignore(suppressions).values(
+                address=d.suppress, reason="bounce", source=self.provider_name,
+                detail=str(d.values["last_error"] or "")[:1000], created_at=now))
+            events.append(("address.suppressed", {"address": d.suppress, "reason": "bounce",
+                                                  "source": self.provider_name}))
+        done = await conn.execute(sa.update(messages).where(
+            messages.c.id == p.row["id"], messages.c.status == "sending").values(**d.values))
+        return [*events, d.event] if done.rowcount else []
+
+    async def _write_alone(self, p: Prepared, d: _Decision, now: dt.datetime) -> list[Event]:
+        """``p``'s outcome in a transaction of its own; if the store refuses it, its status
+        alone (the outcome itself is known), with why the rest is missing."""
+        try:
+            async with self.k.store.begin() as conn:
+                return await self._write(conn, p, d, now)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            refused = _describe(exc)
+        status = d.values["status"]
+        error = d.values["last_error"]
+        note = f"the store refused this outcome's details: {refused}"
+        bare = {k: v for k, v in d.values.items()
+                if k in ("status", "updated_at", "sent_at", "next_attempt_at")}
+        bare["last_error"] = _clip(f"{error}; {note}" if error else f"{status}; {note}")
+        try:
+            async with self.k.store.begin() as conn:
+                done = await conn.execute(sa.update(messages).where(
+                    messages.c.id == p.row["id"], messages.c.status == "sending")
+                    .values(**bare))
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # left `sending`: the next start makes it `unknown`
+            log.error("delivery.record_failed", message=p.row["id"], status=status,
+                      error=_describe(exc))
+            return []
+        log.error("delivery.record_refused", message=p.row["id"], status=status,
+                  error=refused)
+        return [d.event] if done.rowcount else []
+
+    async def release(self, rows: Sequence[Mapping[str, Any]], handed: Collection[int]) -> None:
+        """Resolve a batch whose worker was cancelled (a drain cut short) before it recorded
+        anything: rows ``handed`` to the provider become ``unknown``, the rest (nothing of
+        them went out) are ``queued`` again, their attempt not counted."""
+        now = self.k.clock.now()
+        ids = [int(r["id"]) for r in rows]
+        gone = [i for i in ids if i in handed]
+        back = [i for i in ids if i not in handed]
         async with self.k.store.begin() as conn:
-            for p in prepared:
-                row = p.row
-                base: dict[str, object] = {"message": row["id"], "user_id": row["user_id"],
-                                           "template": row["template"]}
-                values: dict[str, object] = {"updated_at": now}
-                if p.message is not None:
-                    values["message_id"] = p.message.message_id
-                res = results.get(id(p))
-                if res is None and p.status == "retry":
-                    res = SendResult(ok=False, error=p.error, transient=True)
-                if res is None:
-                    status, error = p.status or "failed", p.error
-                elif res.ok:
-                    status, error = "sent", None
-                    values.update(sent_at=now, provider_message_id=res.provider_message_id)
-                elif res.transient and row["attempts"] < ecfg.max_attempts:
-                    status, error = "queued", res.error
-                    delay = backoff(row["attempts"], ecfg.retry_base, ecfg.retry_max, self.rng)
-                    values["next_attempt_at"] = now + _seconds(delay)
-                    base["retry_in_s"] = round(delay, 3)
-                else:
-                    status, error = "failed", res.error
-                    if res.suppress and p.message is not None:
-                        await conn.execute(self.k.store.insert_ignore(suppressions).values(
-                            address=bare_address(p.message.to), reason="bounce",
-                            source=self.provider_name, detail=(res.error or "")[:1000],
-                            created_at=now))
-                        events.append(("address.suppressed", {
-                            "address": bare_address(p.message.to), "reason": "bounce",
-                            "source": self.provider_name}))
-                values.update(status=status, last_error=error)
+            if back:
                 await conn.execute(sa.update(messages).where(
-                    messages.c.id == row["id"], messages.c.status == "sending").values(**values))
-                kind = "retrying" if status == "queued" else status
-                events.append((f"message.{kind}", {**base, "error": error} if error else base))
+                    messages.c.id.in_(back), messages.c.status == "sending").values(
+                    status="queued", attempts=messages.c.attempts - 1, updated_at=now))
+            if gone:
+                await conn.execute(sa.update(messages).where(
+                    messages.c.id.in_(gone), messages.c.status == "sending").values(
+                    status="unknown", updated_at=now, last_error=STOPPED_WHILE_SENDING))
+        self._publish([("message.unknown", {"message": r["id"], "user_id": r["user_id"],
+                                            "template": r["template"],
+                                            "error": STOPPED_WHILE_SENDING})
+                       for r in rows if int(r["id"]) in handed])
+
+    def _publish(self, events: Sequence[Event]) -> None:
         for kind, data in events:
             self.count(kind, data)
             self.k.bus.publish(kind, **data)
@@ -147,7 +255,7 @@ class Outcomes:
         c = self.counters
         if status == "sent":
             c.sent += 1
-            self.recent.append((self.k.clock.monotonic(), 1))
+            self.rate.add(self.k.clock.monotonic())
             log.info("message.sent", **data)
         elif status == "failed":
             c.failed += 1
@@ -155,6 +263,8 @@ class Outcomes:
         elif status == "retrying":
             c.transient += 1
             log.info("message.retrying", **data)
+        elif status == "unknown":
+            log.warning("message.unknown", **data)
         else:
             log.info(f"message.{status}", **data)
 
@@ -167,15 +277,12 @@ class Outcomes:
         self.depth = {str(s): int(n) for s, n in rows}
 
     def statistics(self, *, plugin: str, rate: float, concurrency: int) -> DeliveryStatistics:
-        now = self.k.clock.monotonic()
-        self.recent = [(t, n) for t, n in self.recent if now - t <= 60.0]
-        window = max(1.0, now - self.recent[0][0]) if self.recent else 60.0
         c = self.counters
         return DeliveryStatistics(
             outbox=dict(self.depth), sent=self.totals["sent"], failed=self.totals["failed"],
             suppressed=self.totals["suppressed"], retried=self.totals["retried"],
             unknown=self.totals["unknown"],
-            sent_per_second=sum(n for _, n in self.recent) / window,
+            sent_per_second=self.rate.per_second(self.k.clock.monotonic()),
             providers=(ProviderStatistics(
                 name=self.provider_name, plugin=plugin,
                 sent=c.sent, failed=c.failed, transient_errors=c.transient, batches=c.batches,
@@ -183,5 +290,60 @@ class Outcomes:
         )
 
 
+class SendRate:
+    """Sends per whole second over the last :data:`RATE_WINDOW` seconds.
+
+    Bounded however many messages go out and whether or not anybody reads it: at most
+    ``RATE_WINDOW + 1`` counters, the oldest dropped as new seconds begin.
+    """
+
+    def __init__(self) -> None:
+        self._seconds: collections.deque[list[int]] = collections.deque(maxlen=RATE_WINDOW + 1)
+
+    def add(self, now: float, n: int = 1) -> None:
+        second = int(now)
+        if self._seconds and self._seconds[-1][0] == second:
+            self._seconds[-1][1] += n
+        else:
+            self._seconds.append([second, n])
+        self._prune(now)
+
+    def per_second(self, now: float) -> float:
+        self._prune(now)
+        if not self._seconds:
+            return 0.0
+        window = max(1.0, now - self._seconds[0][0])
+        return sum(n for _, n in self._seconds) / window
+
+    def _prune(self, now: float) -> None:
+        while self._seconds and self._seconds[0][0] < now - RATE_WINDOW:
+            self._seconds.popleft()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decision:
+    """A message's outcome before it is written: the row's new values, its event and the
+    address to suppress (a bounce)."""
+
+    values: dict[str, object]
+    event: Event
+    suppress: str | None
+
+
 def _seconds(s: float) -> dt.timedelta:
     return dt.timedelta(seconds=s)
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _clip(error: str | None) -> str | None:
+    """An error short enough for any store's ``last_error`` (MariaDB's TEXT is 64 KB)."""
+    if error is None or len(error) <= ERROR_MAX:
+        return error
+    return error[:ERROR_MAX - 1] + "…"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:ERROR_MAX]

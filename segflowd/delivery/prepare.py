@@ -5,8 +5,9 @@ addresses; context providers add their data; then every message still to send is
 (in a worker thread, or by the render processes where there are some) and built into an
 :class:`~segflowd.providers.OutgoingMessage` with its tracking links and unsubscribe URL.
 A message that must not be sent gets its status here instead: ``failed`` (no or a bad
-address, a template error), ``suppressed`` (the address or the user opted out) or
-``retry`` (the store or a context provider failed).
+address, a template error, or any other error rendering or building that one message),
+``suppressed`` (the address or the user opted out) or ``retry`` (the store or a context
+provider failed).
 """
 
 from __future__ import annotations
@@ -131,11 +132,18 @@ class BatchPreparer:
                 p.data = data
 
     def _render_all(self, prepared: list[Prepared]) -> None:
-        todo = [p for p in prepared if p.status is None]
         jobs: list[RenderJob] = []
         unsubs: list[str] = []
-        for p in todo:
-            job, unsub = self._job(p)
+        todo: list[Prepared] = []
+        for p in prepared:
+            if p.status is not None:
+                continue
+            try:
+                job, unsub = self._job(p)
+            except Exception as exc:  # a fault of ours: this message fails, not the batch
+                p.status, p.error = "failed", _unexpected("preparing the message", exc)
+                continue
+            todo.append(p)
             jobs.append(job)
             unsubs.append(unsub)
         results: list[RenderResult] | None = None
@@ -154,6 +162,8 @@ class BatchPreparer:
                 p.message = self._build(p, result, unsub)
             except InvalidAddress as exc:
                 p.status, p.error = "failed", str(exc)
+            except Exception as exc:  # e.g. a value that cannot be encoded: nothing went out
+                p.status, p.error = "failed", _unexpected("building the message", exc)
 
     def _job(self, p: Prepared) -> tuple[RenderJob, str]:
         """The template and context to render ``p`` with, and its unsubscribe URL."""
@@ -201,6 +211,11 @@ class BatchPreparer:
         if camp is not None and camp.track is not None:
             return camp.track
         return self.k.config.email.track
+
+
+def _unexpected(doing: str, exc: Exception) -> str:
+    log.warning("delivery.message_error", doing=doing, error=f"{type(exc).__name__}: {exc}")
+    return f"{doing} failed: {type(exc).__name__}: {exc}"
 
 
 def bare_address(address: str) -> str:

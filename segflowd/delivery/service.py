@@ -1,13 +1,17 @@
 """Delivery: outbox workers that render, check, send and record each queued message.
 
-A message row goes ``queued → sending → sent | failed | suppressed``. A worker claims
-due rows (``next_attempt_at <= now``) in one short transaction, renders and sends with
-no transaction open, then records every outcome in a second one. A row found
-``sending`` when the service starts was being sent when the process died: it becomes
-``unknown`` and is reported, never re-sent (at-most-once; ``message.retry`` re-queues
-it on purpose). Transient errors retry with exponential backoff and jitter up to
-``[email] max_attempts``; permanent ones fail the message and, where the provider says
-so, suppress the address.
+A message row goes ``queued → sending → sent | failed | suppressed | unknown``. A worker
+claims due rows (``next_attempt_at <= now``) in one short transaction, renders and sends
+with no transaction open, then records every outcome in a second one. Delivery is
+at-most-once: a message that may have reached the provider is never re-sent by itself
+(``message.retry`` re-queues it on purpose). So a provider's answer that leaves the
+outcome open (see :mod:`segflowd.providers`) makes the message ``unknown`` at once, and
+so does a cancelled worker for the batch its provider had; a row found ``sending`` when
+the service starts was being sent when the process died, and becomes ``unknown`` then.
+A row is never left ``sending`` by an error in the process: one that certainly did not
+go out fails (an error preparing it) or is queued again (a cancelled worker). Transient
+errors retry with exponential backoff and jitter up to ``[email] max_attempts``;
+permanent ones fail the message and, where the provider says so, suppress the address.
 
 Per provider (``[providers.NAME]``): ``rate`` (messages per second, token bucket; 0 is
 unlimited), ``burst``, ``concurrency`` (parallel send calls) and ``render_processes``
@@ -15,6 +19,7 @@ unlimited), ``burst``, ``concurrency`` (parallel send calls) and ``render_proces
 in the daemon's process).
 
 Preparing a claimed batch (users, suppressions, rendering) is :mod:`segflowd.delivery.prepare`;
+handing it to the provider and reading the answer, :mod:`segflowd.delivery.sending`;
 recording its outcomes, and the counts behind :meth:`DeliveryService.statistics`, is
 :mod:`segflowd.delivery.outcomes`.
 """
@@ -41,8 +46,9 @@ from ..schema import messages
 from .mime import domain_of, make_message_id
 from .outbox import MessageKind, enqueue
 from .outcomes import DeliveryStatistics, Outcomes
-from .prepare import BatchPreparer
+from .prepare import BatchPreparer, Prepared
 from .renderpool import RenderPool
+from .sending import send_batch
 from .templates import Renderer
 from .tokens import Signer, ephemeral_key
 
@@ -55,6 +61,7 @@ DEFAULT_RATE = 0.0  # messages per second per provider; 0 means unlimited
 DEFAULT_RENDER_PROCESSES = 0  # render worker processes; 0 renders in the daemon's process
 TEST_WAIT = 30.0  # seconds "email.test" waits for its message to be sent
 RECORD_RETRY = 1.0  # seconds between attempts to record sent messages while the store is down
+RELEASE_TIMEOUT = 5.0  # seconds a cancelled worker spends settling its batch in the store
 FINAL = frozenset({"sent", "failed", "suppressed", "unknown"})
 
 
@@ -239,24 +246,31 @@ class DeliveryService:
         self._bucket.refund(size - len(rows))
         if not rows:
             return 0
-        prepared = await self._preparer.prepare(rows)
-        to_send = [p for p in prepared if p.message is not None]
-        results: list[SendResult] = []
-        if to_send:
-            c = self._outcomes.counters
-            c.in_flight += len(to_send)
-            try:
-                results = await provider.send([p.message for p in to_send if p.message])
-                if len(results) != len(to_send):
-                    raise RuntimeError(f"provider returned {len(results)} results for "
-                                       f"{len(to_send)} messages")
-            except Exception as exc:
-                err = f"{type(exc).__name__}: {exc}"
-                log.warning("provider.error", provider=self.provider_name, error=err)
-                results = [SendResult(ok=False, error=err, transient=True)] * len(to_send)
-            finally:
-                c.in_flight -= len(to_send)
-                c.batches += 1
+        handed: set[int] = set()  # rows whose message the provider has been given
+        try:
+            prepared = await self._prepare(rows)
+            to_send = [p for p in prepared if p.message is not None]
+            results: list[SendResult] = []
+            if to_send:
+                c = self._outcomes.counters
+                c.in_flight += len(to_send)
+                handed.update(int(p.row["id"]) for p in to_send)
+                try:
+                    results = await send_batch(provider, self.provider_name,
+                                               [p.message for p in to_send if p.message])
+                finally:
+                    c.in_flight -= len(to_send)
+                    c.batches += 1
+        except BaseException:
+            # Cancelled (a drain cut short): what the provider had is `unknown` now, the
+            # rest goes back to the queue, rather than all of it `unknown` at the next start.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT):
+                try:
+                    await self._outcomes.release(rows, handed)
+                except Exception as exc:  # left `sending`: the next start settles them
+                    log.warning("delivery.release_failed", messages=len(rows),
+                                error=f"{type(exc).__name__}: {exc}")
+            raise
         outcomes = dict(zip([id(p) for p in to_send], results, strict=True))
         while True:
             try:
@@ -269,6 +283,16 @@ class DeliveryService:
                             error=str(exc)[:300], retry_in_s=RECORD_RETRY)
                 await self.k.clock.sleep(RECORD_RETRY)
         return len(rows)
+
+    async def _prepare(self, rows: Sequence[Mapping[str, Any]]) -> list[Prepared]:
+        """The batch prepared; a fault of ours while preparing fails every message whose
+        fate was not yet decided (nothing of it went out) instead of leaving it claimed."""
+        try:
+            return await self._preparer.prepare(rows)
+        except Exception as exc:
+            error = f"preparing the message failed: {type(exc).__name__}: {exc}"
+            log.error("delivery.prepare_failed", messages=len(rows), error=error)
+            return [Prepared(r, status="failed", error=error) for r in rows]
 
     async def _claim(self, size: int) -> list[Mapping[str, Any]]:
         now = self.k.clock.now()

@@ -31,11 +31,12 @@ from ..http import HTTPError, Request, Response, Router, json_response
 from ..kernel import Kernel
 from ..schema import suppressions
 
-__all__ = ["Fetch", "SnsVerifier", "Webhooks", "suppress"]
+__all__ = ["CERT_CACHE", "Fetch", "SnsVerifier", "Webhooks", "suppress"]
 
 log = structlog.get_logger("segflowd.webhooks")
 
 FETCH_TIMEOUT = 10.0  # seconds to fetch an SNS certificate or confirm a subscription
+CERT_CACHE = 32  # SNS signing certificates kept (AWS uses a handful; the oldest goes first)
 WEBHOOK_BODY_LIMIT = 256 * 1024  # bytes
 # Postmark bounce types after which the address must not be mailed again.
 POSTMARK_HARD = frozenset({"HardBounce", "BadEmailAddress", "ManuallyDeactivated",
@@ -73,7 +74,8 @@ _SIGNED_FIELDS = {
 
 
 class SnsVerifier:
-    """Verifies SNS message signatures (versions 1 and 2); certificates are cached by URL."""
+    """Verifies SNS message signatures (versions 1 and 2); certificates are cached by URL
+    (at most :data:`CERT_CACHE` of them)."""
 
     def __init__(self, fetch: Fetch | None = None) -> None:
         self.fetch: Fetch = fetch or _http_fetch
@@ -102,6 +104,8 @@ class SnsVerifier:
                 cert = x509.load_pem_x509_certificate(await self.fetch(cert_url))
             except Exception as exc:
                 raise ValueError(f"cannot load the signing certificate: {exc}") from None
+            while len(self._certs) >= CERT_CACHE:
+                del self._certs[next(iter(self._certs))]
             self._certs[cert_url] = cert
         key = cert.public_key()
         if not isinstance(key, rsa.RSAPublicKey):

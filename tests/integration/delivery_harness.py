@@ -60,6 +60,7 @@ def write_app(base: Path) -> Path:
         app.template("tracked", subject="News for {{ user.name }}", html="welcome.html",
                      track=True)
         app.template("receipt", subject="Your receipt", html="receipt.html")
+        app.template("headline", subject="{{ headline }}", html="receipt.html")
     """))
     return base / "flows.py"
 

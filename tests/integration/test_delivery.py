@@ -22,7 +22,7 @@ from delivery_harness import (
 from segflowd.delivery.outbox import enqueue
 from segflowd.delivery.outcomes import backoff
 from segflowd.delivery.service import DeliveryService, TokenBucket
-from segflowd.providers import SendResult
+from segflowd.providers import SendError, SendResult
 from segflowd.schema import messages, subscriptions, suppressions
 from segflowd.store import Store
 from segflowd.testing import FakeClock
@@ -233,12 +233,14 @@ async def test_header_injection_in_data_and_address_cannot_add_headers(setup: Se
     assert "line break" in row["last_error"]
 
 
-async def test_whole_call_failure_is_transient_for_every_message(setup: Setup) -> None:
+async def test_whole_call_that_certainly_sent_nothing_is_transient_for_every_message(
+        setup: Setup) -> None:
+    """(A plain exception says nothing about what went out: test_delivery_outcomes.)"""
     await add_user(setup.kernel.store, "u1", "ann@example.org", name="Ann")
 
     class Down(ScriptedProvider):
         async def send(self, batch):  # type: ignore[no-untyped-def]
-            raise ConnectionError("connection refused")
+            raise SendError("connection refused", maybe_sent=False)
 
     svc = service(setup, Down())
     mid = await queue(setup)

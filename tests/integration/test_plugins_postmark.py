@@ -4,13 +4,15 @@ The server stands in for the real Postmark service: it implements the documented
 ``POST /email/batch`` request (``X-Postmark-Server-Token``, a JSON array of messages)
 and its documented answers: a per-message array with ``ErrorCode`` 0 or an error such
 as 406 (inactive recipient) or 300 (invalid email request), 401 for a bad token, and
-429 when rate limited.
+429 when rate limited. It can also misbehave as a network can: answer 200 with a body that
+does not match the batch, stall after reading the request, or pass on a gateway's 504.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -39,7 +41,10 @@ class FakePostmark(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[list[dict[str, object]]] = []
-        self.mode = "normal"  # or "429", "500"
+        # or "429", "500", "504"; "garbled", "not-a-list", "short", "bad-element" (a 200
+        # whose body does not answer the batch); "stall" (reads the request, never answers)
+        self.mode = "normal"
+        self.released = threading.Event()
 
     @property
     def url(self) -> str:
@@ -73,6 +78,20 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, list) or len(body) > 500:
             return self._answer(422, {"ErrorCode": 300, "Message": "Invalid batch"})
         self.server.requests.append(body)
+        if self.server.mode == "stall":
+            self.server.released.wait(30)
+            return None
+        if self.server.mode == "504":
+            return self._answer(504, {"message": "upstream request timeout"})
+        if self.server.mode == "garbled":
+            raw = b"<html>502 proxy</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+            return None
+        if self.server.mode == "not-a-list":
+            return self._answer(200, {"ErrorCode": 0, "Message": "OK"})
         out = []
         now = dt.datetime.now(dt.UTC).isoformat()
         for m in body:
@@ -86,6 +105,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 out.append({"ErrorCode": 0, "Message": "OK", "To": to,
                             "MessageID": str(uuid.uuid4()), "SubmittedAt": now})
+        if self.server.mode == "short":
+            out = out[:1]
+        if self.server.mode == "bad-element":
+            out[1:] = [{"Message": "OK"}, "?", {"ErrorCode": "zero"}][:len(out) - 1]
         return self._answer(200, out)
 
 
@@ -98,6 +121,7 @@ def postmark() -> Iterator[FakePostmark]:
     try:
         yield server
     finally:
+        server.released.set()
         server.shutdown()
         server.server_close()
 
@@ -199,3 +223,87 @@ async def test_delivery_through_postmark_suppresses_inactive_and_retries_429(
     async with store.connect() as conn:
         sup = (await conn.execute(sa.select(suppressions.c.address))).scalars().all()
     assert sup == ["inactive@example.org"]
+
+
+# -- what a failure means: certainly not sent (retry) or maybe sent (unknown) -------------------
+
+@pytest.mark.parametrize("mode", ["garbled", "not-a-list", "short"])
+async def test_a_200_whose_body_does_not_answer_the_batch_is_maybe_sent(
+        postmark: FakePostmark, tmp_path: Path, mode: str) -> None:
+    """Postmark took the request: every message may have gone out."""
+    postmark.mode = mode
+    p = provider(postmark.url, tmp_path)
+    try:
+        results = await p.send([message(1, "a@example.org"), message(2, "b@example.org")])
+    finally:
+        await p.aclose()
+    assert [(r.ok, r.maybe_sent) for r in results] == [(False, True), (False, True)]
+    assert all("postmark" in (r.error or "") for r in results)
+
+
+async def test_a_malformed_answer_for_one_message_is_maybe_sent_for_that_one(
+        postmark: FakePostmark, tmp_path: Path) -> None:
+    postmark.mode = "bad-element"
+    p = provider(postmark.url, tmp_path)
+    try:
+        results = await p.send([message(i, f"u{i}@example.org") for i in range(1, 5)])
+    finally:
+        await p.aclose()
+    assert results[0].ok
+    assert [(r.ok, r.maybe_sent, r.transient) for r in results[1:]] == [
+        (False, True, False)] * 3
+
+
+@pytest.mark.parametrize("mode", ["stall", "504"])
+async def test_no_answer_after_the_request_went_out_is_maybe_sent(
+        postmark: FakePostmark, tmp_path: Path, mode: str) -> None:
+    """A read timeout, or a gateway's 504 (the upstream had the request): maybe sent."""
+    postmark.mode = mode
+    p = provider(postmark.url, tmp_path, timeout=0.5)
+    try:
+        results = await p.send([message(1, "a@example.org")])
+    finally:
+        await p.aclose()
+    assert [(r.ok, r.maybe_sent) for r in results] == [(False, True)]
+    assert len(postmark.requests) == 1
+
+
+async def test_connection_refused_is_certainly_not_sent(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once closed
+    p = provider(f"http://127.0.0.1:{port}", tmp_path)
+    try:
+        [r] = await p.send([message(1, "a@example.org")])
+    finally:
+        await p.aclose()
+    assert (r.ok, r.transient, r.maybe_sent) == (False, True, False)
+
+
+@pytest.mark.parametrize("mode", ["garbled", "stall"])
+async def test_delivery_records_a_batch_postmark_may_have_sent_unknown_and_never_resends_it(
+        store: Store, tmp_path: Path, postmark: FakePostmark, mode: str) -> None:
+    setup = make_kernel(store, tmp_path, provider="pm", options=(
+        f'plugin = "postmark"\nserver_token = "{TOKEN}"\nbase_url = "{postmark.url}"\n'
+        "timeout = 0.5\n"))
+    await add_user(store, "u1", "ann@example.org", name="Ann")
+    await add_user(store, "u2", "bob@example.org", name="Bob")
+    ids = []
+    async with store.begin() as conn:
+        for user in ("u1", "u2"):
+            ids.append(await enqueue(conn, kind="campaign", template="welcome",
+                                     now=setup.clock.now(), user_id=user,
+                                     dedupe_key=f"k-{user}", data={"plan": "pro"}))
+    postmark.mode = mode
+    svc = DeliveryService(setup.kernel)
+    try:
+        assert await svc.run_once() == 2
+        postmark.mode = "normal"
+        setup.clock.set(setup.clock.now() + dt.timedelta(days=1))
+        assert await svc.run_once() == 0
+    finally:
+        await svc.provider.aclose()
+    rows = [await message_row(store, i) for i in ids]
+    assert [r["status"] for r in rows] == ["unknown", "unknown"]
+    assert all("postmark" in r["last_error"] for r in rows)
+    assert len(postmark.requests) == 1  # handed over once, never again

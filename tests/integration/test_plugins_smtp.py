@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email
 import email.policy
@@ -31,6 +32,8 @@ from segflowd.store import Store
 
 pytestmark = pytest.mark.anyio
 
+STALL = 30.0  # seconds the server keeps a message without answering (cut by its stop)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,7 +42,11 @@ def free_port() -> int:
 
 
 class Inbox:
-    """An aiosmtpd handler keeping what it receives; refuses ``*@refused.example``."""
+    """An aiosmtpd handler keeping what it receives; refuses ``*@refused.example``.
+
+    After the message's data it answers ``*@bounce.example`` with 554, never answers
+    ``*@stall.example`` and drops the connection of ``*@drop.example``.
+    """
 
     def __init__(self) -> None:
         self.received: list[tuple[str, list[str], bytes]] = []
@@ -60,8 +67,16 @@ class Inbox:
         return "250 OK"
 
     async def handle_DATA(self, server, session: Session, envelope: Envelope) -> str:  # type: ignore[no-untyped-def]
+        rcpt = envelope.rcpt_tos[0]
+        if rcpt.endswith("@bounce.example"):
+            return "554 5.7.1 message refused"
         self.received.append((str(envelope.mail_from), list(envelope.rcpt_tos),
                               bytes(envelope.original_content or b"")))
+        if rcpt.endswith("@stall.example"):
+            await asyncio.sleep(STALL)  # the server has the message, and never answers
+        if rcpt.endswith("@drop.example"):
+            server.transport.abort()
+            await asyncio.sleep(STALL)
         return "250 2.0.0 queued as X1"
 
 
@@ -221,3 +236,69 @@ async def test_delivery_through_smtp_end_to_end(
     async with store.connect() as conn:
         rows = (await conn.execute(suppressions.select())).mappings().all()
     assert [(r["address"], r["source"]) for r in rows] == [("bob@refused.example", "mail")]
+
+
+# -- what a failure means: certainly not sent (retry) or maybe sent (unknown) -------------------
+
+def plain(port: int, tmp_path: Path, **opts: object) -> SmtpProvider:
+    return SmtpProvider(ProviderContext("smtp", {"host": "127.0.0.1", "port": port,
+                                                 "security": "none", **opts}, tmp_path))
+
+
+@pytest.mark.parametrize("domain", ["stall.example", "drop.example"])
+async def test_no_answer_after_data_is_maybe_sent_and_the_next_message_still_goes(
+        smtp_server: tuple[Inbox, int], tmp_path: Path, domain: str) -> None:
+    inbox, port = smtp_server
+    p = plain(port, tmp_path, timeout=0.5)
+    try:
+        lost, fine = await p.send([outgoing(1, f"x@{domain}"),  # type: ignore[list-item]
+                                   outgoing(2, "ok@example.org")])  # type: ignore[list-item]
+    finally:
+        await p.aclose()
+    assert (lost.ok, lost.maybe_sent) == (False, True)
+    assert "smtp" in (lost.error or "")
+    assert fine.ok
+    assert [rcpt for _, rcpt, _ in inbox.received] == [[f"x@{domain}"], ["ok@example.org"]]
+
+
+async def test_answered_refusals_and_no_server_are_certainly_not_sent(
+        smtp_server: tuple[Inbox, int], tmp_path: Path) -> None:
+    _inbox, port = smtp_server
+    p = plain(port, tmp_path)
+    try:
+        busy, bounced = await p.send([outgoing(1, "x@busy.example"),  # type: ignore[list-item]
+                                      outgoing(2, "x@bounce.example")])  # type: ignore[list-item]
+    finally:
+        await p.aclose()
+    assert (busy.ok, busy.transient, busy.maybe_sent) == (False, True, False)
+    assert (bounced.ok, bounced.transient, bounced.maybe_sent) == (False, False, False)
+    assert "554" in (bounced.error or "")
+    p = plain(free_port(), tmp_path)  # nothing listens there
+    try:
+        [refused] = await p.send([outgoing(3, "ok@example.org")])  # type: ignore[list-item]
+    finally:
+        await p.aclose()
+    assert (refused.ok, refused.transient, refused.maybe_sent) == (False, True, False)
+
+
+async def test_delivery_records_a_timeout_after_data_unknown_and_never_resends_it(
+        store: Store, tmp_path: Path, smtp_server: tuple[Inbox, int]) -> None:
+    inbox, port = smtp_server
+    setup = make_kernel(store, tmp_path, provider="mail", options=(
+        f'plugin = "smtp"\nhost = "127.0.0.1"\nport = {port}\nsecurity = "none"\n'
+        "timeout = 0.5\n"))
+    await add_user(store, "u1", "ann@stall.example", name="Ann")
+    async with store.begin() as conn:
+        mid = await enqueue(conn, kind="campaign", template="welcome", now=setup.clock.now(),
+                            user_id="u1", dedupe_key="k-u1", data={"plan": "pro"})
+    svc = DeliveryService(setup.kernel)
+    try:
+        assert await svc.run_once() == 1
+        setup.clock.set(setup.clock.now() + dt.timedelta(days=1))
+        assert await svc.run_once() == 0
+    finally:
+        await svc.provider.aclose()
+    row = await message_row(store, mid)
+    assert row["status"] == "unknown"
+    assert "smtp" in row["last_error"]
+    assert len(inbox.received) == 1

@@ -1,0 +1,50 @@
+"""Handing a batch to the provider, and reading what its answer says went out.
+
+Delivery is at-most-once, so every failure is sorted by one question: may the message
+have gone out? A :class:`~segflowd.providers.SendResult` says so per message
+(``maybe_sent``) and a :class:`~segflowd.providers.SendError` for the whole call. Anything
+else a provider does wrong (another exception, a wrong number of results, a result that is
+not a ``SendResult``) says nothing about what went out, so it counts as maybe sent: those
+messages become ``unknown`` rather than risk reaching someone twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from ..providers import OutgoingMessage, Provider, SendError, SendResult
+
+__all__ = ["send_batch"]
+
+log = structlog.get_logger("segflowd.delivery")
+
+
+async def send_batch(provider: Provider, provider_name: str,
+                     messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+    """One result per message, in order; never raises an :class:`Exception`."""
+    n = len(messages)
+    try:
+        results: object = await provider.send(messages)
+    except SendError as exc:
+        err = f"{type(exc).__name__}: {exc}"
+        log.warning("provider.error", provider=provider_name, error=err,
+                    maybe_sent=exc.maybe_sent, messages=n)
+        if exc.maybe_sent:
+            return [SendResult(ok=False, error=err, maybe_sent=True)] * n
+        return [SendResult(ok=False, error=err, transient=exc.transient)] * n
+    except Exception as exc:
+        err = f"{type(exc).__name__}: {exc}"
+        log.warning("provider.error", provider=provider_name, error=err, maybe_sent=True,
+                    messages=n)
+        return [SendResult(ok=False, maybe_sent=True, error=(
+            f"the provider failed without saying whether it sent the message: {err}"))] * n
+    if not isinstance(results, list | tuple) or len(results) != n:
+        got = len(results) if isinstance(results, list | tuple) else type(results).__name__
+        log.warning("provider.bad_results", provider=provider_name, expected=n, got=got)
+        return [SendResult(ok=False, maybe_sent=True, error=(
+            f"the provider answered {got} results for {n} messages"))] * n
+    return [r if isinstance(r, SendResult) else SendResult(
+        ok=False, maybe_sent=True, error=f"the provider answered {type(r).__name__}, "
+                                         "not a SendResult") for r in results]
