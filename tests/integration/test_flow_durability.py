@@ -50,6 +50,35 @@ def h(store: Store, tmp_path: Path) -> Harness:
     return Harness(store, tmp_path)
 
 
+def lose_the_commit_reply(h: Harness, monkeypatch: pytest.MonkeyPatch, kind: str
+                          ) -> list[int]:
+    """The first round that steps a ``kind`` command commits, but the stepper hears
+    'lost connection' (MySQL 2013) at COMMIT. The list reads [1, 2] once that happened."""
+    real_write_all = steps_module.Stepper._write_all
+    armed: list[int] = []
+
+    async def write_all(self: Any, conn: Any, runs: Any, now: Any) -> None:
+        await real_write_all(self, conn, runs, now)
+        if not armed and any(r.cmd is not None and r.cmd.kind == kind and not r.end
+                             for r in runs):
+            armed.append(1)
+
+    monkeypatch.setattr(steps_module.Stepper, "_write_all", write_all)
+    real_begin = h.store.begin
+
+    @contextlib.asynccontextmanager
+    async def begin() -> Any:
+        async with real_begin() as conn:
+            yield conn
+        if armed == [1]:  # committed; the step hears otherwise
+            armed.append(2)
+            raise OperationalError("COMMIT", {}, Exception(
+                "(2013, 'Lost connection to server during query')"))
+
+    monkeypatch.setattr(h.store, "begin", begin)
+    return armed
+
+
 async def test_an_event_committed_before_a_crash_wakes_its_wait_at_the_next_start(
         h: Harness) -> None:
     """Finding 1: the hand-off died with the process; the cursor finds the event."""
@@ -343,27 +372,7 @@ async def test_a_round_whose_commit_is_reported_failed_still_finds_the_racing_ev
         return mark
 
     monkeypatch.setattr(steps_module, "max_event_id", racing_read)
-    real_write_all = steps_module.Stepper._write_all
-    armed: list[int] = []
-
-    async def write_all(self: Any, conn: Any, runs: Any, now: Any) -> None:
-        await real_write_all(self, conn, runs, now)
-        if not armed and any(r.values.get("wait_event") for r in runs if not r.end):
-            armed.append(1)
-
-    monkeypatch.setattr(steps_module.Stepper, "_write_all", write_all)
-    real_begin = h.store.begin
-
-    @contextlib.asynccontextmanager
-    async def begin() -> Any:
-        async with real_begin() as conn:
-            yield conn
-        if armed == [1]:  # committed; the client hears otherwise
-            armed.append(2)
-            raise OperationalError("COMMIT", {}, Exception(
-                "(2013, 'Lost connection to server during query')"))
-
-    monkeypatch.setattr(h.store, "begin", begin)
+    armed = lose_the_commit_reply(h, monkeypatch, "wait_for_event")
     async with h.running(app):
         await h.join("eve", "seg")
         await h.advance(3 * DAY)
@@ -564,27 +573,7 @@ async def test_a_wait_whose_commit_was_reported_failed_still_fires_on_time(
     reached the wheel; the resync after the failure now rebuilds the near wheel."""
     app = make_app("hourly", hourly)
     await h.user("ola")
-    real_write_all = steps_module.Stepper._write_all
-    armed: list[int] = []
-
-    async def write_all(self: Any, conn: Any, runs: Any, now: Any) -> None:
-        await real_write_all(self, conn, runs, now)
-        if not armed and any(r.cmd is not None and r.cmd.kind == "wait" for r in runs):
-            armed.append(1)
-
-    monkeypatch.setattr(steps_module.Stepper, "_write_all", write_all)
-    real_begin = h.store.begin
-
-    @contextlib.asynccontextmanager
-    async def begin() -> Any:
-        async with real_begin() as conn:
-            yield conn
-        if armed == [1]:  # committed; the step hears otherwise
-            armed.append(2)
-            raise OperationalError("COMMIT", {}, Exception(
-                "(2013, 'Lost connection to server during query')"))
-
-    monkeypatch.setattr(h.store, "begin", begin)
+    armed = lose_the_commit_reply(h, monkeypatch, "wait")
     async with h.running(app):
         await h.join("ola", "seg")
         await h.advance(5)  # the resync after the failure (RESYNC_RETRY)
