@@ -26,6 +26,7 @@ recording its outcomes, and the counts behind :meth:`DeliveryService.statistics`
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -131,6 +132,7 @@ class DeliveryService:
         self._outcomes = Outcomes(k, provider_name=self.provider_name, rng=self.rng)
         self._wake = anyio.Event()
         self._claim_lock = anyio.Lock()
+        self._unclaimed: list[tuple[list[int], dt.datetime]] = []  # see _release_unclaimed
         self._stopping = False
         self._done = anyio.Event()
         self._sender_domain = domain_of(ecfg.from_)
@@ -242,6 +244,7 @@ class DeliveryService:
             size = min(size, int(self.burst))
         await self._bucket.acquire(size)
         async with self._claim_lock:
+            await self._release_unclaimed()
             rows = await self._claim(size)
         self._bucket.refund(size - len(rows))
         if not rows:
@@ -294,8 +297,32 @@ class DeliveryService:
             log.error("delivery.prepare_failed", messages=len(rows), error=error)
             return [Prepared(r, status="failed", error=error) for r in rows]
 
+    async def _release_unclaimed(self) -> None:
+        """Claims whose COMMIT was reported failed may have applied: their rows, if they
+        are ``sending`` under that claim, go back to ``queued`` (nothing was handed to the
+        provider), rather than wait for the next start to call them ``unknown``."""
+        while self._unclaimed:
+            ids, at = self._unclaimed[0]
+            m = messages.c
+            async with self.k.store.begin() as conn:
+                await conn.execute(sa.update(messages).where(
+                    m.id.in_(ids), m.status == "sending", m.updated_at == at,
+                    m.provider == self.provider_name).values(
+                    status="queued", attempts=m.attempts - 1))
+            self._unclaimed.pop(0)
+
     async def _claim(self, size: int) -> list[Mapping[str, Any]]:
         now = self.k.clock.now()
+        picked: list[int] = []
+        try:
+            return await self._claim_at(size, now, picked)
+        except BaseException:
+            if picked:  # the claim's UPDATE was sent: it may have committed
+                self._unclaimed.append((picked, now))
+            raise
+
+    async def _claim_at(self, size: int, now: dt.datetime, picked: list[int]
+                        ) -> list[Mapping[str, Any]]:
         async with self.k.store.begin() as conn:
             rows = (await conn.execute(
                 sa.select(messages).where(messages.c.status == "queued",
@@ -304,6 +331,7 @@ class DeliveryService:
                 .with_for_update(skip_locked=True))).mappings().all()
             if not rows:
                 return []
+            picked.extend(int(r["id"]) for r in rows)
             await conn.execute(
                 sa.update(messages).where(messages.c.id.in_([r["id"] for r in rows]),
                                           messages.c.status == "queued")

@@ -105,11 +105,19 @@ class Timers:
         rebuilt at ``now`` from the store, where every wait is. Without this, each wait
         would fire at once and be found early (its wake_at is still ahead)."""
         log.warning("wheel.clock_stepped_back", by_s=round(self.wheel.now - secs(now), 3))
+        old = (self.wheel, self._loaded_until, self._far_min)
         self.wheel = TimerWheel(secs(now))
         self._loaded_until = None
         self._far_min = None
-        await self._count_far()
-        await self._load(now)
+        try:
+            await self._count_far()
+            await self._load(now)
+        except BaseException:
+            # The store failed mid-way: back to the old wheel, so the next tick finds the
+            # clock behind it and rewinds again (an empty wheel with no bounds would
+            # never load another wait).
+            self.wheel, self._loaded_until, self._far_min = old
+            raise
 
     async def _sleep_or_kick(self, delay: float) -> None:
         async with anyio.create_task_group() as tg:

@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 _IN_CHUNK = 500  # dedupe keys per IN (...) list
+# How recent a stored event must be for a duplicate of it to reach the engines again (a
+# client retrying a request whose reply it lost does so within minutes).
+REDELIVER_WINDOW = dt.timedelta(hours=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,18 +223,23 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
                                   name=e.name, attributes=e.attributes,
                                   created_at=e.created_at or now, received_at=now))
 
-    # A key stored before this flush is a client's retry, and the first try may have been
-    # committed with its reply lost (a 503 after COMMIT): the engines were never told of
-    # it. They are now, under its stored id; each dedupes by id (a transactional message
-    # by its key, a flow wake by the wait it matched, a segment by evaluating again).
-    for key, stored_id in sorted(seen.items(), key=lambda kv: kv[1]):
-        first = in_batch.get(key)
-        if first is None or first in new_id:
-            continue
-        e = events[first]
-        stored.append(StoredEvent(id=stored_id, user_id=owner(e), anonymous_id=e.anonymous_id,
-                                  name=e.name, attributes=e.attributes,
-                                  created_at=e.created_at or now, received_at=now))
+    # A key stored shortly before this flush is most likely a client's retry, and the
+    # first try may have been committed with its reply lost (a 503 after COMMIT): the
+    # engines were never told of it. They are now, as stored; each acts on an event id
+    # once (a transactional message by its key, a flow wake by the wait it matched, a
+    # segment by evaluating again). An older duplicate (a replay, a backfill) is not news.
+    again = sorted(v for k, v in seen.items()
+                   if in_batch.get(k) is not None and in_batch[k] not in new_id)
+    for i in range(0, len(again), _IN_CHUNK):
+        for row in await conn.execute(sa.select(
+                ev.c.id, ev.c.user_id, ev.c.anonymous_id, ev.c.name, ev.c.attributes,
+                ev.c.created_at, ev.c.received_at).where(
+                ev.c.id.in_(again[i:i + _IN_CHUNK]),
+                ev.c.received_at >= now - REDELIVER_WINDOW)):
+            stored.append(StoredEvent(id=int(row.id), user_id=row.user_id,
+                                      anonymous_id=row.anonymous_id, name=row.name,
+                                      attributes=dict(row.attributes or {}),
+                                      created_at=row.created_at, received_at=row.received_at))
     stored.sort(key=lambda s: s.id)
 
     # Per-request results, in the order of each request's event writes.

@@ -8,9 +8,11 @@ the store refuses some detail of it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -24,10 +26,12 @@ from delivery_harness import (
     message_row,
     service,
 )
+from sqlalchemy.exc import OperationalError
 
 from segflowd.delivery.outbox import enqueue
 from segflowd.delivery.service import DeliveryService
 from segflowd.providers import OutgoingMessage, SendResult
+from segflowd.schema import messages
 from segflowd.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -329,3 +333,38 @@ async def test_unknown_messages_keep_their_message_id_for_the_providers_logs(
         n = (await conn.execute(sa.text("SELECT COUNT(*) FROM messages WHERE "
                                         "status = 'sending'"))).scalar_one()
     assert n == 0
+
+
+async def test_a_claim_whose_commit_reply_is_lost_is_queued_again_and_sent_once(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review round 3: the claim's UPDATE to `sending` committed but the worker heard
+    'lost connection'; nothing went to the provider, so the rows go back to `queued` (not
+    left `sending` until a restart calls them `unknown`) and are sent once."""
+    await users(setup, "ann")
+    provider = ScriptedProvider()
+    svc = DeliveryService(setup.kernel, providers={"scripted": provider})
+    mid = await queue(setup, "ann")
+    store = setup.kernel.store
+    real_begin = store.begin
+    armed = [True]
+
+    @contextlib.asynccontextmanager
+    async def begin() -> Any:
+        async with real_begin() as conn:
+            yield conn
+        if armed:  # committed; the worker hears otherwise
+            armed.clear()
+            raise OperationalError("COMMIT", {}, Exception(
+                "(2013, 'Lost connection to server during query')"))
+
+    monkeypatch.setattr(store, "begin", begin)
+    with pytest.raises(OperationalError):
+        await svc.run_once()
+    assert await statuses(setup, [mid]) == ["sending"]
+    await svc.run_once()  # the worker polls again
+    assert await statuses(setup, [mid]) == ["sent"]
+    assert len(provider.sent) == 1
+    async with store.connect() as conn:
+        attempts = (await conn.execute(sa.select(messages.c.attempts).where(
+            messages.c.id == mid))).scalar()
+    assert attempts == 1

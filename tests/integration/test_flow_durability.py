@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
@@ -779,3 +780,37 @@ async def test_changes_held_while_a_resync_lifts_the_freeze_freeze_it_again(
         monkeypatch.undo()
         assert svc._ch_frozen == 7  # below this delivery, not lifted
         svc._held = []  # (leave the service clean for the block's exit)
+
+
+async def spin(rounds: int = 200) -> None:
+    """Let every task run (settle() would wait out a retry that sleeps on the clock)."""
+    for _ in range(rounds):
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_a_store_failure_while_rewinding_the_wheel_is_retried(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review round 3: the rebuild after a backward step failed on the store and left an
+    empty wheel with no bounds, which never loaded a wait again."""
+    app = make_app("hourly", hourly)
+    await h.user("uma")
+    async with h.running(app) as svc:
+        await h.join("uma", "seg")
+        real = type(svc)._count_far
+        failed: list[int] = []
+
+        async def flaky(self: Any) -> None:
+            if not failed:
+                failed.append(1)
+                raise StoreUnavailable("store unavailable: a blip")
+            await real(self)
+
+        monkeypatch.setattr(type(svc), "_count_far", flaky)
+        h.clock.set(h.clock.now() - dt.timedelta(seconds=10))
+        svc._kick.set()
+        await spin()  # the ticker finds the clock behind the wheel: the rebuild fails
+        assert failed == [1]
+        for _ in range(6 * 24):  # a day in ten-minute steps (the retry sleeps on the clock)
+            await h.clock.advance(600)
+            await spin()
+    assert [t for t, _ in await h.sent("uma")] == ["a", "b"]

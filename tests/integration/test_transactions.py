@@ -248,3 +248,25 @@ async def test_a_retry_of_an_event_whose_reply_was_lost_still_sends_its_mail(
         await c.close()
     sent = sorted((str(m.template), str(m.user_id)) for m in await h.messages())
     assert sent == [("password-reset", "u1"), ("receipt", "u2"), ("security-notice", "u1")]
+
+
+async def test_a_replay_of_old_events_sends_no_mail_for_them_again(
+        h: H, store: Store) -> None:
+    """Review round 3: duplicates reached the engines again however old their first
+    copy, so a replay or backfill of past events queued receipts for past purchases. Only
+    a retry of an event stored within REDELIVER_WINDOW is news."""
+    await h.user("u1", "u1@example.com")
+    past = NOW - dt.timedelta(days=30)
+    async with store.begin() as conn:  # stored a month ago, before the receipt existed
+        await conn.execute(sa.insert(events).values(
+            user_id="u1", name="purchase", attributes={}, dedupe_key="order-42",
+            created_at=past, received_at=past))
+    c = GroupCommitter(store, h.clock, [h.tx])
+    async with anyio.create_task_group() as tg:
+        await tg.start(c.run)
+        replay = await c.submit([EventWrite("purchase", {}, past, user_id="u1",
+                                            dedupe_key="order-42")])
+        assert replay.duplicates == (True,)
+        await h.tx.process_pending()
+        await c.close()
+    assert await h.messages() == []
