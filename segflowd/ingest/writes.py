@@ -230,16 +230,8 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
     # segment by evaluating again). An older duplicate (a replay, a backfill) is not news.
     again = sorted(v for k, v in seen.items()
                    if in_batch.get(k) is not None and in_batch[k] not in new_id)
-    for i in range(0, len(again), _IN_CHUNK):
-        for row in await conn.execute(sa.select(
-                ev.c.id, ev.c.user_id, ev.c.anonymous_id, ev.c.name, ev.c.attributes,
-                ev.c.created_at, ev.c.received_at).where(
-                ev.c.id.in_(again[i:i + _IN_CHUNK]),
-                ev.c.received_at >= now - REDELIVER_WINDOW)):
-            stored.append(StoredEvent(id=int(row.id), user_id=row.user_id,
-                                      anonymous_id=row.anonymous_id, name=row.name,
-                                      attributes=dict(row.attributes or {}),
-                                      created_at=row.created_at, received_at=row.received_at))
+    if again:
+        stored.extend(await _recent_events(conn, again, now))
     stored.sort(key=lambda s: s.id)
 
     # Per-request results, in the order of each request's event writes.
@@ -265,3 +257,24 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
     touched -= deleted - set(user_changes)
     return results, IngestBatch(users=frozenset(touched), events=tuple(stored),
                                 deleted=frozenset(deleted))
+
+
+async def _recent_events(conn: AsyncConnection, ids: Sequence[int], now: dt.datetime
+                         ) -> list[StoredEvent]:
+    """The stored events of ``ids`` received within :data:`REDELIVER_WINDOW`."""
+    if not conn.in_transaction():  # the one-trip flush committed alone: read in a new one
+        async with conn.begin():
+            return await _recent_events(conn, ids, now)
+    ev = schema.events
+    out: list[StoredEvent] = []
+    for i in range(0, len(ids), _IN_CHUNK):
+        for row in await conn.execute(sa.select(
+                ev.c.id, ev.c.user_id, ev.c.anonymous_id, ev.c.name, ev.c.attributes,
+                ev.c.created_at, ev.c.received_at).where(
+                ev.c.id.in_(ids[i:i + _IN_CHUNK]),
+                ev.c.received_at >= now - REDELIVER_WINDOW)):
+            out.append(StoredEvent(id=int(row.id), user_id=row.user_id,
+                                   anonymous_id=row.anonymous_id, name=row.name,
+                                   attributes=dict(row.attributes or {}),
+                                   created_at=row.created_at, received_at=row.received_at))
+    return out
