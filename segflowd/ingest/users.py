@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,12 +19,15 @@ from .. import schema
 from ..store import Store
 
 __all__ = [
+    "FORGOTTEN",
+    "TOMBSTONE_PREFIX",
     "UserView",
     "forget_user",
     "link_anonymous",
     "merge_attributes",
     "read_user",
     "resolve_anonymous",
+    "tombstone",
     "upsert_users",
 ]
 
@@ -183,43 +187,115 @@ async def read_user(conn: AsyncConnection, user_id: str) -> UserView | None:
 async def forget_user(conn: AsyncConnection, user_id: str, now: dt.datetime) -> bool:
     """Delete everything Segflow holds about the user; True if they existed.
 
-    Events, memberships and their history, subscriptions, anonymous links and the
-    journals of their flows are deleted; their flow instances end as ``exited`` (kept,
-    so campaign counts stay true) and their messages keep only what is not personal.
+    Deleted: the user, their events and those still anonymous under an id linked to them
+    (an event another user owns stays theirs), anonymous links, segment memberships and
+    history, audience memberships, subscriptions and the journals of their flows.
+
+    Kept, without what is personal, so campaign counts stay true: their flow instances
+    (ended as ``exited`` if live; ``start_data`` and ``error`` cleared; the user id
+    replaced by one random :func:`tombstone`, so a new user of the same id starts afresh)
+    and their messages (user, address, data and error cleared; a queued one is ``failed``
+    with :data:`FORGOTTEN` instead of being sent). Clicks lose their URL. Suppressions are
+    kept: they are by address, so a bounced or complaining address is never mailed again.
     """
     s = schema
+    tomb = tombstone()
     existed = (await conn.execute(sa.delete(s.users).where(s.users.c.id == user_id))).rowcount
-    await conn.execute(sa.delete(s.events).where(s.events.c.user_id == user_id))
+    ev = s.events
+    await conn.execute(sa.delete(ev).where(ev.c.user_id == user_id))
     anon = [a for (a,) in await conn.execute(
         sa.select(s.anonymous_links.c.anonymous_id)
         .where(s.anonymous_links.c.user_id == user_id))]
     for chunk in _chunks(anon):
-        # Events still anonymous under an id linked to this user are theirs too.
-        await conn.execute(sa.delete(s.events).where(s.events.c.anonymous_id.in_(chunk)))
-    await conn.execute(sa.delete(s.anonymous_links)
-                       .where(s.anonymous_links.c.user_id == user_id))
-    await conn.execute(sa.delete(s.segment_members)
-                       .where(s.segment_members.c.user_id == user_id))
-    await conn.execute(sa.delete(s.segment_changes)
-                       .where(s.segment_changes.c.user_id == user_id))
-    await conn.execute(sa.delete(s.subscriptions).where(s.subscriptions.c.user_id == user_id))
-    fi = s.flow_instances
-    instance_ids = [i for (i,) in await conn.execute(
-        sa.select(fi.c.id).where(fi.c.user_id == user_id))]
-    for start in range(0, len(instance_ids), _IN_CHUNK):
-        chunk_ids = instance_ids[start:start + _IN_CHUNK]
-        await conn.execute(sa.delete(s.flow_journal)
-                           .where(s.flow_journal.c.instance_id.in_(chunk_ids)))
+        # Events still anonymous under an id linked to this user are theirs too; one given
+        # to another user (the same browser, identified as them first) is not.
+        await conn.execute(sa.delete(ev).where(ev.c.anonymous_id.in_(chunk),
+                                               ev.c.user_id.is_(None)))
+    for table in (s.anonymous_links, s.segment_members, s.segment_changes, s.subscriptions,
+                  s.audience_members):
+        await conn.execute(sa.delete(table).where(table.c.user_id == user_id))
+    await _forget_instances(conn, user_id, tomb, now)
+    await _forget_messages(conn, user_id, tomb, now)
+    await conn.execute(sa.update(s.engagement).where(s.engagement.c.user_id == user_id)
+                       .values(user_id=None, url=None))
+    await _forget_broadcast_positions(conn, user_id)
+    return bool(existed)
+
+
+TOMBSTONE_PREFIX = "forgotten:"
+FORGOTTEN = "the user was forgotten"  # last_error of their messages that were still queued
+
+
+def tombstone() -> str:
+    """A fresh stand-in for a forgotten user's id on the rows kept for counts.
+
+    Random, not a hash of the id: a hash of a guessable id (a number, an address) could
+    be reversed by trying candidates.
+    """
+    return TOMBSTONE_PREFIX + secrets.token_hex(8)
+
+
+def _rekey(key: str, user_id: str, tomb: str, row_id: int) -> str:
+    """A dedupe or start key without the user id: ``bc:<broadcast>:<user>`` keeps its
+    shape (retention reads the broadcast from it); any other key may hold anything."""
+    head, _, rest = key.partition(":")
+    number, _, who = rest.partition(":")
+    if head == "bc" and number.isdigit() and who == user_id:
+        return f"bc:{number}:{tomb}"
+    return f"{tomb}:{row_id}"
+
+
+async def _forget_instances(conn: AsyncConnection, user_id: str, tomb: str,
+                            now: dt.datetime) -> None:
+    fi, fj = schema.flow_instances, schema.flow_journal
+    rows = (await conn.execute(sa.select(fi.c.id, fi.c.start_key)
+                               .where(fi.c.user_id == user_id))).all()
+    ids = [int(r.id) for r in rows]
+    for start in range(0, len(ids), _IN_CHUNK):
+        await conn.execute(sa.delete(fj).where(fj.c.instance_id.in_(ids[start:start + _IN_CHUNK])))
     await conn.execute(
         sa.update(fi).where(fi.c.user_id == user_id, fi.c.live.is_not(None))
         .values(status="exited", live=None, wake_at=None, wait_event=None, ended_at=now,
                 updated_at=now))
-    await conn.execute(
-        sa.update(s.engagement).where(s.engagement.c.user_id == user_id).values(user_id=None))
-    m = s.messages
+    keyed = [{"b_id": int(r.id), "b_key": _rekey(r.start_key, user_id, tomb, int(r.id))}
+             for r in rows if r.start_key is not None]
+    if keyed:
+        await conn.execute(sa.update(fi).where(fi.c.id == sa.bindparam("b_id"))
+                           .values(start_key=sa.bindparam("b_key")), keyed)
+    # Ended above, so UNIQUE(campaign, user_id, live) cannot collide on the tombstone.
+    await conn.execute(sa.update(fi).where(fi.c.user_id == user_id)
+                       .values(user_id=tomb, start_data=None, error=None))
+
+
+async def _forget_messages(conn: AsyncConnection, user_id: str, tomb: str,
+                           now: dt.datetime) -> None:
+    m = schema.messages
+    keyed = [{"b_id": int(r.id), "b_key": _rekey(r.dedupe_key, user_id, tomb, int(r.id))}
+             for r in await conn.execute(sa.select(m.c.id, m.c.dedupe_key).where(
+                 m.c.user_id == user_id, m.c.dedupe_key.like("bc:%")))]
+    if keyed:
+        await conn.execute(sa.update(m).where(m.c.id == sa.bindparam("b_id"))
+                           .values(dedupe_key=sa.bindparam("b_key")), keyed)
+    cleared = {"user_id": None, "to_address": None, "data": None, "updated_at": now}
+    # Not yet claimed by delivery: never sent. A row being sent finishes as it goes.
+    await conn.execute(sa.update(m).where(m.c.user_id == user_id, m.c.status == "queued")
+                       .values(status="failed", next_attempt_at=None, last_error=FORGOTTEN,
+                               **cleared))
+    # Provider errors quote the address ("550 <ann@example.com>: no such user").
     await conn.execute(sa.update(m).where(m.c.user_id == user_id)
-                       .values(user_id=None, to_address=None, data=None, updated_at=now))
-    return bool(existed)
+                       .values(last_error=None, **cleared))
+
+
+async def _forget_broadcast_positions(conn: AsyncConnection, user_id: str) -> None:
+    """A broadcast resumes after ``broadcasts.after``, a user id: step it back to the
+    member before the forgotten one, where resuming gives the same next member."""
+    b, sm = schema.broadcasts, schema.segment_members
+    for bid, segment in (await conn.execute(
+            sa.select(b.c.id, b.c.segment).where(b.c.after == user_id))).all():
+        before = (await conn.execute(
+            sa.select(sa.func.max(sm.c.user_id))
+            .where(sm.c.segment == segment, sm.c.user_id < user_id))).scalar_one_or_none()
+        await conn.execute(sa.update(b).where(b.c.id == bid).values(after=before))
 
 
 def _iso(value: dt.datetime | None) -> str | None:

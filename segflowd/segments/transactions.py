@@ -8,7 +8,9 @@ template context has ``event`` (name, attributes, created_at).
 Transactional mail goes out while the user is unsubscribed from marketing (delivery checks
 the topic only for campaign mail). It never goes to a suppressed address: such a row is
 recorded with status ``suppressed`` instead of ``queued`` so the operator sees it, and a
-user with no email address gets a ``failed`` row saying so.
+user with no email address gets a ``failed`` row saying so. An event whose user no
+longer exists when it is processed (forgotten in between) enqueues nothing: the user's
+row is read in the enqueue's transaction.
 
 The enqueue and the durable cursor (``engine_cursors``, name ``transactions``) are
 written in one store transaction; at start, events committed after the cursor are
@@ -57,6 +59,7 @@ class TransactionStatistics:
     failed: int  # recorded, not sent: the user has no email address
     duplicates: int  # (event, transaction) pairs already enqueued before
     no_user: int  # matching events of anonymous visitors: nobody to send to
+    forgotten: int  # matching events of users forgotten before they were processed
     pending: int  # events waiting to be processed
     last_event_id: int  # the cursor: every event up to here is done
 
@@ -186,6 +189,13 @@ class TransactionService:
                             self._counts["no_user"] += 1
                             log.info("transaction.no_user", transaction=t.name, event_id=e.id)
                             continue
+                        if e.user_id not in emails:
+                            # Forgotten after the event was committed: a message row
+                            # would bring back their id and the event's data.
+                            self._counts["forgotten"] += 1
+                            log.info("transaction.forgotten", transaction=t.name,
+                                     event_id=e.id)
+                            continue
                         mid = await enqueue(
                             conn, kind="transaction", template=t.template, now=now,
                             user_id=e.user_id, dedupe_key=f"tx:{e.id}:{t.name}",
@@ -229,7 +239,8 @@ class TransactionService:
         c = self._counts
         return TransactionStatistics(
             queued=c["queued"], suppressed=c["suppressed"], failed=c["failed"],
-            duplicates=c["duplicates"], no_user=c["no_user"], pending=len(self._queue),
+            duplicates=c["duplicates"], no_user=c["no_user"], forgotten=c["forgotten"],
+            pending=len(self._queue),
             last_event_id=self._saved_event_id)
 
 
