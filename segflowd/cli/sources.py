@@ -22,7 +22,8 @@ from ..config import load_config
 from ..errors import AppError, ConfigError, SegflowError
 from ..loader import load_app
 from ..sources.datasources import DataSources
-from ..sources.pools import Row, StaticSources, json_value, open_source
+from ..sources.pools import Row, StaticSources, open_source
+from ..sources.values import json_value
 
 __all__ = ["add_parser", "format_rows", "run"]
 

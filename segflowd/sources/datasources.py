@@ -15,6 +15,7 @@ The definitions (:class:`~segflowd.sourcedefs.DataSourceDef`,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,8 @@ import structlog
 from ..errors import SourceError
 from ..schema import audience_members
 from ..sourcedefs import CONTACT_COLUMNS, AudienceDef, DataSourceDef
-from .pools import Row, SourceLookup, json_value
+from .pools import Row, SourceLookup
+from .values import json_row
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -58,9 +60,10 @@ class DataSources:
         d = self.get(name)
         if d.discovery is None:
             raise SourceError(d.source, f"data source {name!r} has no discovery query")
-        rows = await self.sources.get(d.source).fetch(
-            d.discovery.sql, {}, what=f"discovery query of data source {name!r}", limit=limit)
-        return [{k: json_value(v) for k, v in r.items()} for r in rows]
+        what = f"discovery query of data source {name!r}"
+        rows = await self.sources.get(d.source).fetch(d.discovery.sql, {}, what=what,
+                                                      limit=limit)
+        return [json_row(r, source=d.source, what=what) for r in rows]
 
     async def audience(self, name: str, values: Mapping[str, object]
                        ) -> AsyncIterator[list[Row]]:
@@ -71,21 +74,24 @@ class DataSources:
         d = self.get(name)
         what = f"audience query of data source {name!r}"
         src = self.sources.get(d.source)
-        stmt = d.audience.bind(values, source=d.source, what=what)
+        stmt = src.statement(d.audience.sql, values, what=what)
         checked = False
-        async for batch in src.stream(stmt, what=what):
-            if batch and not checked:
-                _check_audience_columns(name, d.source, batch[0])
-                checked = True
-            out: list[Row] = []
-            for r in batch:
-                pid = r["profile_id"]
-                if pid is None or str(pid) == "":
-                    continue  # a profile without an id cannot be a user
-                row = {k: json_value(v) for k, v in r.items()}
-                row["profile_id"] = str(pid)
-                out.append(row)
-            yield out
+        # aclosing: a bad row, or a consumer that stops, closes the cursor and returns
+        # the connection now, not whenever the generator is collected.
+        async with contextlib.aclosing(src.stream(stmt, what=what)) as batches:
+            async for batch in batches:
+                if batch and not checked:
+                    _check_audience_columns(name, d.source, batch[0])
+                    checked = True
+                out: list[Row] = []
+                for r in batch:
+                    pid = r["profile_id"]
+                    if pid is None or str(pid) == "":
+                        continue  # a profile without an id cannot be a user
+                    row = json_row(r, source=d.source, what=what)
+                    row["profile_id"] = str(pid)
+                    out.append(row)
+                yield out
 
     async def preload(self, name: str, profile_id: str,
                       values: Mapping[str, object]) -> Row | None:
@@ -93,10 +99,10 @@ class DataSources:
         d = self.get(name)
         if d.preload is None:
             return None
+        what = f"preload query of data source {name!r}"
         rows = await self.sources.get(d.source).fetch(
-            d.preload.sql, {**values, "profile_id": profile_id},
-            what=f"preload query of data source {name!r}", limit=1)
-        return {k: json_value(v) for k, v in rows[0].items()} if rows else None
+            d.preload.sql, {**values, "profile_id": profile_id}, what=what, limit=1)
+        return json_row(rows[0], source=d.source, what=what) if rows else None
 
 
 class PreloadContext:

@@ -5,10 +5,17 @@ asyncpg (``postgresql://`` is taken to mean ``postgresql+asyncpg://``) or MySQL/
 through aiomysql (``mysql://``). Each source has its own small pool. What a caller may
 rely on:
 
-* Read-only is enforced by the database session, not by reading the SQL: PostgreSQL
-  sessions start with ``default_transaction_read_only=on`` and every query runs in a
-  ``READ ONLY`` transaction; MySQL sessions run ``SET SESSION TRANSACTION READ ONLY``.
-  An INSERT, UPDATE, DELETE or DDL statement fails with the database's own refusal.
+* Read-only is enforced by the database session, not by reading the SQL, and holds per
+  query: PostgreSQL sessions start with ``default_transaction_read_only=on``, every query
+  runs in a ``READ ONLY`` transaction, and a connection's session state (settings,
+  advisory locks, LISTENs, cursors, temporary tables) is reset when it returns to the
+  pool. MySQL runs ``SET SESSION TRANSACTION READ ONLY`` and the statement time limit
+  before every query, so a query that set the session READ WRITE cannot leave it so
+  for the next. An INSERT, UPDATE, DELETE or DDL statement fails with the database's
+  own refusal. Only the database role's privileges are a real boundary: a superuser
+  can leave a read-only transaction (``dblink_exec``, ``COPY ... TO PROGRAM``).
+* A query is one statement: MySQL connections are made without multi-statement
+  support, and SQL with a ``;`` inside it is refused before it is sent.
 * Every statement has a time limit (``statement_timeout``, seconds, default 30).
 * Any failure is a :class:`~segflowd.errors.SourceError` naming the source and carrying
   the database's message; it fails that one operation, never the daemon.
@@ -19,10 +26,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import decimal
 import functools
-import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -35,7 +40,7 @@ from sqlalchemy.sql.elements import TextClause
 
 from ..config import NamedTable
 from ..errors import SourceError
-from ..placeholders import Placeholders, parse
+from ..placeholders import Dialect, Placeholders, parse
 from ..store import is_unavailable
 
 if TYPE_CHECKING:
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
     from ..kernel import Kernel
 
 __all__ = ["Row", "Source", "SourceLookup", "SourceService", "SourceStatistics",
-           "SourcesStatistics", "StaticSources", "json_value", "open_source"]
+           "SourcesStatistics", "StaticSources", "open_source"]
 
 log = structlog.get_logger("segflowd.sources")
 
@@ -51,6 +56,17 @@ DEFAULT_POOL_SIZE = 5  # connections per source
 DEFAULT_STATEMENT_TIMEOUT = 30.0  # seconds a customer-database statement may run
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to open a connection to a source
 FETCH_PARTITION = 1000  # rows read from a server-side cursor at a time
+# What a PostgreSQL connection returning to the pool forgets: DISCARD ALL but for the
+# prepared statements, which the driver keeps caching (their plans are the same anyway).
+_CLIENT_MULTI_STATEMENTS = 1 << 16  # pymysql.constants.CLIENT.MULTI_STATEMENTS
+_MYSQL_SESSION = {  # (MariaDB?, has transaction_read_only?): read-only plus the time limit
+    (True, True): "SET SESSION transaction_read_only = 1, SESSION max_statement_time = %s",
+    (True, False): "SET SESSION tx_read_only = 1, SESSION max_statement_time = %s",
+    (False, True): "SET SESSION transaction_read_only = 1, SESSION max_execution_time = %s",
+    (False, False): "SET SESSION tx_read_only = 1, SESSION max_execution_time = %s",
+}
+_PG_RESET = ("CLOSE ALL; RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); "
+             "DISCARD TEMP; DISCARD SEQUENCES")
 
 Row = dict[str, object]
 
@@ -78,34 +94,14 @@ class SourcesStatistics:
     sources: tuple[SourceStatistics, ...]
 
 
-def json_value(value: object) -> object:
-    """A customer-database value as JSON (user attributes, template context, replies)."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    if isinstance(value, dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_value(v) for v in value]
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).hex()
-    return str(value)
-
-
 class Source:
     """One customer database: a pool, read-only sessions, a statement timeout."""
 
     def __init__(self, name: str, engine: AsyncEngine, *, statement_timeout: float) -> None:
         self.name = name
         self.engine = engine
-        self.dialect: str = "postgresql" if engine.dialect.name == "postgresql" else "mysql"
+        self.dialect: Dialect = (
+            "postgresql" if engine.dialect.name == "postgresql" else "mysql")
         self.statement_timeout = statement_timeout
         self.safe_url = engine.url.render_as_string(hide_password=True)
         self.queries = 0
@@ -115,29 +111,46 @@ class Source:
     async def fetch(self, sql: str, values: Mapping[str, object], *, what: str,
                     limit: int | None = None) -> list[Row]:
         """All rows (at most ``limit``) of ``sql`` with its placeholders bound from ``values``."""
-        stmt = _parsed(sql).bind(values, source=self.name, what=what)
+        stmt = self.statement(sql, values, what=what)
         if limit == 1:  # preload and conditions, at send time: one round trip, no cursor
             return await self._first(stmt, what=what)
         rows: list[Row] = []
-        async for batch in self.stream(stmt, what=what):
-            rows.extend(batch)
-            if limit is not None and len(rows) >= limit:
-                return rows[:limit]
+        async with contextlib.aclosing(self.stream(stmt, what=what)) as batches:
+            async for batch in batches:
+                rows.extend(batch)
+                if limit is not None and len(rows) >= limit:
+                    return rows[:limit]
         return rows
 
+    def statement(self, sql: str, values: Mapping[str, object], *, what: str) -> TextClause:
+        """``sql`` read with this database's lexical rules, its placeholders bound.
+
+        SourceError when the SQL is not one statement with its placeholders in value
+        positions; PlaceholderError when ``values`` lacks one.
+        """
+        return _parsed(sql, self.dialect).bind(values, source=self.name, what=what)
+
     async def stream(self, stmt: TextClause, *, what: str,
-                     partition: int = FETCH_PARTITION) -> AsyncIterator[list[Row]]:
-        """The rows of ``stmt`` in lists of ``partition``, from a server-side cursor."""
+                     partition: int = FETCH_PARTITION) -> AsyncGenerator[list[Row]]:
+        """The rows of ``stmt`` in lists of ``partition``, from a server-side cursor.
+
+        A consumer that stops early should close the iterator (``contextlib.aclosing``):
+        that closes the cursor and returns the connection at once.
+        """
         self.queries += 1
         for attempt in range(2):
             sent = False
             try:
                 async with self._connect() as conn:
                     result = await conn.stream(stmt)
-                    keys = list(result.keys())
-                    async for part in result.partitions(partition):
-                        sent = True
-                        yield [dict(zip(keys, r, strict=True)) for r in part]
+                    try:
+                        keys = list(result.keys())
+                        async for part in result.partitions(partition):
+                            sent = True
+                            yield [dict(zip(keys, r, strict=True)) for r in part]
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await result.close()
                 return
             except SourceError:
                 raise
@@ -168,6 +181,11 @@ class Source:
         async with self.engine.connect() as conn:
             if self.dialect == "postgresql":
                 conn = await conn.execution_options(postgresql_readonly=True)
+            else:
+                # Per query, not per connection: the last query on this pooled connection
+                # may have run SET SESSION TRANSACTION READ WRITE or lifted the time limit.
+                sql, params = conn.info["segflow_session"]
+                await conn.exec_driver_sql(sql, params)
             yield conn
 
     def _error(self, exc: BaseException, what: str) -> SourceError:
@@ -223,7 +241,8 @@ def open_source(table: NamedTable) -> Source:
             },
         }
     else:
-        connect_args = {"connect_timeout": int(max(1, connect_timeout))}
+        connect_args = {"connect_timeout": int(max(1, connect_timeout)),
+                        "async_creator_fn": _mysql_connect}
     engine = create_async_engine(
         # No pre-ping: it costs a round trip per query (about 40% of a preload); a pooled
         # connection found closed is instead retried once on a fresh one (_stale).
@@ -231,6 +250,7 @@ def open_source(table: NamedTable) -> Source:
         connect_args=connect_args)
     if driver.startswith("postgresql"):
         sa.event.listen(engine.sync_engine, "connect", _pg_on_connect)
+        sa.event.listen(engine.sync_engine, "reset", _pg_on_reset)
     else:
         sa.event.listen(engine.sync_engine, "connect",
                         functools.partial(_mysql_on_connect, timeout=timeout))
@@ -323,9 +343,9 @@ class SourceService:
 
 
 @functools.lru_cache(maxsize=512)
-def _parsed(sql: str) -> Placeholders:
+def _parsed(sql: str, dialect: Dialect) -> Placeholders:
     try:
-        return parse(sql)
+        return parse(sql, dialect)
     except ValueError as exc:
         raise SourceError("", str(exc)) from None
 
@@ -343,27 +363,87 @@ def _number(table: NamedTable, key: str, default: float) -> float:
 
 
 def _pg_on_connect(dbapi_conn: Any, _record: object) -> None:
-    # A quoted placeholder is a string, as DirectFlow's '<%= id %>' literal was; PostgreSQL
-    # would coerce such a literal to an integer column's type, so integers travel in text
-    # format here: the server parses '42' for an int column exactly as it parses a literal.
+    # A quoted placeholder is a string, as DirectFlow's '<%= id %>' literal was, and
+    # PostgreSQL coerces such a literal to the type of the column it meets. So the types
+    # a literal is commonly compared with travel in text format: the server parses '42'
+    # for an int column, '2024-05-01' for a date and 'true' for a boolean exactly as it
+    # parses the literal. Results decode to the same Python values as before; a text the
+    # decoder cannot read (a BC date, 'infinity') stays the string PostgreSQL sent.
     async def codecs(conn: Any) -> None:
-        for typ in ("int2", "int4", "int8"):
-            await conn.set_type_codec(typ, schema="pg_catalog", encoder=str, decoder=int,
-                                      format="text")
+        for typ, decoder in _PG_TEXT_CODECS.items():
+            await conn.set_type_codec(typ, schema="pg_catalog", encoder=_pg_text,
+                                      decoder=decoder, format="text")
 
     dbapi_conn.run_async(codecs)
 
 
-def _mysql_on_connect(dbapi_conn: Any, _record: object, *, timeout: float) -> None:
+def _pg_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+def _lenient(parse: Callable[[str], object]) -> Callable[[str], object]:
+    def decode(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError:
+            return text
+    return decode
+
+
+_PG_TEXT_CODECS: dict[str, Callable[[str], object]] = {
+    "int2": int, "int4": int, "int8": int,
+    "bool": lambda text: text == "t",
+    "date": _lenient(dt.date.fromisoformat),
+    "timestamp": _lenient(dt.datetime.fromisoformat),
+    # in UTC, as the binary codec gave it, whatever the session's TimeZone
+    "timestamptz": _lenient(lambda text: dt.datetime.fromisoformat(text).astimezone(dt.UTC)),
+}
+
+
+def _pg_on_reset(dbapi_conn: Any, _record: object, state: Any) -> None:
+    # A connection back from a query: roll back, then forget what the query left in the
+    # session (an advisory lock, a LISTEN, a setting it committed). The pool rolls back
+    # again after this, which is then a no-op. An error here discards the connection.
+    if state.terminate_only or not state.asyncio_safe:
+        return
+    dbapi_conn.rollback()
+
+    async def reset(conn: Any) -> None:
+        await conn.execute(_PG_RESET)
+
+    dbapi_conn.run_async(reset)
+
+
+async def _mysql_connect(*args: Any, **kwargs: Any) -> Any:
+    # aiomysql always asks the server for multi-statement support; a source never needs
+    # it, and without it "...; DROP TABLE t" cannot run whatever reaches the server.
+    import aiomysql  # type: ignore[import-untyped]  # no type information shipped
+
+    conn = aiomysql.Connection(*args, **kwargs)
+    conn.client_flag &= ~_CLIENT_MULTI_STATEMENTS
+    await conn._connect()  # what aiomysql.connect() does after building the Connection
+    return conn
+
+
+def _mysql_on_connect(dbapi_conn: Any, record: Any, *, timeout: float) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("SET SESSION TRANSACTION READ ONLY")
     cur.execute("SELECT VERSION()")
-    version = str(cur.fetchone()[0])
-    if "mariadb" in version.lower():
-        cur.execute("SET SESSION max_statement_time = %s", (float(timeout),))
-    else:
-        cur.execute("SET SESSION max_execution_time = %s", (int(timeout * 1000),))
+    mariadb = "mariadb" in str(cur.fetchone()[0]).lower()
+    newer = _has_var(cur, "transaction_read_only")  # tx_read_only before MariaDB 11.1
+    # One statement, run before every query (Source._connect): read-only and the limit.
+    record.info["segflow_session"] = (_MYSQL_SESSION[mariadb, newer],
+                                      (float(timeout),) if mariadb else (int(timeout * 1000),))
+    cur.execute(*record.info["segflow_session"])
     cur.close()
+
+
+def _has_var(cur: Any, name: str) -> bool:
+    cur.execute("SHOW VARIABLES LIKE %s", (name,))
+    return bool(cur.fetchall())
 
 
 def _stale(exc: BaseException) -> bool:
