@@ -17,6 +17,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import FlowError
+from ..ingest.users import TOMBSTONE_PREFIX
 from ..schema import campaign_settings, flow_instances
 from .wheel import TimerWheel
 from .work import Work, secs
@@ -143,6 +144,9 @@ class Admin:
         if inst.status not in ("diverged", "failed"):
             raise FlowError(f"instance {inst.id} is {inst.status}: only diverged or failed "
                             "instances can be restarted")
+        if str(inst.user_id).startswith(TOMBSTONE_PREFIX):
+            raise FlowError(f"instance {inst.id} belongs to a forgotten user: it cannot be "
+                            "restarted")
         c = self.k.app.campaigns.get(inst.campaign)
         if c is None:
             raise FlowError(f"campaign {inst.campaign!r} is no longer in the app")

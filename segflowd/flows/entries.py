@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..app import CampaignDef
 from ..cursors import Cursor, load_cursor, max_change_id, save_cursor
 from ..errors import FlowError
 from ..hooks import MembershipChange
-from ..schema import flow_instances, segment_changes, segment_members
+from ..schema import flow_instances, segment_changes, segment_members, users
 from ..store import is_unavailable
 from .work import ACTIVE, CATCH_UP_CHANGES, MEMBERSHIP_CHUNK, Work
 
@@ -210,6 +211,8 @@ class Entries:
         fi = flow_instances.c
         try:
             async with self.k.store.begin() as conn:
+                if not await _user_exists(conn, user_id):
+                    return None  # forgotten since the membership was read
                 if c.behavior == "static" and not c.reentry:
                     seen = (await conn.execute(sa.select(fi.id).where(
                         fi.campaign == c.name, fi.user_id == user_id).limit(1))).first()
@@ -232,8 +235,8 @@ class Entries:
         ``key``; ``data`` becomes ``ctx.data``. What happened:
 
         * ``"started"``: a new instance runs;
-        * ``"exists"``: nothing to do, for good: the key was used before, or the user has a
-          live instance of the campaign;
+        * ``"exists"``: nothing to do, for good: the key was used before, the user has a
+          live instance of the campaign, or the user no longer exists (forgotten);
         * ``"paused"``: nothing was done because the campaign is paused; the same call
           after ``campaign.resume`` starts it.
         """
@@ -245,6 +248,8 @@ class Entries:
         now = self.k.clock.now()
         try:
             async with self.k.store.begin() as conn:
+                if not await _user_exists(conn, user_id):
+                    return "exists"  # forgotten since the broadcast read its members
                 res = await conn.execute(sa.insert(flow_instances).values(
                     campaign=c.name, user_id=user_id, version=c.version, status="running",
                     live=1, seq=0, start_key=key, start_data=dict(data), created_at=now,
@@ -284,3 +289,12 @@ class Entries:
         self.k.bus.publish("flow.exited", campaign=campaign, user_id=user_id, instance=iid,
                            reason="left segment")
         return iid
+
+
+async def _user_exists(conn: AsyncConnection, user_id: str) -> bool:
+    """Whether the user exists, holding a shared lock on their row until the transaction
+    ends (MySQL), so a forget waits for an instance inserted here and then rewrites it;
+    SQLite serialises writers anyway."""
+    row = (await conn.execute(sa.select(users.c.id).where(users.c.id == user_id)
+                              .with_for_update(read=True))).first()
+    return row is not None

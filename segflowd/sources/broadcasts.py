@@ -39,7 +39,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from ..delivery.outbox import Queued, enqueue_many
 from ..errors import SegflowError
 from ..hooks import OutboxWaker
-from ..schema import broadcasts, segment_members
+from ..schema import broadcasts, segment_members, users
 from ..store import is_unavailable
 
 if TYPE_CHECKING:
@@ -320,13 +320,20 @@ class BroadcastService:
         done = int(row.done) + len(user_ids)
         if user_ids:
             async with self.k.store.begin() as conn:
+                # A user forgotten since the batch was read is left out, and never named
+                # as the cursor: the next batch starts after the last one still there
+                # (the same next member, as the forget's own step-back gives).
+                there = {r[0] for r in await conn.execute(sa.select(users.c.id).where(
+                    users.c.id.in_(user_ids)).with_for_update(read=True))}
                 if row.template is not None:
                     await enqueue_many(conn, [
                         Queued(kind="broadcast", template=row.template, user_id=uid,
                                dedupe_key=f"bc:{bid}:{uid}", data=dict(row.data or {}))
-                        for uid in user_ids], now=clock.now())
+                        for uid in user_ids if uid in there], now=clock.now())
+                kept = [u for u in user_ids if u in there]
                 await conn.execute(sa.update(broadcasts).where(b.id == bid).values(
-                    after=user_ids[-1], done=done, updated_at=clock.now()))
+                    after=kept[-1] if kept else row.after, done=done,
+                    updated_at=clock.now()))
         if not user_ids:
             await self._finish(bid, "completed", None)
             return None
