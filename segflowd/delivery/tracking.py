@@ -22,7 +22,7 @@ import structlog
 from ..errors import TokenError
 from ..http import HTTPError, Request, Response, Router
 from ..kernel import Kernel
-from ..schema import engagement, messages, subscriptions, suppressions
+from ..schema import engagement, messages, subscriptions, suppressions, users
 from .tokens import Signer, TokenValue
 
 __all__ = ["MARKETING_TOPIC", "PIXEL", "Tracking"]
@@ -126,7 +126,11 @@ class Tracking:
                     subscriptions.c.user_id == str(user_id),
                     subscriptions.c.topic == MARKETING_TOPIC,
                 ).values(unsubscribed_at=now, updated_at=now))
-                if done.rowcount == 0:
+                exists = (await conn.execute(sa.select(users.c.id).where(
+                    users.c.id == str(user_id)))).first() is not None
+                # A forgotten user's old link changes nothing: a row here would name them
+                # again, and unsubscribe whoever signs up under the id next.
+                if done.rowcount == 0 and exists:
                     await conn.execute(self.k.store.insert_ignore(subscriptions).values(
                         user_id=str(user_id), topic=MARKETING_TOPIC, unsubscribed_at=now,
                         updated_at=now))

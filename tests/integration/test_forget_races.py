@@ -18,6 +18,8 @@ from segflowd import schema
 from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import load_config
+from segflowd.delivery.tokens import Signer
+from segflowd.delivery.tracking import Tracking
 from segflowd.errors import FlowError
 from segflowd.flows.service import FlowService
 from segflowd.hooks import MembershipChange
@@ -181,3 +183,14 @@ async def test_a_forgotten_users_failed_instance_cannot_be_restarted(
         m = (await conn.execute(sa.select(schema.messages.c.id))).all()
     assert len(fi) == 1, fi
     assert m == []
+
+
+async def test_an_old_unsubscribe_link_of_a_forgotten_user_names_nobody(
+        store: Store, tmp_path: Path) -> None:
+    """The link still works (the page shows), but no subscription row brings the id back
+    or unsubscribes whoever signs up under it next."""
+    k = kernel(store, tmp_path)
+    await seed(store, ["zed"])
+    await forget(store, "zed")
+    await Tracking(k, Signer("k")).apply_unsubscribe({"u": "zed", "m": 1})
+    assert await mentions(store, "zed") == {}
