@@ -131,6 +131,9 @@ class RetentionConfig:
     segment_changes: Age | None = Age(90 * DAY)  # entries and exits, by ``at``
     messages: Age | None = Age(365 * DAY)  # finished messages and their opens/clicks
     events: Age | None = None  # segments are SQL over events: kept unless asked
+    # After DELETE /v1/users/{id}: ingest refuses the id's events and identifies (409)
+    # for this long, so a late or retried event does not bring the user back.
+    forget_window: Age | None = Age(30 * DAY)
     interval: Age = Age(3600.0)  # between the starts of two prune passes
     batch_size: int = 1000  # rows per prune statement
 

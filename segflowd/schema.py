@@ -26,6 +26,7 @@ __all__ = [
     "events",
     "flow_instances",
     "flow_journal",
+    "forgotten",
     "messages",
     "metadata",
     "schema_version",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = sa.MetaData()
 
@@ -293,6 +294,17 @@ anonymous_links = sa.Table(
     sa.Column("user_id", Id, nullable=False),
     sa.Column("linked_at", Time, nullable=False),
     sa.Index("ix_anonymous_links_user", "user_id"),  # forgetting a user
+    **_mysql,
+)
+
+forgotten = sa.Table(
+    "forgotten",
+    metadata,
+    # Users forgotten recently, by the SHA-256 (hex) of their id: ingest refuses their
+    # late events and identifies for ``[retention] forget_window`` (409), so a retry or a
+    # queued event does not bring them back. ``PUT /v1/users/{id}`` deletes the row.
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("forgotten_at", Time, nullable=False),
     **_mysql,
 )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import time
 from collections.abc import Callable, Sequence
 
@@ -87,12 +88,16 @@ class GroupCommitter:
     """Commits queued writes in groups; tells ``sinks`` what each commit made durable."""
 
     def __init__(self, store: Store, clock: Clock, sinks: Sequence[IngestSink] = (), *,
-                 flush_delay: float = FLUSH_DELAY, flush_rows: int = FLUSH_ROWS) -> None:
+                 flush_delay: float = FLUSH_DELAY, flush_rows: int = FLUSH_ROWS,
+                 forget_window: float | None = None) -> None:
         self.store = store
         self.clock = clock
         self.sinks = sinks  # shared by reference: sinks appended later are told too
         self.flush_delay = flush_delay
         self.flush_rows = flush_rows
+        # Seconds a forgotten user's later writes are refused (CommitResult.refused);
+        # None: not checked (the ingest service passes the configured window).
+        self.forget_window = forget_window
         self.on_commit: list[Callable[[IngestBatch], None]] = []  # told after the sinks
         self._queue: list[_Pending] = []
         self._queued_writes = 0
@@ -250,15 +255,20 @@ class GroupCommitter:
         if conn is None:
             conn = self._conn = await self.store.engine.connect()
         inserter = self._inserter(conn)
+        since = (None if self.forget_window is None
+                 else now - dt.timedelta(seconds=self.forget_window))
+        check = self.forget_window is not None
         try:
             if inserter.commits_alone and events_only(groups, self._known):
                 # The flush is the events INSERT and nothing else: the inserter makes it a
                 # transaction of its own, in one trip to SQLite's thread instead of five.
                 return await apply_writes(self.store, conn, groups, now, True, self._known,
-                                          inserter, alone=True)
+                                          inserter, alone=True, forgotten_since=since,
+                                          refuse_forgotten=check)
             async with conn.begin():
                 return await apply_writes(self.store, conn, groups, now,
-                                          self._can_return(conn), self._known, inserter)
+                                          self._can_return(conn), self._known, inserter,
+                                          forgotten_since=since, refuse_forgotten=check)
         except BaseException as exc:
             # Whatever broke (or cancelled) the flush, the next one starts on a checked
             # connection from the pool.

@@ -26,7 +26,7 @@ from .payloads import (
 )
 from .writes import EventWrite, LinkWrite, UserWrite, Write
 
-__all__ = ["TYPES", "parse_batch", "parse_message"]
+__all__ = ["TYPES", "items_of", "parse_batch", "parse_message"]
 
 TYPES = ("identify", "track", "page", "screen", "group", "alias")
 CONTEXT_KEY = "$context"  # where an event keeps the Segment context it came with
@@ -103,3 +103,14 @@ def parse_batch(body: Mapping[str, object], *, max_event: int | None) -> list[Wr
         writes += parse_message(item, kind, field=f"batch[{i}]", max_event=max_event,
                                 batch_context=context)
     return writes
+
+
+def items_of(body: Mapping[str, object], user_ids: tuple[str, ...]) -> str:
+    """``"batch[1], batch[4]: "``: the items of a parsed batch that write to ``user_ids``."""
+    items = body.get("batch")
+    wanted = set(user_ids)
+    found = [f"batch[{i}]" for i, item in enumerate(items if isinstance(items, list) else [])
+             if isinstance(item, dict) and opt_id(item.get("userId"), "") in wanted]
+    if len(found) > 10:
+        found = [*found[:10], "..."]
+    return ", ".join(found) + ": " if found else ""

@@ -8,7 +8,7 @@ committed. The store being down is a 503 with ``Retry-After`` and nothing writte
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
 import structlog
@@ -37,6 +37,7 @@ __all__ = ["IngestService", "IngestStatistics"]
 
 log = structlog.get_logger("segflowd.ingest")
 
+FOREVER = 100 * 365 * 86400.0  # seconds: the forget window of `forget_window = "forever"`
 BUS_EVENTS_PER_COMMIT = 200  # "event.ingested" bus messages per commit, beyond: one summary
 
 
@@ -44,6 +45,11 @@ _SUCCESS = b'{"success":true}'  # what Segment's API answers
 # The native API's request bodies (openapi.yaml: UserUpdate, Event); anything else is a 400.
 _USER_FIELDS = frozenset({"attributes"})
 _EVENT_FIELDS = frozenset({"name", "attributes", "timestamp", "id"})
+
+
+def _days(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:g} days" if days >= 1 else f"{seconds / 3600:g} hours"
 
 
 def _event_reply(event_id: int | None, duplicate: bool) -> Response:
@@ -59,6 +65,7 @@ class IngestStatistics:
     rejected: int  # 4xx answers
     unavailable: int  # 503 answers
     committer: CommitterStatistics
+    forgotten: int = 0  # 409 answers: writes to a recently forgotten user (in `rejected` too)
 
 
 class IngestService:
@@ -73,19 +80,24 @@ class IngestService:
         self.max_event = http.max_event_bytes
         self.max_request = http.max_request_bytes
         self.auth = Authenticator(http.keys)
-        self.committer = committer or GroupCommitter(kernel.store, kernel.clock, sinks)
+        self.forget_window = kernel.config.retention.forget_window
+        window = FOREVER if self.forget_window is None else float(self.forget_window)
+        self.committer = committer or GroupCommitter(kernel.store, kernel.clock, sinks,
+                                                     forget_window=window)
         self.committer.on_commit.append(self._published)
         self._done = anyio.Event()
-        self._requests = self._rejected = self._unavailable = 0
+        self._requests = self._rejected = self._unavailable = self._forgotten = 0
         m = kernel.metrics
         m.describe("segflow_ingest_requests_total", "counter", "ingest requests by API and status")
         m.describe("segflow_ingest_events_total", "counter", "events committed by ingest")
         m.describe("segflow_ingest_flushes_total", "counter", "group commits")
+        m.describe("segflow_ingest_forgotten_refused_total", "counter",
+                   "requests refused (409) for writing to a recently forgotten user")
         kernel.stats[self.name] = self.statistics
 
     def statistics(self) -> IngestStatistics:
         return IngestStatistics(self._requests, self._rejected, self._unavailable,
-                                self.committer.statistics())
+                                self.committer.statistics(), self._forgotten)
 
     # -- Service ---------------------------------------------------------------------
 
@@ -147,8 +159,25 @@ class IngestService:
 
         return counted
 
-    async def _commit(self, writes: Sequence[Write]) -> CommitResult:
-        return await self.committer.submit(writes)
+    async def _commit(self, writes: Sequence[Write], *,
+                      batch: Mapping[str, object] | None = None) -> CommitResult:
+        """Commit ``writes``; 409 (nothing written) when they go to a forgotten user.
+
+        With ``batch`` (a Segment ``/v1/batch`` body) the message names its items.
+        """
+        result = await self.committer.submit(writes)
+        if result.refused:
+            where = "" if batch is None else segment_api.items_of(batch, result.refused)
+            self._forgotten += 1
+            self.kernel.metrics.inc("segflow_ingest_forgotten_refused_total")
+            names = ", ".join(repr(uid) for uid in result.refused[:5])
+            window = ("" if self.forget_window is None
+                      else f" within {_days(self.forget_window)} of the forget")
+            raise HTTPError(409, "user_forgotten", (
+                f"{where}user {names} was forgotten (DELETE){window}: their events and "
+                "identifies are refused so the forget holds, and nothing of this request "
+                "was stored; PUT /v1/users/{id} creates the user again"))
+        return result
 
     def _published(self, batch: IngestBatch) -> None:
         bus, metrics = self.kernel.bus, self.kernel.metrics
@@ -190,7 +219,8 @@ class IngestService:
         only_fields(body, _USER_FIELDS, "; a user's email and other attributes go in "
                                         '"attributes"')
         attributes = opt_object(body.get("attributes"), "attributes")
-        await self._commit([UserWrite(uid, attributes)])
+        # An explicit re-create: allowed for a forgotten user, whose tombstone it drops.
+        await self._commit([UserWrite(uid, attributes, recreate=True)])
         return json_response({"id": uid, "ok": True})
 
     async def get_user(self, request: Request) -> Response:
@@ -239,7 +269,9 @@ class IngestService:
         body = await self._segment_body(request)
         writes = segment_api.parse_batch(body, max_event=await self._event_limit(request))
         if writes:
-            await self._commit(writes)
+            # Segment's API answers a batch as a whole: one item for a forgotten user
+            # refuses the batch (409 naming the items); the client drops or fixes it.
+            await self._commit(writes, batch=body)
         return Response(200, _SUCCESS)
 
     # -- Customer.io -----------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -22,7 +23,10 @@ __all__ = [
     "FORGOTTEN",
     "TOMBSTONE_PREFIX",
     "UserView",
+    "clear_tombstones",
     "forget_user",
+    "forgotten_among",
+    "id_hash",
     "link_anonymous",
     "merge_attributes",
     "read_user",
@@ -219,7 +223,42 @@ async def forget_user(conn: AsyncConnection, user_id: str, now: dt.datetime) -> 
     await conn.execute(sa.update(s.engagement).where(s.engagement.c.user_id == user_id)
                        .values(user_id=None, url=None))
     await _forget_broadcast_positions(conn, user_id)
+    # The tombstone ingest checks: late events and identifies of the id are refused.
+    fg = s.forgotten
+    await conn.execute(sa.delete(fg).where(fg.c.id_hash == id_hash(user_id)))
+    await conn.execute(sa.insert(fg).values(id_hash=id_hash(user_id), forgotten_at=now))
     return bool(existed)
+
+
+def id_hash(user_id: str) -> str:
+    """``forgotten.id_hash`` of a user id: its SHA-256, in hex.
+
+    Unlike :func:`tombstone` this is reproducible, as it must be to recognise the id
+    again; a guessable id can be confirmed as recently forgotten by whoever reads the
+    store, which is why the row goes once ``[retention] forget_window`` has passed.
+    """
+    return hashlib.sha256(user_id.encode()).hexdigest()
+
+
+async def forgotten_among(conn: AsyncConnection, user_ids: Iterable[str],
+                          since: dt.datetime | None) -> set[str]:
+    """Those of ``user_ids`` forgotten at ``since`` or later (any time, with None)."""
+    fg = schema.forgotten
+    by_hash = {id_hash(uid): uid for uid in user_ids}
+    out: set[str] = set()
+    for chunk in _chunks(sorted(by_hash)):
+        query = sa.select(fg.c.id_hash).where(fg.c.id_hash.in_(chunk))
+        if since is not None:
+            query = query.where(fg.c.forgotten_at >= since)
+        out.update(by_hash[h] for (h,) in await conn.execute(query))
+    return out
+
+
+async def clear_tombstones(conn: AsyncConnection, user_ids: Iterable[str]) -> None:
+    """Drop the tombstones of ``user_ids``: they are users again (an explicit re-create)."""
+    fg = schema.forgotten
+    for chunk in _chunks(sorted({id_hash(uid) for uid in user_ids})):
+        await conn.execute(sa.delete(fg).where(fg.c.id_hash.in_(chunk)))
 
 
 TOMBSTONE_PREFIX = "forgotten:"

@@ -42,10 +42,15 @@ REDELIVER_WINDOW = dt.timedelta(hours=1)
 
 @dataclasses.dataclass(frozen=True)
 class UserWrite:
-    """Create the user or merge ``attributes`` into theirs (``None`` removes a key)."""
+    """Create the user or merge ``attributes`` into theirs (``None`` removes a key).
+
+    With ``recreate`` (``PUT /v1/users/{id}``) a recently forgotten user is created
+    again and their tombstone dropped; without it (an identify) the request is refused.
+    """
 
     user_id: str
     attributes: Mapping[str, object]
+    recreate: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +85,16 @@ Write = UserWrite | EventWrite | LinkWrite | ForgetWrite
 
 @dataclasses.dataclass(frozen=True)
 class CommitResult:
-    """What one request's writes became: per EventWrite, its row id and whether new."""
+    """What one request's writes became: per EventWrite, its row id and whether new.
+
+    ``refused`` names the recently forgotten users the request wrote to: when it is not
+    empty nothing of the request was written.
+    """
 
     event_ids: tuple[int | None, ...]
     duplicates: tuple[bool, ...]
     forgotten: tuple[bool, ...]
+    refused: tuple[str, ...] = ()
 
 
 
@@ -103,21 +113,38 @@ def events_only(groups: list[Sequence[Write]], known: set[str]) -> bool:
 
 async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequence[Write]],
                        now: dt.datetime, returning: bool, known: set[str],
-                       inserter: EventInserter, *, alone: bool = False
-                       ) -> tuple[list[CommitResult], IngestBatch]:
+                       inserter: EventInserter, *, alone: bool = False,
+                       forgotten_since: dt.datetime | None = None,
+                       refuse_forgotten: bool = False) -> tuple[list[CommitResult], IngestBatch]:
     """Apply every group's writes in order of kind, within one transaction.
 
     With ``alone`` the writes are events only (:func:`events_only`) and the inserter's
     INSERT is the transaction, so ``conn`` must have none open.
+
+    With ``refuse_forgotten``, a group writing to a user forgotten at ``forgotten_since``
+    or later (any time, with None) is refused whole (:attr:`CommitResult.refused`),
+    unless a ``recreate`` write of this flush made them a user again.
     """
     ev = schema.events
     touched: set[str] = set()
     deleted: set[str] = set()
     user_changes: dict[str, list[Mapping[str, object]]] = {}
     links: dict[str, str] = {}
-    forget: list[str] = []
     events: list[EventWrite] = []
-    for writes in groups:
+    forget = [w.user_id for writes in groups for w in writes if isinstance(w, ForgetWrite)]
+
+    # Forget first: a request that forgets a user and a later one that recreates them in
+    # the same flush both hold (the newer data survives); and the tombstones written
+    # here refuse any other write to them in this flush.
+    forgotten: dict[str, bool] = {}
+    for uid in forget:
+        forgotten[uid] = await users.forget_user(conn, uid, now)
+        deleted.add(uid)
+    refused = {} if not refuse_forgotten else await _refuse_forgotten(
+        conn, groups, known.difference(forget), forgotten_since)
+    for gi, writes in enumerate(groups):
+        if gi in refused:
+            continue
         for w in writes:
             if isinstance(w, UserWrite):
                 user_changes.setdefault(w.user_id, []).append(w.attributes)
@@ -126,15 +153,6 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
             elif isinstance(w, LinkWrite):
                 links[w.anonymous_id] = w.user_id
                 user_changes.setdefault(w.user_id, [])
-            else:
-                forget.append(w.user_id)
-
-    # Forget first: a request that forgets a user and a later one that recreates them in
-    # the same flush both hold (the newer data survives).
-    forgotten: dict[str, bool] = {}
-    for uid in forget:
-        forgotten[uid] = await users.forget_user(conn, uid, now)
-        deleted.add(uid)
 
     # Anonymous events of ids already linked (or linked in this flush) belong to the user.
     anon_only = {e.anonymous_id for e in events if e.user_id is None and e.anonymous_id}
@@ -237,7 +255,10 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
     # Per-request results, in the order of each request's event writes.
     results: list[CommitResult] = []
     pos = 0
-    for writes in groups:
+    for gi, writes in enumerate(groups):
+        if gi in refused:
+            results.append(CommitResult((), (), (), refused[gi]))
+            continue
         eids: list[int | None] = []
         dups: list[bool] = []
         forg: list[bool] = []
@@ -257,6 +278,44 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
     touched -= deleted - set(user_changes)
     return results, IngestBatch(users=frozenset(touched), events=tuple(stored),
                                 deleted=frozenset(deleted))
+
+
+def _targets(writes: Sequence[Write]) -> set[str]:
+    """The users a request writes to without re-creating them."""
+    out: set[str] = set()
+    for w in writes:
+        if isinstance(w, UserWrite):
+            if not w.recreate:
+                out.add(w.user_id)
+        elif isinstance(w, LinkWrite | EventWrite) and w.user_id is not None:
+            out.add(w.user_id)
+    return out
+
+
+async def _refuse_forgotten(conn: AsyncConnection, groups: list[Sequence[Write]],
+                            exists: set[str], since: dt.datetime | None
+                            ) -> dict[int, tuple[str, ...]]:
+    """Index of each group to refuse → the forgotten users it names.
+
+    A forget of this flush counts (its tombstone is written before this check); a
+    ``recreate`` write clears the tombstone here, so the flush's other writes to the user
+    hold.
+    A user known to exist has no tombstone (a forget or a re-create removes it), so the
+    events-only flush of known users reads nothing more.
+    """
+    recreate = {w.user_id for writes in groups for w in writes
+                if isinstance(w, UserWrite) and w.recreate}
+    if recreate:
+        await users.clear_tombstones(conn, recreate)
+    wanted: dict[int, set[str]] = {}
+    for gi, writes in enumerate(groups):
+        ids = _targets(writes) - recreate - exists
+        if ids:
+            wanted[gi] = ids
+    if not wanted:
+        return {}
+    gone = await users.forgotten_among(conn, set().union(*wanted.values()), since)
+    return {gi: tuple(sorted(ids & gone)) for gi, ids in wanted.items() if ids & gone}
 
 
 async def _recent_events(conn: AsyncConnection, ids: Sequence[int], now: dt.datetime

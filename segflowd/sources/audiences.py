@@ -28,7 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import SegflowError, SourceError
 from ..hooks import IngestBatch, IngestSink
+from ..ingest.users import merge_attributes
 from ..schema import audience_members, users
+from ..store import Store
 from .datasources import DataSources
 from .pools import Row
 
@@ -123,12 +125,13 @@ class AudienceService:
         for name, st in self._state.items():
             if st.next_at is not None and st.next_at <= now and not st.syncing:
                 # A failure is recorded and logged by sync(); the others go on.
-                with contextlib.suppress(SegflowError):
+                with contextlib.suppress(Exception):
                     out.append(await self.sync(name))
         return out
 
     async def sync(self, name: str) -> SyncResult:
-        """Sync audience segment ``name`` now; SourceError (recorded) when it fails."""
+        """Sync audience segment ``name`` now; a failure is recorded and raised (a
+        SourceError, or the store's error)."""
         a = self.ds.audiences.get(name)
         if a is None:
             known = ", ".join(sorted(self.ds.audiences)) or "none"
@@ -139,12 +142,16 @@ class AudienceService:
             started = self.k.clock.now()
             try:
                 result = await self._sync(name, a.data_source, a.values, started)
-            except SegflowError as exc:
+            except Exception as exc:
+                # Any failure, a SourceError or the store's own (a lost connection, a
+                # deadlock): recorded and retried later, never the end of the daemon.
+                error = str(exc) if isinstance(exc, SegflowError) else \
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                 self._failures += 1
-                st.error = str(exc)
+                st.error = error
                 st.next_at = started + dt.timedelta(seconds=min(a.refresh, RETRY_AFTER_FAILURE))
-                log.warning("audience.sync_failed", audience=name, error=str(exc))
-                self.k.bus.publish("audience.sync_failed", audience=name, error=str(exc))
+                log.warning("audience.sync_failed", audience=name, error=error)
+                self.k.bus.publish("audience.sync_failed", audience=name, error=error)
                 raise
             finally:
                 st.syncing = False
@@ -174,8 +181,8 @@ class AudienceService:
             if not rows:
                 continue
             async with store.begin() as conn:
-                changed, n_updated, new_members = await _apply_batch(conn, audience, rows,
-                                                                     now)
+                changed, n_updated, new_members = await _apply_batch(store, conn, audience,
+                                                                     rows, now)
             seen.update(rows)
             updated += n_updated
             joined += len(new_members)
@@ -226,44 +233,70 @@ class AudienceService:
             last_errors={n: s.error for n, s in self._state.items() if s.error})
 
 
-async def _apply_batch(conn: AsyncConnection, audience: str, rows: Mapping[str, Row],
-                       now: dt.datetime) -> tuple[set[str], int, set[str]]:
+async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
+                       rows: Mapping[str, Row], now: dt.datetime
+                       ) -> tuple[set[str], int, set[str]]:
     """Upsert the batch's users and memberships.
 
     Returns the users created or changed, how many existing users changed, and the
     users that are new members of the audience.
+
+    Ingest commits users concurrently (its own connection, READ COMMITTED on MariaDB):
+    missing users are created with INSERT IGNORE, so one ingest created meanwhile is no
+    error, and every row is then read again under a lock (``FOR UPDATE``; SQLite's
+    ``BEGIN IMMEDIATE`` already serialises writers) and the row merged onto what is
+    stored now, so an ingest write committed after the first read is kept.
     """
     u, am = users.c, audience_members.c
-    ids = list(rows)
-    existing = {r.id: r for r in await conn.execute(
-        sa.select(u.id, u.email, u.attributes).where(u.id.in_(ids)))}
+    ids = sorted(rows)
+    before = {r[0] for r in await conn.execute(sa.select(u.id).where(u.id.in_(ids)))}
     members = {r[0] for r in await conn.execute(sa.select(am.user_id).where(
         am.audience == audience, am.user_id.in_(ids)))}
-    inserts: list[dict[str, object]] = []
+    changes = {pid: _changes(row) for pid, row in rows.items()}
+    created = [pid for pid in ids if pid not in before]
+    if created:
+        inserts = []
+        for pid in created:
+            attrs = merge_attributes({}, changes[pid])
+            inserts.append({"id": pid, "email": _email(changes[pid], None),
+                            "attributes": attrs, "created_at": now, "updated_at": now})
+        await conn.execute(store.insert_ignore(users), inserts)
+    current = {r.id: r for r in await conn.execute(
+        sa.select(u.id, u.email, u.attributes).where(u.id.in_(ids)).order_by(u.id)
+        .with_for_update())}
     updates: list[dict[str, object]] = []
-    changed: set[str] = set()
-    for pid, row in rows.items():
-        attrs = {k: v for k, v in row.items() if k != "profile_id"}
-        email = row.get("email")
-        email = str(email)[:EMAIL_LIMIT] if email else None
-        old = existing.get(pid)
-        if old is None:
-            inserts.append({"id": pid, "email": email, "attributes": attrs,
-                            "created_at": now, "updated_at": now})
-            changed.add(pid)
+    changed = set(created)
+    n_updated = 0
+    for pid in ids:
+        row = current.get(pid)
+        if row is None:  # pragma: no cover - deleted between our insert and this read
             continue
-        merged = {**dict(old.attributes or {}), **attrs}
-        new_email = email if email is not None else old.email
-        if merged != dict(old.attributes or {}) or new_email != old.email:
-            updates.append({"b_id": pid, "email": new_email, "attributes": merged,
+        stored = dict(row.attributes or {})
+        merged = merge_attributes(stored, changes[pid])
+        email = _email(changes[pid], row.email)
+        if merged != stored or email != row.email:
+            updates.append({"b_id": pid, "email": email, "attributes": merged,
                             "updated_at": now})
             changed.add(pid)
-    if inserts:
-        await conn.execute(sa.insert(users), inserts)
+            n_updated += pid in before
     if updates:
         await conn.execute(sa.update(users).where(u.id == sa.bindparam("b_id")), updates)
     new_members = [pid for pid in ids if pid not in members]
     if new_members:
-        await conn.execute(sa.insert(audience_members), [
+        await conn.execute(store.insert_ignore(audience_members), [
             {"audience": audience, "user_id": pid, "joined_at": now} for pid in new_members])
-    return changed, len(updates), set(new_members)
+    return changed, n_updated, set(new_members)
+
+
+def _changes(row: Row) -> dict[str, object]:
+    """A row's columns as attribute changes (``profile_id`` is the id, not an attribute)."""
+    return {k: v for k, v in row.items() if k != "profile_id"}
+
+
+def _email(changes: Mapping[str, object], old: str | None) -> str | None:
+    """``users.email`` after a row: as ingest, an ``email`` column that is null (or
+    empty) removes the address; an audience without the column leaves it as it was."""
+    if "email" not in changes:
+        return old
+    value = changes["email"]
+    return str(value)[:EMAIL_LIMIT] if value else None
