@@ -123,7 +123,7 @@ async def test_a_version_3_store_is_rebuilt_so_ids_only_grow(store: Store) -> No
     # MariaDB never handed out ids below its counter, so only SQLite has a floor to keep.
     floor = (top + 4, top_change + 5) if store.dialect == "sqlite" else (top, top_change)
     assert await store.migrate() == 3
-    assert await store.read_schema_version() == schema.SCHEMA_VERSION == 4
+    assert await store.read_schema_version() == schema.SCHEMA_VERSION >= 4
     async with store.begin() as conn:
         assert {t: await conn.run_sync(_shape, t) for t in TABLES} == fresh
         assert await _rows(conn) == rows
