@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 __all__ = [
+    "INGEST_TABLES",
     "ChangeCursorSink",
     "ConditionRunner",
     "ContextProvider",
@@ -43,15 +44,23 @@ class StoredEvent:
     received_at: dt.datetime
 
 
+# The tables an ingest commit writes; a batch from elsewhere (an audience sync) names its own.
+INGEST_TABLES = frozenset({"users", "events", "anonymous_links"})
+
+
 @dataclasses.dataclass(frozen=True)
 class IngestBatch:
-    """What one group commit made durable."""
+    """What one group commit (or one audience sync) made durable."""
 
     users: frozenset[str]  # users created, updated, or given events (or joined from anonymous)
     # new events in commit order, and any event a client sent again whose first try was
     # already stored (its reply may have been lost): consumers dedupe by id
     events: tuple[StoredEvent, ...]
     deleted: frozenset[str] = frozenset()  # users forgotten
+    # each forgotten user -> the segments they were a member of when the forget deleted
+    # their memberships (the segment engine reports those exits)
+    left: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    tables: frozenset[str] = INGEST_TABLES  # the store tables the batch wrote
 
 
 class IngestSink(Protocol):
@@ -69,6 +78,9 @@ class MembershipChange:
     entered: bool
     at: dt.datetime
     event_id: int | None = None  # the event whose ingest caused it, where one did
+    # an exit because the user was forgotten: their memberships, history and instances
+    # are already gone, so a sink has nothing of theirs to act on
+    forgotten: bool = False
 
 
 class MembershipSink(Protocol):

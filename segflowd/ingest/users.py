@@ -22,8 +22,10 @@ from ..store import Store
 __all__ = [
     "FORGOTTEN",
     "TOMBSTONE_PREFIX",
+    "Forgotten",
     "UserView",
     "clear_tombstones",
+    "forget",
     "forget_user",
     "forgotten_among",
     "id_hash",
@@ -98,12 +100,13 @@ async def upsert_users(store: Store, conn: AsyncConnection,
     if not changes:
         return
     u = schema.users
-    ensure = [uid for uid, c in changes.items() if not c]
+    # In id order, as the segment engine's locking reads take them (fewer deadlocks).
+    ensure = sorted(uid for uid, c in changes.items() if not c)
     if ensure:
         await conn.execute(store.insert_ignore(u), [
             {"id": uid, "email": None, "attributes": {}, "created_at": now, "updated_at": now}
             for uid in ensure])
-    ids = [uid for uid, c in changes.items() if c]
+    ids = sorted(uid for uid, c in changes.items() if c)
     existing: dict[str, dict[str, object]] = {}
     for chunk in _chunks(ids):
         rows = await conn.execute(sa.select(u.c.id, u.c.attributes).where(u.c.id.in_(chunk)))
@@ -189,7 +192,20 @@ async def read_user(conn: AsyncConnection, user_id: str) -> UserView | None:
 
 
 async def forget_user(conn: AsyncConnection, user_id: str, now: dt.datetime) -> bool:
-    """Delete everything Segflow holds about the user; True if they existed.
+    """:func:`forget` the user; True if they existed."""
+    return (await forget(conn, user_id, now)).existed
+
+
+@dataclasses.dataclass(frozen=True)
+class Forgotten:
+    """What :func:`forget` did: whether the user existed, and the segments they left."""
+
+    existed: bool
+    segments: tuple[str, ...]
+
+
+async def forget(conn: AsyncConnection, user_id: str, now: dt.datetime) -> Forgotten:
+    """Delete everything Segflow holds about the user.
 
     Deleted: the user, their events and those still anonymous under an id linked to them
     (an event another user owns stays theirs), anonymous links, segment memberships and
@@ -215,6 +231,10 @@ async def forget_user(conn: AsyncConnection, user_id: str, now: dt.datetime) -> 
         # to another user (the same browser, identified as them first) is not.
         await conn.execute(sa.delete(ev).where(ev.c.anonymous_id.in_(chunk),
                                                ev.c.user_id.is_(None)))
+    # Read after the user's row is deleted: an evaluation holding that row (MySQL: it
+    # reads it FOR SHARE) has committed by now, and a later one finds no user to admit.
+    left = tuple(sorted(str(seg) for (seg,) in await conn.execute(
+        sa.select(s.segment_members.c.segment).where(s.segment_members.c.user_id == user_id))))
     for table in (s.anonymous_links, s.segment_members, s.segment_changes, s.subscriptions,
                   s.audience_members):
         await conn.execute(sa.delete(table).where(table.c.user_id == user_id))
@@ -227,7 +247,7 @@ async def forget_user(conn: AsyncConnection, user_id: str, now: dt.datetime) -> 
     fg = s.forgotten
     await conn.execute(sa.delete(fg).where(fg.c.id_hash == id_hash(user_id)))
     await conn.execute(sa.insert(fg).values(id_hash=id_hash(user_id), forgotten_at=now))
-    return bool(existed)
+    return Forgotten(existed=bool(existed), segments=left)
 
 
 def id_hash(user_id: str) -> str:

@@ -137,8 +137,11 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
     # the same flush both hold (the newer data survives); and the tombstones written
     # here refuse any other write to them in this flush.
     forgotten: dict[str, bool] = {}
+    left: dict[str, tuple[str, ...]] = {}
     for uid in forget:
-        forgotten[uid] = await users.forget_user(conn, uid, now)
+        gone = await users.forget(conn, uid, now)
+        forgotten[uid] = forgotten.get(uid, False) or gone.existed
+        left[uid] = tuple(sorted({*left.get(uid, ()), *gone.segments}))
         deleted.add(uid)
     refused = {} if not refuse_forgotten else await _refuse_forgotten(
         conn, groups, known.difference(forget), forgotten_since)
@@ -277,7 +280,8 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
         results.append(CommitResult(tuple(eids), tuple(dups), tuple(forg)))
     touched -= deleted - set(user_changes)
     return results, IngestBatch(users=frozenset(touched), events=tuple(stored),
-                                deleted=frozenset(deleted))
+                                deleted=frozenset(deleted),
+                                left={u: segs for u, segs in left.items() if segs})
 
 
 def _targets(writes: Sequence[Write]) -> set[str]:

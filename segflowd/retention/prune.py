@@ -24,7 +24,15 @@ import sqlalchemy as sa
 
 from ..config import RetentionConfig
 from ..delivery.service import FINAL
-from ..schema import engagement, events, flow_instances, flow_journal, messages, segment_changes
+from ..schema import (
+    engagement,
+    events,
+    flow_instances,
+    flow_journal,
+    forgotten,
+    messages,
+    segment_changes,
+)
 from ..store import Store
 from .rules import (
     ENDED,
@@ -40,7 +48,8 @@ __all__ = ["KINDS", "RESCAN", "Pruner"]
 RESCAN = dt.timedelta(days=1)  # how often instance walks start again from the oldest row
 # What a pass counts, in the order it prunes: instances go first, so that the entry
 # events and the messages they held are free when their walks come.
-KINDS = ("instances", "journal_rows", "messages", "engagement", "segment_changes", "events")
+KINDS = ("instances", "journal_rows", "messages", "engagement", "segment_changes", "events",
+         "tombstones")
 
 
 class Pruner:
@@ -70,6 +79,8 @@ class Pruner:
             await self.segment_changes(now - dt.timedelta(seconds=cfg.segment_changes), g)
         if cfg.events is not None:
             await self.events(now - dt.timedelta(seconds=cfg.events), g)
+        if cfg.forget_window is not None:
+            await self.tombstones(now - dt.timedelta(seconds=cfg.forget_window))
 
     async def _breathe(self) -> None:
         # Real time, not the kernel's clock: the pause is for the store, and a fake
@@ -294,5 +305,21 @@ class Pruner:
                 if gone is not None:
                     self.count("events", max(0, gone.rowcount))
             if young or len(rows) < self.cfg.batch_size:
+                break
+            await self._breathe()
+
+    async def tombstones(self, cutoff: dt.datetime) -> None:
+        """Tombstones of forgets older than ``forget_window``: ingest ignores them already,
+        and a hash of a guessable id says it was forgotten to whoever reads the store."""
+        fg = forgotten.c
+        while not self.stopping:
+            rows = await self._read(sa.select(fg.id_hash).where(fg.forgotten_at < cutoff)
+                                    .order_by(fg.id_hash))
+            if rows:
+                async with self.store.begin() as conn:
+                    gone = await conn.execute(sa.delete(forgotten).where(
+                        fg.id_hash.in_([r.id_hash for r in rows]), fg.forgotten_at < cutoff))
+                self.count("tombstones", max(0, gone.rowcount))
+            if len(rows) < self.cfg.batch_size:
                 break
             await self._breathe()

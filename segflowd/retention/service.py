@@ -46,6 +46,7 @@ class RetentionPass:
     engagement: int  # opens and clicks of those messages
     segment_changes: int
     events: int
+    tombstones: int  # ``forgotten`` rows past ``forget_window``
     seconds: float
     complete: bool  # False when a drain stopped it part-way
 
@@ -91,7 +92,7 @@ class RetentionService:
         """False when every kind is kept forever: no pass ever runs."""
         c = self.cfg
         return any(a is not None for a in (c.finished_instances, c.messages,
-                                           c.segment_changes, c.events))
+                                           c.segment_changes, c.events, c.forget_window))
 
     # -- service ---------------------------------------------------------------------
 
@@ -142,7 +143,8 @@ class RetentionService:
         done = RetentionPass(
             instances=n["instances"], journal_rows=n["journal_rows"], messages=n["messages"],
             engagement=n["engagement"], segment_changes=n["segment_changes"],
-            events=n["events"], seconds=seconds, complete=not self._pruner.stopping)
+            events=n["events"], tombstones=n["tombstones"], seconds=seconds,
+            complete=not self._pruner.stopping)
         self._passes += 1
         self._last_at, self._last_seconds = began, seconds
         self.k.metrics.inc("segflow_retention_passes_total")
@@ -161,7 +163,8 @@ class RetentionService:
         c = self.cfg
         return RetentionStatistics(
             keep=(("finished_instances", c.finished_instances), ("messages", c.messages),
-                  ("segment_changes", c.segment_changes), ("events", c.events)),
+                  ("segment_changes", c.segment_changes), ("events", c.events),
+                  ("tombstones", c.forget_window)),
             passes=self._passes, failures=self._failures, running=not self._idle.is_set(),
             last_pass_at=self._last_at, last_pass_seconds=self._last_seconds,
             pruned=tuple((k, self._total[k]) for k in KINDS))

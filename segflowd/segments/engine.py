@@ -62,10 +62,10 @@ from ..cursors import (
     save_cursor,
 )
 from ..errors import AppError, StoreUnavailable
-from ..hooks import IngestBatch, MembershipChange, MembershipSink
+from ..hooks import INGEST_TABLES, IngestBatch, MembershipChange, MembershipSink
 from ..http import Router
 from ..kernel import Kernel
-from ..schema import events, segment_state, users
+from ..schema import events, segment_members, segment_state, users
 from ..store import is_unavailable
 from .outputs import SegmentState
 from .query import (
@@ -74,8 +74,9 @@ from .query import (
     compile_segment,
     db_message,
     probe_segment,
+    sweep_orphans,
 )
-from .refresh import RETRY_DELAY, ScheduledRefresh
+from .refresh import REFRESH_CONCURRENCY, RETRY_DELAY, ScheduledRefresh
 
 __all__ = ["SegmentService"]
 
@@ -87,7 +88,6 @@ EVAL_CONCURRENCY = 4  # segments evaluated at the same time for one batch of use
 # the stored cursor trails the last hand-off by this much, so a restart re-covers it.
 CURSOR_SLACK = 60.0  # seconds
 CURSOR_NAME = "segments"
-INGEST_TABLES = frozenset({"users", "events", "anonymous_links"})  # what ingest writes
 
 
 class SegmentService(ScheduledRefresh):
@@ -107,10 +107,17 @@ class SegmentService(ScheduledRefresh):
         self._state: dict[str, SegmentState] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._eval_limiter = anyio.CapacityLimiter(EVAL_CONCURRENCY)
+        self._refresh_limiter = anyio.CapacityLimiter(REFRESH_CONCURRENCY)
         self._deliver_lock = anyio.Lock()  # sinks are told one segment's changes at a time
         self._dirty: set[str] = set()
         self._causes: dict[str, int] = {}  # user -> last event id that made them dirty
         self._deferred: dict[str, set[str]] = {}  # segment -> users to evaluate after refresh
+        self._tables: set[str] = set()  # store tables written for the dirty users
+        # segment -> exits of forgotten users, reported (and the size recounted) when the
+        # segment is not refreshing
+        self._forgotten: dict[str, list[MembershipChange]] = {}
+        # forgotten users whose rows a refresh (on MySQL) may have written again
+        self._sweep: set[str] = set()
         self._seen_event_id = 0
         self._seen_at: dt.datetime | None = None
         self._cursor_owed: Cursor | None = None  # the last round's, not saved yet
@@ -149,7 +156,7 @@ class SegmentService(ScheduledRefresh):
 
     async def drain(self) -> None:
         """Finish the users already handed over (the daemon bounds how long)."""
-        while self._dirty or not self._idle.is_set():
+        while self._dirty or self._ready() or not self._idle.is_set():
             self._wake.set()
             await self._idle.wait()
             await anyio.lowlevel.checkpoint()
@@ -237,12 +244,35 @@ class SegmentService(ScheduledRefresh):
             self._seen_event_id = max(self._seen_event_id, e.id)
         self._dirty |= batch.users
         self._dirty |= {e.user_id for e in batch.events if e.user_id is not None}
-        self._dirty -= batch.deleted  # their memberships were deleted with them
-        for uid in batch.deleted:
+        # A forgotten user's memberships went with them, unless the same flush created
+        # the id again (then it is a new user, to evaluate).
+        gone = batch.deleted - batch.users
+        self._dirty -= gone
+        for uid in gone:
             self._causes.pop(uid, None)
-        self._seen_at = self.k.clock.now()
-        if self._dirty:
+        for deferred in self._deferred.values():
+            deferred -= gone
+        # A refresh that read them before the forget committed may still write them
+        # (MySQL reads without locks): swept now, and again once such a refresh ends.
+        self._sweep |= gone
+        for st in self._state.values():
+            if st.refreshing:
+                st.forgotten_during |= gone
+        now = self.k.clock.now()
+        for uid, segments in batch.left.items():
+            for name in segments:
+                if name in self._state:
+                    self._forgotten.setdefault(name, []).append(MembershipChange(
+                        segment=name, user_id=uid, entered=False, at=now, forgotten=True))
+        self._tables |= batch.tables
+        self._seen_at = now
+        if self._dirty or self._forgotten or self._sweep:
             self._wake.set()
+
+    def _ready(self) -> bool:
+        """Whether deferred work waits for a segment that is no longer refreshing."""
+        return bool(self._sweep) or any(not self._state[n].refreshing
+                                        for n in (*self._deferred, *self._forgotten))
 
     async def drain_once(self) -> list[MembershipChange]:
         """Evaluate every user dirty now (and every deferred one); return the changes."""
@@ -255,6 +285,7 @@ class SegmentService(ScheduledRefresh):
     async def _round(self) -> list[MembershipChange]:
         ids, self._dirty = sorted(self._dirty), set()
         causes, self._causes = self._causes, {}
+        tables, self._tables = frozenset(self._tables | INGEST_TABLES), set()
         mark = Cursor(self._seen_event_id, self._seen_at)
         ready = {name: sorted(users_) for name, users_ in self._deferred.items()
                  if not self._state[name].refreshing}
@@ -262,8 +293,11 @@ class SegmentService(ScheduledRefresh):
             del self._deferred[name]
         out: list[MembershipChange] = []
         try:
+            await self._sweep_forgotten()
+            out += await self._report_forgotten()
             for i in range(0, len(ids), DRAIN_BATCH):
-                out += await self.evaluate_users(ids[i:i + DRAIN_BATCH], causes=causes)
+                out += await self.evaluate_users(ids[i:i + DRAIN_BATCH], causes=causes,
+                                                 tables=tables)
             for name, deferred in ready.items():
                 for i in range(0, len(deferred), DRAIN_BATCH):
                     out += await self.evaluate_users(deferred[i:i + DRAIN_BATCH],
@@ -271,15 +305,58 @@ class SegmentService(ScheduledRefresh):
         except BaseException:
             # Nothing is lost: the store is the log, and the ids go back to the set.
             self._dirty.update(ids)
+            self._tables |= tables
             for name, deferred in ready.items():
                 self._deferred.setdefault(name, set()).update(deferred)
             for uid, eid in causes.items():
                 self._causes.setdefault(uid, eid)
             raise
-        if mark.last_user_updated_at is not None:
+        # A cursor saved past users deferred behind a refresh would lose them to a
+        # restart: while any wait, the last cursor saved (or owed) from before stays.
+        if mark.last_user_updated_at is not None and not self._deferred:
             slack = mark.last_user_updated_at - dt.timedelta(seconds=CURSOR_SLACK)
             self._cursor_owed = Cursor(mark.last_event_id, slack)
             await self._save_cursor()
+        return out
+
+    async def _sweep_forgotten(self) -> None:
+        """Delete segment rows of forgotten users that a refresh wrote after their forget
+        (their user is gone; one created again since keeps its rows), and queue the exits."""
+        gone, self._sweep = sorted(self._sweep), set()
+        if not gone:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                async with self.k.store.begin() as conn:
+                    found = await sweep_orphans(conn, gone)
+        except BaseException:
+            self._sweep.update(gone)
+            raise
+        now = self.k.clock.now()
+        for name, uid in found:
+            if name in self._state:
+                self._forgotten.setdefault(name, []).append(MembershipChange(
+                    segment=name, user_id=uid, entered=False, at=now, forgotten=True))
+
+    async def _report_forgotten(self) -> list[MembershipChange]:
+        """Hand on the exits of forgotten users, for each segment not refreshing, and
+        recount its members (under its lock, so no evaluation's count interleaves)."""
+        out: list[MembershipChange] = []
+        for name in [n for n in self._forgotten if not self._state[n].refreshing]:
+            changes = self._forgotten.pop(name)
+            try:
+                async with self._locks[name]:
+                    async with self.k.store.connect() as conn:
+                        size = int((await conn.execute(
+                            sa.select(sa.func.count()).select_from(segment_members)
+                            .where(segment_members.c.segment == name))).scalar() or 0)
+                    self._state[name].size = size
+                    async with self._deliver_lock:
+                        await self._deliver(name, changes, adjust_size=False)
+            except BaseException:
+                self._forgotten.setdefault(name, []).extend(changes)
+                raise
+            out += changes
         return out
 
     async def _save_cursor(self, *, force: bool = False) -> None:
@@ -299,8 +376,11 @@ class SegmentService(ScheduledRefresh):
 
     async def evaluate_users(self, user_ids: Sequence[str], *,
                              causes: Mapping[str, int] | None = None,
-                             only: str | None = None) -> list[MembershipChange]:
-        """Re-evaluate ``user_ids`` against every segment that can change (or ``only``).
+                             only: str | None = None,
+                             tables: frozenset[str] = INGEST_TABLES,
+                             ) -> list[MembershipChange]:
+        """Re-evaluate ``user_ids`` against every segment that reads any of ``tables``
+        (the tables written for them), or only segment ``only``.
 
         Segments are evaluated concurrently (each in its own transaction, under its own
         lock); their changes reach the sinks one segment at a time.
@@ -309,7 +389,7 @@ class SegmentService(ScheduledRefresh):
         for name, seg in list(self._segments.items()):
             if only is not None and name != only:
                 continue
-            if only is None and not seg.reads_any(INGEST_TABLES):
+            if only is None and not seg.reads_any(tables):
                 continue
             if self._state[name].refreshing:
                 self._deferred.setdefault(name, set()).update(user_ids)
@@ -363,8 +443,7 @@ class SegmentService(ScheduledRefresh):
                 await self._wake.wait()
             self._wake = anyio.Event()
             try:
-                while self._dirty or any(not self._state[n].refreshing
-                                         for n in self._deferred):
+                while self._dirty or self._ready():
                     await self.drain_once()
                 await self._save_cursor()  # a save the last rounds put off, once due
             except Exception as exc:

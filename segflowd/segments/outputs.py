@@ -60,6 +60,9 @@ class SegmentState:
     scheduled: bool = False
     error: str | None = None
     refresh_committed: bool = False  # the running refresh's diff is committed
+    # users forgotten while the segment refreshed: a refresh that read them before the
+    # forget committed may have admitted them after it (MySQL); swept when it ends
+    forgotten_during: set[str] = dataclasses.field(default_factory=set)
 
 
 class MembershipOutputs:

@@ -20,11 +20,12 @@ from sqlalchemy.sql.elements import ColumnElement, Label
 from ..app import Ago, SegmentDef, evaluating_at
 from ..errors import AppError
 from ..hooks import MembershipChange
-from ..schema import segment_changes, segment_members, segment_state
+from ..schema import segment_changes, segment_members, segment_state, users
 from ..store import Store
 
 __all__ = ["CHANGES_CHUNK", "CompiledSegment", "apply_batch", "compile_segment", "db_message",
-           "membership_diff", "probe_segment", "refresh_diff", "save_state", "segment_select"]
+           "membership_diff", "probe_segment", "refresh_diff", "save_state", "segment_select",
+           "sweep_orphans"]
 
 CHANGES_CHUNK = 5000  # membership changes read or deleted per statement
 
@@ -142,8 +143,16 @@ def _plain_column(query: Select[tuple[str]]) -> ColumnElement[str] | None:
 async def apply_batch(conn: AsyncConnection, seg: CompiledSegment, user_ids: Sequence[str],
                        now: dt.datetime,
                        causes: Mapping[str, int] | None) -> list[MembershipChange]:
-    """Evaluate ``seg`` for ``user_ids`` at ``now`` and apply the difference (one transaction)."""
+    """Evaluate ``seg`` for ``user_ids`` at ``now`` and apply the difference (one transaction).
+
+    On MySQL the users' rows are read ``FOR SHARE`` first (in id order), so a forget of
+    one of them waits for this transaction, or this one for the forget, and then finds
+    no user to admit: never a member row the forget missed.
+    """
     m = segment_members
+    if conn.dialect.name in ("mysql", "mariadb"):
+        await conn.execute(sa.select(users.c.id).where(users.c.id.in_(sorted(user_ids)))
+                           .order_by(users.c.id).with_for_update(read=True))
     entered: list[str] = []
     exited: list[str] = []
     diff = await conn.execute(membership_diff(seg, user_ids, now))
@@ -171,7 +180,8 @@ async def apply_batch(conn: AsyncConnection, seg: CompiledSegment, user_ids: Seq
 
 
 # What a user is, to one batch's diff query: a match of the segment's SELECT, a member
-# put there at or before this evaluation, or a member put there by a newer one.
+# put there at or before this evaluation, or a member put there by a newer one. Only an
+# existing user matches (a segment over events alone could name a forgotten one).
 _MATCH, _MEMBER, _NEWER_MEMBER = 1, 2, 4
 _ENTER, _EXIT = _MATCH, _MEMBER  # the only sums of distinct kinds that are changes
 
@@ -191,8 +201,8 @@ def membership_diff(seg: CompiledSegment, user_ids: Sequence[str],
     ids = list(user_ids)
     found = seg.among(ids).subquery("found")
     fid = next(iter(found.c))
-    matches = sa.select(fid.label("uid"), sa.literal(_MATCH).label("kind")).where(
-        fid.is_not(None))
+    matches = (sa.select(fid.label("uid"), sa.literal(_MATCH).label("kind"))
+               .select_from(found.join(users, users.c.id == fid)))
     members = sa.select(
         m.c.user_id.label("uid"),
         sa.case((m.c.evaluated_at <= now, _MEMBER), else_=_NEWER_MEMBER).label("kind"),
@@ -217,11 +227,12 @@ async def refresh_diff(conn: AsyncConnection, seg: CompiledSegment,
     at = sa.literal(now, type_=sa.DateTime())
     cols = ["segment", "user_id", "entered", "at"]
     before = int((await conn.execute(sa.select(sa.func.max(c.c.id)))).scalar() or 0)
-    # Entries: in the segment, not a member.
+    # Entries: in the segment, an existing user, not a member.
     entries = (
         sa.select(label, sid, sa.literal(True), at).distinct()
-        .select_from(seg_q.outerjoin(m, sa.and_(m.c.segment == name, m.c.user_id == sid)))
-        .where(m.c.user_id.is_(None), sid.is_not(None)))
+        .select_from(seg_q.join(users, users.c.id == sid)
+                     .outerjoin(m, sa.and_(m.c.segment == name, m.c.user_id == sid)))
+        .where(m.c.user_id.is_(None)))
     entered = (await conn.execute(sa.insert(c).from_select(cols, entries))).rowcount
     mid = int((await conn.execute(sa.select(sa.func.max(c.c.id)))).scalar() or 0)
     if entered:
@@ -229,11 +240,14 @@ async def refresh_diff(conn: AsyncConnection, seg: CompiledSegment,
             ["segment", "user_id", "entered_at", "evaluated_at"],
             sa.select(c.c.segment, c.c.user_id, c.c.at, c.c.at)
             .where(c.c.segment == name, c.c.id > before, c.c.id <= mid)))
-    # Exits: members the segment no longer returns, unless a newer result put them there.
+    # Exits: members the segment no longer returns (or whose user is gone), unless a
+    # newer result put them there.
+    returned = sa.select(sid).select_from(seg_q.join(users, users.c.id == sid)).subquery("ok")
+    rid = next(iter(returned.c))
     exits = (
         sa.select(label, m.c.user_id, sa.literal(False), at)
-        .select_from(m.outerjoin(seg_q, sid == m.c.user_id))
-        .where(m.c.segment == name, sid.is_(None), m.c.evaluated_at <= now))
+        .select_from(m.outerjoin(returned, rid == m.c.user_id))
+        .where(m.c.segment == name, rid.is_(None), m.c.evaluated_at <= now))
     exited = (await conn.execute(sa.insert(c).from_select(cols, exits))).rowcount
     after = int((await conn.execute(sa.select(sa.func.max(c.c.id)))).scalar() or 0)
     last = mid
@@ -248,6 +262,26 @@ async def refresh_diff(conn: AsyncConnection, seg: CompiledSegment,
         await conn.execute(sa.delete(m).where(m.c.segment == name,
                                               m.c.user_id.in_([str(r[1]) for r in rows])))
     return before, after, max(0, entered), max(0, exited)
+
+
+async def sweep_orphans(conn: AsyncConnection,
+                        user_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """Delete the memberships and changes of those of ``user_ids`` that are no user (a
+    refresh on MySQL can write a row for a user whose forget commits meanwhile); return
+    the (segment, user) memberships deleted."""
+    m, c, out = segment_members, segment_changes, []
+    for i in range(0, len(user_ids), CHANGES_CHUNK):
+        chunk = list(user_ids[i:i + CHANGES_CHUNK])
+        alive = set((await conn.execute(
+            sa.select(users.c.id).where(users.c.id.in_(chunk)))).scalars())
+        dead = [u for u in chunk if u not in alive]
+        if not dead:
+            continue
+        out += [(str(seg), str(uid)) for seg, uid in await conn.execute(
+            sa.select(m.c.segment, m.c.user_id).where(m.c.user_id.in_(dead)))]
+        await conn.execute(sa.delete(m).where(m.c.user_id.in_(dead)))
+        await conn.execute(sa.delete(c).where(c.c.user_id.in_(dead)))
+    return out
 
 
 async def save_state(conn: AsyncConnection, name: str, **values: object) -> None:

@@ -25,7 +25,7 @@ from ..store import is_unavailable
 from .outputs import MembershipOutputs, SegmentState
 from .query import CHANGES_CHUNK, CompiledSegment, db_message, refresh_diff, save_state
 
-__all__ = ["RETRY_DELAY", "RefreshResult", "ScheduledRefresh"]
+__all__ = ["REFRESH_CONCURRENCY", "RETRY_DELAY", "RefreshResult", "ScheduledRefresh"]
 
 log = structlog.get_logger("segflowd.segments")
 
@@ -55,11 +55,17 @@ class ScheduledRefresh(MembershipOutputs):
     _locks: dict[str, anyio.Lock]
     _deliver_lock: anyio.Lock
     _deferred: dict[str, set[str]]
+    _forgotten: dict[str, list[MembershipChange]]
+    _sweep: set[str]
+    # Every refresh, scheduled or asked for (``segment.refresh``), waits for a place here.
+    _refresh_limiter: anyio.CapacityLimiter
     _wake: anyio.Event
     _sched_wake: anyio.Event
 
     async def refresh(self, name: str) -> RefreshResult:
-        """Recompute segment ``name`` now and apply the difference; AppError if broken."""
+        """Recompute segment ``name`` now and apply the difference; AppError if broken.
+
+        At most :data:`REFRESH_CONCURRENCY` refreshes run at once, whoever asks."""
         if name not in self._state:
             raise ValueError(f"unknown segment {name!r}; known: "
                              + ", ".join(sorted(self._state)) if self._state else
@@ -68,7 +74,7 @@ class ScheduledRefresh(MembershipOutputs):
         st = self._state[name]
         if seg is None:
             raise AppError(st.error or f"segment {name!r} is broken")
-        async with self._locks[name]:
+        async with self._refresh_limiter, self._locks[name]:
             st.refreshing = True
             floor = self._changes_opening()
             st.refresh_committed = False
@@ -91,8 +97,11 @@ class ScheduledRefresh(MembershipOutputs):
                 raise AppError(f"segment {name!r}: refresh failed: {db_message(exc)}") from None
             finally:
                 st.refreshing = False
+                if st.forgotten_during:  # what this refresh wrote of them is swept
+                    self._sweep |= st.forgotten_during
+                    st.forgotten_during = set()
                 self._sched_wake.set()
-                if self._deferred.get(name):
+                if self._deferred.get(name) or self._forgotten.get(name) or self._sweep:
                     self._wake.set()
         return result
 
@@ -141,13 +150,11 @@ class ScheduledRefresh(MembershipOutputs):
         """Refresh every segment whose time has come (bounded concurrency); for tests."""
         due = self._due(self.k.clock.now())
         results: list[RefreshResult] = []
-        limiter = anyio.CapacityLimiter(REFRESH_CONCURRENCY)
 
         async def one(name: str) -> None:
             # A broken segment is recorded and logged by refresh(); the others go on.
-            async with limiter:
-                with contextlib.suppress(AppError):
-                    results.append(await self.refresh(name))
+            with contextlib.suppress(AppError):
+                results.append(await self.refresh(name))
 
         async with anyio.create_task_group() as tg:
             for name in due:
@@ -160,13 +167,12 @@ class ScheduledRefresh(MembershipOutputs):
                 and st.next_refresh_at is not None and st.next_refresh_at <= now]
 
     async def _schedule_loop(self) -> None:
-        limiter = anyio.CapacityLimiter(REFRESH_CONCURRENCY)
         async with anyio.create_task_group() as tg:
             while True:
                 now = self.k.clock.now()
                 for name in self._due(now):
                     self._state[name].scheduled = True
-                    tg.start_soon(self._scheduled_refresh, name, limiter)
+                    tg.start_soon(self._scheduled_refresh, name)
                 waiting = [st.next_refresh_at for n, st in self._state.items()
                            if n in self._segments and not st.scheduled
                            and st.next_refresh_at is not None]
@@ -177,11 +183,10 @@ class ScheduledRefresh(MembershipOutputs):
                     delay = min(delay, max(0.0, (min(waiting) - now).total_seconds()))
                 await self._sleep_or_wake(delay)
 
-    async def _scheduled_refresh(self, name: str, limiter: anyio.CapacityLimiter) -> None:
+    async def _scheduled_refresh(self, name: str) -> None:
         st = self._state[name]
         try:
-            async with limiter:
-                await self.refresh(name)
+            await self.refresh(name)
         except AppError:
             # Recorded; try again after the interval rather than in a tight loop.
             st.next_refresh_at = self.k.clock.now() + dt.timedelta(

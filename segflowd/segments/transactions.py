@@ -182,6 +182,7 @@ class TransactionService:
             async with self.k.store.begin() as conn:
                 for_users = sorted({e.user_id for e in batch if e.user_id is not None})
                 emails = await _emails(conn, for_users)
+                stored = await _still_stored(conn, [e.id for e in batch])
                 blocked = await _suppressed(conn, [a for a in emails.values() if a])
                 for e in batch:
                     for t in self.k.app.transactions_for(e.name):
@@ -189,9 +190,10 @@ class TransactionService:
                             self._counts["no_user"] += 1
                             log.info("transaction.no_user", transaction=t.name, event_id=e.id)
                             continue
-                        if e.user_id not in emails:
-                            # Forgotten after the event was committed: a message row
-                            # would bring back their id and the event's data.
+                        if e.user_id not in emails or e.id not in stored:
+                            # Forgotten after the event was committed (their events went
+                            # with them; the id may be a new user's by now): a message
+                            # row would bring back the event's data, or mail a stranger.
                             self._counts["forgotten"] += 1
                             log.info("transaction.forgotten", transaction=t.name,
                                      event_id=e.id)
@@ -255,6 +257,17 @@ async def _emails(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, s
     rows = await conn.execute(sa.select(users.c.id, users.c.email)
                               .where(users.c.id.in_(list(user_ids))))
     return {str(r[0]): r[1] for r in rows}
+
+
+async def _still_stored(conn: AsyncConnection, event_ids: Sequence[int]) -> set[int]:
+    """Those of ``event_ids`` still stored: a forget deletes its user's events.
+
+    On MySQL the rows are read ``FOR SHARE``, so a forget racing this transaction either
+    waits for it (and then clears the messages it made) or is seen to have happened."""
+    query = sa.select(events.c.id).where(events.c.id.in_(sorted(set(event_ids))))
+    if conn.dialect.name in ("mysql", "mariadb"):
+        query = query.order_by(events.c.id).with_for_update(read=True)
+    return {int(i) for i in (await conn.execute(query)).scalars()} if event_ids else set()
 
 
 async def _suppressed(conn: AsyncConnection, addresses: Sequence[str]) -> dict[str, str]:

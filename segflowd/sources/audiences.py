@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import SegflowError, SourceError
 from ..hooks import IngestBatch, IngestSink
-from ..ingest.users import merge_attributes
+from ..ingest.users import forgotten_among, merge_attributes
 from ..schema import audience_members, users
 from ..store import Store
 from .datasources import DataSources
@@ -46,6 +46,7 @@ RETRY_AFTER_FAILURE = 60.0  # seconds before a failed sync is tried again
 SCHEDULER_MAX_SLEEP = 60.0  # seconds between looks at the schedule, at most
 ID_LIMIT = 191  # characters of a user id (schema.Id)
 EMAIL_LIMIT = 320  # characters of users.email
+SYNC_TABLES = frozenset({"users", "audience_members"})  # what a sync writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class SyncResult:
     left: int
     updated: int  # existing users whose attributes or email changed
     skipped: int  # rows without a usable profile id
+    forgotten: int = 0  # rows of ids forgotten within ``[retention] forget_window``: not synced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +171,9 @@ class AudienceService:
                     now: dt.datetime) -> SyncResult:
         store = self.k.store
         seen: set[str] = set()
-        joined = updated = skipped = 0
+        joined = updated = skipped = forgotten = 0
+        window = self.k.config.retention.forget_window
+        since = None if window is None else now - dt.timedelta(seconds=float(window))
         async for batch in self.ds.audience(data_source, values):
             rows: dict[str, Row] = {}
             for r in batch:
@@ -181,9 +185,10 @@ class AudienceService:
             if not rows:
                 continue
             async with store.begin() as conn:
-                changed, n_updated, new_members = await _apply_batch(store, conn, audience,
-                                                                     rows, now)
-            seen.update(rows)
+                changed, n_updated, new_members, refused = await _apply_batch(
+                    store, conn, audience, rows, now, since)
+            forgotten += len(refused)
+            seen.update(set(rows) - refused)
             updated += n_updated
             joined += len(new_members)
             self._tell(changed | new_members)
@@ -196,12 +201,12 @@ class AudienceService:
                     am.audience == audience, am.user_id.in_(gone[i:i + 500])))
         self._tell(set(gone))
         return SyncResult(audience=audience, size=len(seen), joined=joined, left=len(gone),
-                          updated=updated, skipped=skipped)
+                          updated=updated, skipped=skipped, forgotten=forgotten)
 
     def _tell(self, user_ids: set[str]) -> None:
         if not user_ids:
             return
-        batch = IngestBatch(users=frozenset(user_ids), events=())
+        batch = IngestBatch(users=frozenset(user_ids), events=(), tables=SYNC_TABLES)
         for sink in self.sinks:
             sink.ingested(batch)
 
@@ -234,12 +239,14 @@ class AudienceService:
 
 
 async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
-                       rows: Mapping[str, Row], now: dt.datetime
-                       ) -> tuple[set[str], int, set[str]]:
+                       rows: Mapping[str, Row], now: dt.datetime, since: dt.datetime | None,
+                       ) -> tuple[set[str], int, set[str], set[str]]:
     """Upsert the batch's users and memberships.
 
-    Returns the users created or changed, how many existing users changed, and the
-    users that are new members of the audience.
+    Returns the users created or changed, how many existing users changed, the users
+    that are new members of the audience, and the ids left out because they were
+    forgotten at ``since`` or later (any time, with None), as ingest refuses them: the
+    customer's database still listing someone does not undo ``DELETE /v1/users``.
 
     Ingest commits users concurrently (its own connection, READ COMMITTED on MariaDB):
     missing users are created with INSERT IGNORE, so one ingest created meanwhile is no
@@ -264,6 +271,14 @@ async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
     current = {r.id: r for r in await conn.execute(
         sa.select(u.id, u.email, u.attributes).where(u.id.in_(ids)).order_by(u.id)
         .with_for_update())}
+    # Read after the lock: a forget of one of them has committed by now (its tombstone is
+    # seen) or begins after this transaction (and deletes what it wrote). A user row of a
+    # tombstoned id can only be one this batch created (ingest refuses such ids).
+    refused = await forgotten_among(conn, ids, since)
+    if refused:
+        await conn.execute(sa.delete(users).where(u.id.in_(sorted(refused))))
+        ids = [pid for pid in ids if pid not in refused]
+        created = [pid for pid in created if pid not in refused]
     updates: list[dict[str, object]] = []
     changed = set(created)
     n_updated = 0
@@ -285,7 +300,7 @@ async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
     if new_members:
         await conn.execute(store.insert_ignore(audience_members), [
             {"audience": audience, "user_id": pid, "joined_at": now} for pid in new_members])
-    return changed, n_updated, set(new_members)
+    return changed, n_updated, set(new_members), refused
 
 
 def _changes(row: Row) -> dict[str, object]:

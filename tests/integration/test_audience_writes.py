@@ -5,6 +5,7 @@ daemon's loop."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from customer_db import seed_postgres
 from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import load_config
+from segflowd.ingest.users import forget_user
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
-from segflowd.schema import users
+from segflowd.schema import audience_members, users
 from segflowd.sources.audiences import AudienceService
 from segflowd.sources.datasources import DataSources
 from segflowd.sources.pools import SourceService
@@ -175,3 +177,23 @@ async def test_sync_due_records_any_failure_and_returns(
     assert not st.syncing
     assert st.next_at is not None
     assert st.next_at > h.kernel.clock.now()
+
+
+async def test_a_forgotten_user_is_not_synced_back_within_the_forget_window(h: H) -> None:
+    """The customer's database still lists ada after DELETE /v1/users/u-ada: the sync
+    leaves her out (as ingest refuses her events) until the window has passed."""
+    first = await h.audiences.sync("gardeners")
+    async with h.kernel.store.begin() as conn:
+        assert await forget_user(conn, "u-ada", h.kernel.clock.now())
+    again = await h.audiences.sync("gardeners")
+    assert await h.user("u-ada") is None
+    assert (again.forgotten, again.size) == (1, first.size - 1)
+    async with h.kernel.store.connect() as conn:
+        assert (await conn.execute(sa.select(audience_members.c.user_id).where(
+            audience_members.c.user_id == "u-ada"))).all() == []
+    clock = h.kernel.clock
+    assert isinstance(clock, FakeClock)
+    clock.set(clock.now() + dt.timedelta(days=31))  # the default window is 30 days
+    later = await h.audiences.sync("gardeners")
+    assert (later.forgotten, later.size) == (0, first.size)
+    assert await h.user("u-ada") is not None

@@ -20,6 +20,7 @@ from segflowd.daemon import build_services
 from segflowd.flows.entries import CHANGES_CURSOR
 from segflowd.flows.service import FlowService
 from segflowd.flows.wakes import CURSOR_NAME as FLOW_EVENTS_CURSOR
+from segflowd.ingest.users import id_hash
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
 from segflowd.retention import rules
@@ -32,6 +33,7 @@ from segflowd.schema import (
     events,
     flow_instances,
     flow_journal,
+    forgotten,
     messages,
     segment_changes,
 )
@@ -419,7 +421,8 @@ async def test_batches_of_1000_prune_2500_rows_of_every_kind(
 
 async def test_forever_prunes_nothing(store: Store, tmp_path: Path) -> None:
     h = harness(store, tmp_path, '[retention]\nfinished_instances = "forever"\n'
-                'segment_changes = "forever"\nmessages = "forever"\nevents = "forever"\n')
+                'segment_changes = "forever"\nmessages = "forever"\nevents = "forever"\n'
+                'forget_window = "forever"\n')
     assert not h.svc.enabled
     ended = await h.instance("nudge", "completed")
     await h.instance("nudge", "completed", created=T0 + DAY)
@@ -457,11 +460,24 @@ async def test_statistics_and_metrics_count_what_went(h: H) -> None:
     assert st.last_pass_at == T0 + 200 * DAY
     assert dict(st.pruned)["messages"] == 2
     assert dict(st.keep) == {"finished_instances": 90 * 86400.0, "messages": 60 * 86400.0,
-                             "segment_changes": 30 * 86400.0, "events": 120 * 86400.0}
+                             "segment_changes": 30 * 86400.0, "events": 120 * 86400.0,
+                             "tombstones": 30 * 86400.0}
     text = h.kernel.metrics.render()
     assert 'segflow_retention_pruned_total{kind="messages"} 2' in text
     assert "segflow_retention_passes_total 1" in text
     assert h.kernel.stats["retention"]() == st
+
+
+async def test_tombstones_go_once_the_forget_window_has_passed(h: H) -> None:
+    """A tombstone (a hash of a guessable id) outlives its use only to tell whoever reads
+    the store that the id was forgotten: it goes once ``forget_window`` has passed."""
+    await h._put(forgotten, id_hash=id_hash("old"), forgotten_at=T0)
+    await h._put(forgotten, id_hash=id_hash("recent"), forgotten_at=T0 + 20 * DAY)
+    await h.prune_at(T0 + 35 * DAY)
+    async with h.store.connect() as conn:
+        left = set((await conn.execute(sa.select(forgotten.c.id_hash))).scalars())
+    assert left == {id_hash("recent")}
+    assert dict(h.svc.statistics().pruned)["tombstones"] == 1
 
 
 async def passes(svc: RetentionService, n: int) -> None:

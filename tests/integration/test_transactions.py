@@ -18,6 +18,7 @@ from segflowd.config import load_config
 from segflowd.cursors import load_cursor
 from segflowd.hooks import IngestBatch, StoredEvent
 from segflowd.ingest.committer import GroupCommitter
+from segflowd.ingest.users import forget_user
 from segflowd.ingest.writes import EventWrite
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
@@ -270,3 +271,18 @@ async def test_a_replay_of_old_events_sends_no_mail_for_them_again(
         await h.tx.process_pending()
         await c.close()
     assert await h.messages() == []
+
+
+async def test_an_event_of_a_forgotten_user_never_mails_a_new_user_of_the_same_id(
+        h: H) -> None:
+    """Queued before a forget, processed after someone else signed up under the same id:
+    the event was the old user's (the forget deleted it), so nothing is sent."""
+    await h.user("ann", "ann@example.com")
+    batch = await h.event("ann", "reset_password_requested", token="secret-1")
+    h.tx.ingested(batch)
+    async with h.store.begin() as conn:
+        assert await forget_user(conn, "ann", NOW)
+    await h.user("ann", "someone-else@example.com")
+    await h.tx.process_pending()
+    assert await h.messages() == []
+    assert h.tx.statistics().forgotten == 2
