@@ -64,5 +64,23 @@ class OutboxProvider:
             results.append(SendResult(ok=True, provider_message_id=final.name))
         return results
 
+    async def forget_messages(self, message_ids: Sequence[int]) -> int:
+        """Delete the files of these rows (a forgotten user's): one listing of the folder."""
+        return await anyio.to_thread.run_sync(self._delete_files, set(message_ids))
+
+    def _delete_files(self, ids: set[int]) -> int:
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return 0
+        deleted = 0
+        for name in names:
+            head, sep, _ = name.partition("-")
+            if sep and head.isdigit() and int(head) in ids and ".eml" in name:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / name).unlink()
+                    deleted += 1
+        return deleted
+
     async def aclose(self) -> None:
         return None

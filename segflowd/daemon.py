@@ -90,6 +90,7 @@ def build_services(k: Kernel) -> list[Service]:
     delivery = DeliveryService(k, context_providers=context_providers)
     services.append(delivery)
     wakers.append(delivery)
+    ingest_sinks.append(delivery)  # a forget's messages: the provider's copies go
     # -- flows (campaign engine and timer wheel) --
     flows = FlowService(k, wakers=wakers, conditions=None)  # the sources block sets conditions
     services.append(flows)

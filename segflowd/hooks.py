@@ -61,6 +61,9 @@ class IngestBatch:
     # their memberships (the segment engine reports those exits)
     left: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     tables: frozenset[str] = INGEST_TABLES  # the store tables the batch wrote
+    # message rows of the forgotten users: delivery has a provider that keeps copies of
+    # what it sent (the outbox's files) delete theirs
+    forgotten_messages: tuple[int, ...] = ()
 
 
 class IngestSink(Protocol):

@@ -25,6 +25,7 @@ from .errors import ProviderError
 __all__ = [
     "DELIVERY_OPTIONS",
     "ENTRY_POINT_GROUP",
+    "ForgettingProvider",
     "OutgoingMessage",
     "Provider",
     "ProviderContext",
@@ -120,6 +121,17 @@ class Provider(Protocol):
 
     async def aclose(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class ForgettingProvider(Protocol):
+    """A provider that keeps copies of what it sent where Segflow can reach them (the
+    ``outbox`` provider's files) implements this too, so a forgotten user's go."""
+
+    async def forget_messages(self, message_ids: Sequence[int]) -> int:
+        """Delete what is kept of these outbox rows' messages; how many were found.
+        Ids of which nothing is kept are no error."""
         ...
 
 

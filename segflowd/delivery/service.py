@@ -39,11 +39,12 @@ from anyio.abc import TaskStatus
 
 from ..clock import Clock
 from ..errors import StoreUnavailable
-from ..hooks import ContextProvider
+from ..hooks import ContextProvider, IngestBatch
 from ..http import Router
 from ..kernel import Kernel
 from ..providers import Provider, ProviderContext, SendResult, load_provider
 from ..schema import messages
+from .forgetting import ProviderCopies
 from .mime import domain_of, make_message_id
 from .outbox import MessageKind, enqueue
 from .outcomes import DeliveryStatistics, Outcomes
@@ -140,6 +141,8 @@ class DeliveryService:
             k, context_providers=self.context_providers, renderer=self.renderer,
             render_pool=self.render_pool, signer=self.signer, public_url=self.public_url,
             sender_domain=self._sender_domain)
+        self.copies = ProviderCopies(k, lambda: self.provider)
+        self._copies_scope: anyio.CancelScope | None = None
         k.stats["delivery"] = self.statistics
         k.actions["email.test"] = self._action_test
         k.actions["message.retry"] = self._action_retry
@@ -163,6 +166,10 @@ class DeliveryService:
     def wake(self) -> None:
         self._wake.set()
 
+    def ingested(self, batch: IngestBatch) -> None:
+        """An ingest sink: a forget's messages lose what the provider kept of them."""
+        self.copies.ingested(batch)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         _ = self.provider  # a plugin that cannot load stops the start, clearly
         await self.recover()
@@ -172,6 +179,7 @@ class DeliveryService:
             async with anyio.create_task_group() as tg:
                 for i in range(self.concurrency):
                     tg.start_soon(self._worker, i)
+                tg.start_soon(self._copies)
                 task_status.started()
         finally:
             self._done.set()
@@ -182,8 +190,18 @@ class DeliveryService:
 
     async def drain(self) -> None:
         self._stopping = True
+        if self._copies_scope is not None:
+            self._copies_scope.cancel()
         self._wake.set()
         await self._done.wait()
+
+    async def _copies(self) -> None:
+        """Until the drain: a forget's copies are deleted as it commits."""
+        with anyio.CancelScope() as scope:
+            self._copies_scope = scope
+            if self._stopping:
+                scope.cancel()
+            await self.copies.run()
 
     async def _worker(self, index: int) -> None:
         while not self._stopping:

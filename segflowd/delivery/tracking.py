@@ -22,7 +22,8 @@ import structlog
 from ..errors import TokenError
 from ..http import HTTPError, Request, Response, Router
 from ..kernel import Kernel
-from ..schema import engagement, messages, subscriptions, suppressions, users
+from ..schema import engagement, messages, subscriptions, suppressions
+from ..userlocks import existing_users
 from .tokens import Signer, TokenValue
 
 __all__ = ["MARKETING_TOPIC", "PIXEL", "Tracking"]
@@ -126,8 +127,7 @@ class Tracking:
                     subscriptions.c.user_id == str(user_id),
                     subscriptions.c.topic == MARKETING_TOPIC,
                 ).values(unsubscribed_at=now, updated_at=now))
-                exists = (await conn.execute(sa.select(users.c.id).where(
-                    users.c.id == str(user_id)))).first() is not None
+                exists = bool(await existing_users(conn, [str(user_id)]))
                 # A forgotten user's old link changes nothing: a row here would name them
                 # again, and unsubscribe whoever signs up under the id next.
                 if done.rowcount == 0 and exists:

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..app import CampaignDef
 from ..cursors import Cursor, load_cursor, max_change_id, save_cursor
 from ..errors import FlowError
 from ..hooks import MembershipChange
-from ..schema import flow_instances, segment_changes, segment_members, users
+from ..schema import flow_instances, segment_changes, segment_members
 from ..store import is_unavailable
+from ..userlocks import existing_users
 from .work import ACTIVE, CATCH_UP_CHANGES, MEMBERSHIP_CHUNK, Work
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class Entries:
         fi = flow_instances.c
         try:
             async with self.k.store.begin() as conn:
-                if not await _user_exists(conn, user_id):
+                if not await existing_users(conn, [user_id]):
                     return None  # forgotten since the membership was read
                 if c.behavior == "static" and not c.reentry:
                     seen = (await conn.execute(sa.select(fi.id).where(
@@ -248,7 +248,7 @@ class Entries:
         now = self.k.clock.now()
         try:
             async with self.k.store.begin() as conn:
-                if not await _user_exists(conn, user_id):
+                if not await existing_users(conn, [user_id]):
                     return "exists"  # forgotten since the broadcast read its members
                 res = await conn.execute(sa.insert(flow_instances).values(
                     campaign=c.name, user_id=user_id, version=c.version, status="running",
@@ -289,12 +289,3 @@ class Entries:
         self.k.bus.publish("flow.exited", campaign=campaign, user_id=user_id, instance=iid,
                            reason="left segment")
         return iid
-
-
-async def _user_exists(conn: AsyncConnection, user_id: str) -> bool:
-    """Whether the user exists, holding a shared lock on their row until the transaction
-    ends (MySQL), so a forget waits for an instance inserted here and then rewrites it;
-    SQLite serialises writers anyway."""
-    row = (await conn.execute(sa.select(users.c.id).where(users.c.id == user_id)
-                              .with_for_update(read=True))).first()
-    return row is not None

@@ -202,6 +202,7 @@ class Forgotten:
 
     existed: bool
     segments: tuple[str, ...]
+    messages: tuple[int, ...] = ()  # their message rows (a provider may hold copies)
 
 
 async def forget(conn: AsyncConnection, user_id: str, now: dt.datetime) -> Forgotten:
@@ -231,15 +232,18 @@ async def forget(conn: AsyncConnection, user_id: str, now: dt.datetime) -> Forgo
         # to another user (the same browser, identified as them first) is not.
         await conn.execute(sa.delete(ev).where(ev.c.anonymous_id.in_(chunk),
                                                ev.c.user_id.is_(None)))
-    # Read after the user's row is deleted: an evaluation holding that row (MySQL: it
-    # reads it FOR SHARE) has committed by now, and a later one finds no user to admit.
-    left = tuple(sorted(str(seg) for (seg,) in await conn.execute(
-        sa.select(s.segment_members.c.segment).where(s.segment_members.c.user_id == user_id))))
+    # A locking read (MySQL), as the DELETE below would take anyway: a membership an
+    # evaluation or a refresh has written and not committed yet is waited for and seen.
+    # One written after this point by a reader that saw the user before this commits is
+    # swept by the segment engine (see segflowd.segments.engine).
+    left = tuple(sorted({str(seg) for (seg,) in await conn.execute(
+        sa.select(s.segment_members.c.segment).where(s.segment_members.c.user_id == user_id)
+        .with_for_update())}))
     for table in (s.anonymous_links, s.segment_members, s.segment_changes, s.subscriptions,
                   s.audience_members):
         await conn.execute(sa.delete(table).where(table.c.user_id == user_id))
     await _forget_instances(conn, user_id, tomb, now)
-    await _forget_messages(conn, user_id, tomb, now)
+    sent = await _forget_messages(conn, user_id, tomb, now)
     await conn.execute(sa.update(s.engagement).where(s.engagement.c.user_id == user_id)
                        .values(user_id=None, url=None))
     await _forget_broadcast_positions(conn, user_id)
@@ -247,7 +251,7 @@ async def forget(conn: AsyncConnection, user_id: str, now: dt.datetime) -> Forgo
     fg = s.forgotten
     await conn.execute(sa.delete(fg).where(fg.c.id_hash == id_hash(user_id)))
     await conn.execute(sa.insert(fg).values(id_hash=id_hash(user_id), forgotten_at=now))
-    return Forgotten(existed=bool(existed), segments=left)
+    return Forgotten(existed=bool(existed), segments=left, messages=sent)
 
 
 def id_hash(user_id: str) -> str:
@@ -327,8 +331,10 @@ async def _forget_instances(conn: AsyncConnection, user_id: str, tomb: str,
 
 
 async def _forget_messages(conn: AsyncConnection, user_id: str, tomb: str,
-                           now: dt.datetime) -> None:
+                           now: dt.datetime) -> tuple[int, ...]:
     m = schema.messages
+    ids = tuple(sorted(int(i) for (i,) in await conn.execute(
+        sa.select(m.c.id).where(m.c.user_id == user_id))))
     keyed = [{"b_id": int(r.id), "b_key": _rekey(r.dedupe_key, user_id, tomb, int(r.id))}
              for r in await conn.execute(sa.select(m.c.id, m.c.dedupe_key).where(
                  m.c.user_id == user_id, m.c.dedupe_key.like("bc:%")))]
@@ -343,6 +349,7 @@ async def _forget_messages(conn: AsyncConnection, user_id: str, tomb: str,
     # Provider errors quote the address ("550 <ann@example.com>: no such user").
     await conn.execute(sa.update(m).where(m.c.user_id == user_id)
                        .values(last_error=None, **cleared))
+    return ids
 
 
 async def _forget_broadcast_positions(conn: AsyncConnection, user_id: str) -> None:

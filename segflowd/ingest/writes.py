@@ -138,10 +138,12 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
     # here refuse any other write to them in this flush.
     forgotten: dict[str, bool] = {}
     left: dict[str, tuple[str, ...]] = {}
+    sent: list[int] = []
     for uid in forget:
         gone = await users.forget(conn, uid, now)
         forgotten[uid] = forgotten.get(uid, False) or gone.existed
         left[uid] = tuple(sorted({*left.get(uid, ()), *gone.segments}))
+        sent += gone.messages
         deleted.add(uid)
     refused = {} if not refuse_forgotten else await _refuse_forgotten(
         conn, groups, known.difference(forget), forgotten_since)
@@ -281,7 +283,8 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
     touched -= deleted - set(user_changes)
     return results, IngestBatch(users=frozenset(touched), events=tuple(stored),
                                 deleted=frozenset(deleted),
-                                left={u: segs for u, segs in left.items() if segs})
+                                left={u: segs for u, segs in left.items() if segs},
+                                forgotten_messages=tuple(sent))
 
 
 def _targets(writes: Sequence[Write]) -> set[str]:

@@ -112,6 +112,10 @@ class SegmentService(ScheduledRefresh):
         self._dirty: set[str] = set()
         self._causes: dict[str, int] = {}  # user -> last event id that made them dirty
         self._deferred: dict[str, set[str]] = {}  # segment -> users to evaluate after refresh
+        # segment -> the mark of the round before its users were first deferred: the
+        # cursor is never saved past it while they wait (a restart catches them up)
+        self._deferred_since: dict[str, Cursor | None] = {}
+        self._last_mark: Cursor | None = None  # the mark of the last round that finished
         self._tables: set[str] = set()  # store tables written for the dirty users
         # segment -> exits of forgotten users, reported (and the size recounted) when the
         # segment is not refreshing
@@ -222,6 +226,7 @@ class SegmentService(ScheduledRefresh):
                     self._wake.set()
         self._seen_event_id = max(self._seen_event_id, top)
         self._seen_at = now
+        self._last_mark = cursor if cursor is not None else Cursor(top, now)
 
     @staticmethod
     async def _touched_since(conn: AsyncConnection, cursor: Cursor) -> Iterable[str]:
@@ -289,6 +294,7 @@ class SegmentService(ScheduledRefresh):
         mark = Cursor(self._seen_event_id, self._seen_at)
         ready = {name: sorted(users_) for name, users_ in self._deferred.items()
                  if not self._state[name].refreshing}
+        since = {name: self._deferred_since.pop(name, None) for name in ready}
         for name in ready:
             del self._deferred[name]
         out: list[MembershipChange] = []
@@ -308,14 +314,17 @@ class SegmentService(ScheduledRefresh):
             self._tables |= tables
             for name, deferred in ready.items():
                 self._deferred.setdefault(name, set()).update(deferred)
+                self._deferred_since[name] = since[name]  # the older mark holds
             for uid, eid in causes.items():
                 self._causes.setdefault(uid, eid)
             raise
+        self._last_mark = mark
         # A cursor saved past users deferred behind a refresh would lose them to a
-        # restart: while any wait, the last cursor saved (or owed) from before stays.
-        if mark.last_user_updated_at is not None and not self._deferred:
-            slack = mark.last_user_updated_at - dt.timedelta(seconds=CURSOR_SLACK)
-            self._cursor_owed = Cursor(mark.last_event_id, slack)
+        # restart: it stops at the oldest mark from before a deferral still waiting.
+        safe = _earliest([mark, *self._deferred_since.values()])
+        if safe is not None and safe.last_user_updated_at is not None:
+            slack = safe.last_user_updated_at - dt.timedelta(seconds=CURSOR_SLACK)
+            self._cursor_owed = Cursor(safe.last_event_id, slack)
             await self._save_cursor()
         return out
 
@@ -325,10 +334,15 @@ class SegmentService(ScheduledRefresh):
         gone, self._sweep = sorted(self._sweep), set()
         if not gone:
             return
+        # A refreshing segment's rows may be uncommitted (the sweep would wait for the
+        # whole refresh): skipped now, swept when that refresh ends (forgotten_during).
+        skip = sorted(n for n, st in self._state.items() if st.refreshing)
+        for name in skip:
+            self._state[name].forgotten_during.update(gone)
         try:
             with anyio.CancelScope(shield=True):
                 async with self.k.store.begin() as conn:
-                    found = await sweep_orphans(conn, gone)
+                    found = await sweep_orphans(conn, gone, skip)
         except BaseException:
             self._sweep.update(gone)
             raise
@@ -343,19 +357,28 @@ class SegmentService(ScheduledRefresh):
         recount its members (under its lock, so no evaluation's count interleaves)."""
         out: list[MembershipChange] = []
         for name in [n for n in self._forgotten if not self._state[n].refreshing]:
+            lock = self._locks[name]
+            try:
+                lock.acquire_nowait()
+            except anyio.WouldBlock:
+                # A refresh holds it (it began, or is just ending): after it, then. Yield,
+                # so a refresh in its last step can let go before the next round.
+                await anyio.lowlevel.checkpoint()
+                continue
             changes = self._forgotten.pop(name)
             try:
-                async with self._locks[name]:
-                    async with self.k.store.connect() as conn:
-                        size = int((await conn.execute(
-                            sa.select(sa.func.count()).select_from(segment_members)
-                            .where(segment_members.c.segment == name))).scalar() or 0)
-                    self._state[name].size = size
-                    async with self._deliver_lock:
-                        await self._deliver(name, changes, adjust_size=False)
+                async with self.k.store.connect() as conn:
+                    size = int((await conn.execute(
+                        sa.select(sa.func.count()).select_from(segment_members)
+                        .where(segment_members.c.segment == name))).scalar() or 0)
+                self._state[name].size = size
+                async with self._deliver_lock:
+                    await self._deliver(name, changes, adjust_size=False)
             except BaseException:
                 self._forgotten.setdefault(name, []).extend(changes)
                 raise
+            finally:
+                lock.release()
             out += changes
         return out
 
@@ -392,6 +415,8 @@ class SegmentService(ScheduledRefresh):
             if only is None and not seg.reads_any(tables):
                 continue
             if self._state[name].refreshing:
+                if name not in self._deferred:
+                    self._deferred_since[name] = self._last_mark
                 self._deferred.setdefault(name, set()).update(user_ids)
                 continue
             names.append(name)
@@ -453,3 +478,12 @@ class SegmentService(ScheduledRefresh):
                             retry_in_s=RETRY_DELAY)
                 await self.k.clock.sleep(RETRY_DELAY)
                 self._wake.set()
+
+
+def _earliest(marks: Sequence[Cursor | None]) -> Cursor | None:
+    """The cursor no later than any of ``marks`` (None if one of them is unknown)."""
+    if any(m is None or m.last_user_updated_at is None for m in marks):
+        return None
+    known = [m for m in marks if m is not None]
+    times = [m.last_user_updated_at for m in known if m.last_user_updated_at is not None]
+    return Cursor(min(m.last_event_id for m in known), min(times))

@@ -22,6 +22,7 @@ from ..errors import AppError
 from ..hooks import MembershipChange
 from ..schema import segment_changes, segment_members, segment_state, users
 from ..store import Store
+from ..userlocks import existing_users
 
 __all__ = ["CHANGES_CHUNK", "CompiledSegment", "apply_batch", "compile_segment", "db_message",
            "membership_diff", "probe_segment", "refresh_diff", "save_state", "segment_select",
@@ -37,6 +38,7 @@ def segment_select(defn: SegmentDef) -> Select[tuple[str]]:
     :func:`~segflowd.app.evaluating_at` to evaluate it at a given (injected) time.
     """
     if defn.sql is not None:
+        _check_params(defn)
         binds = [
             sa.bindparam(k, callable_=v.resolve, type_=sa.DateTime()) if isinstance(v, Ago)
             else sa.bindparam(k, v, type_=sa.DateTime() if isinstance(v, dt.datetime) else None)
@@ -58,6 +60,22 @@ def segment_select(defn: SegmentDef) -> Select[tuple[str]]:
         raise AppError(f"{defn.origin}: segment {defn.name!r} must select exactly one column "
                        f"(the user id), not {len(query.selected_columns)}")
     return query
+
+
+def _check_params(defn: SegmentDef) -> None:
+    """AppError unless ``params=`` supplies exactly the SQL's ``:name`` binds."""
+    assert defn.sql is not None
+    used = set(sa.text(defn.sql).compile().params)
+    missing = sorted(used - set(defn.params))
+    unused = sorted(set(defn.params) - used)
+    if not missing and not unused:
+        return
+    said = [f"the SQL uses {', '.join(f':{n}' for n in missing)}, which params= does not "
+            "give" if missing else "",
+            f"params= gives {', '.join(repr(n) for n in unused)}, which the SQL never uses"
+            if unused else ""]
+    raise AppError(f"{defn.origin}: segment {defn.name!r}: "
+                   f"{'; '.join(s for s in said if s)}")
 
 
 async def probe_segment(store: Store, defn: SegmentDef, now: dt.datetime) -> None:
@@ -145,14 +163,11 @@ async def apply_batch(conn: AsyncConnection, seg: CompiledSegment, user_ids: Seq
                        causes: Mapping[str, int] | None) -> list[MembershipChange]:
     """Evaluate ``seg`` for ``user_ids`` at ``now`` and apply the difference (one transaction).
 
-    On MySQL the users' rows are read ``FOR SHARE`` first (in id order), so a forget of
-    one of them waits for this transaction, or this one for the forget, and then finds
-    no user to admit: never a member row the forget missed.
+    No lock is taken on the users (ingest never waits for an evaluation): a user whose
+    forget commits while this runs may still be admitted (MySQL), and the engine sweeps
+    that row after this round (:func:`sweep_orphans`).
     """
     m = segment_members
-    if conn.dialect.name in ("mysql", "mariadb"):
-        await conn.execute(sa.select(users.c.id).where(users.c.id.in_(sorted(user_ids)))
-                           .order_by(users.c.id).with_for_update(read=True))
     entered: list[str] = []
     exited: list[str] = []
     diff = await conn.execute(membership_diff(seg, user_ids, now))
@@ -264,23 +279,37 @@ async def refresh_diff(conn: AsyncConnection, seg: CompiledSegment,
     return before, after, max(0, entered), max(0, exited)
 
 
-async def sweep_orphans(conn: AsyncConnection,
-                        user_ids: Sequence[str]) -> list[tuple[str, str]]:
-    """Delete the memberships and changes of those of ``user_ids`` that are no user (a
-    refresh on MySQL can write a row for a user whose forget commits meanwhile); return
-    the (segment, user) memberships deleted."""
+async def sweep_orphans(conn: AsyncConnection, user_ids: Sequence[str],
+                        skip: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Delete the memberships and changes of those of ``user_ids`` that are no user, in
+    every segment but ``skip``; return the (segment, user) memberships deleted.
+
+    An evaluation or refresh that read a user before their forget committed may write
+    their rows after it (MySQL, READ COMMITTED). The caller skips the segments refreshing
+    now (their rows may be uncommitted) and sweeps those once they end; no other writer
+    of these rows runs meanwhile, so a plain read finds what there is, and each row is
+    deleted by its primary key (never waiting on another segment's uncommitted rows).
+    """
     m, c, out = segment_members, segment_changes, []
+    skipped = set(skip)
     for i in range(0, len(user_ids), CHANGES_CHUNK):
         chunk = list(user_ids[i:i + CHANGES_CHUNK])
-        alive = set((await conn.execute(
-            sa.select(users.c.id).where(users.c.id.in_(chunk)))).scalars())
+        alive = await existing_users(conn, chunk)
         dead = [u for u in chunk if u not in alive]
         if not dead:
             continue
-        out += [(str(seg), str(uid)) for seg, uid in await conn.execute(
-            sa.select(m.c.segment, m.c.user_id).where(m.c.user_id.in_(dead)))]
-        await conn.execute(sa.delete(m).where(m.c.user_id.in_(dead)))
-        await conn.execute(sa.delete(c).where(c.c.user_id.in_(dead)))
+        found = sorted((str(seg), str(uid)) for seg, uid in await conn.execute(
+            sa.select(m.c.segment, m.c.user_id).where(m.c.user_id.in_(dead)))
+            if str(seg) not in skipped)
+        for seg in sorted({seg for seg, _ in found}):
+            await conn.execute(sa.delete(m).where(m.c.segment == seg, m.c.user_id.in_(
+                [uid for s_, uid in found if s_ == seg])))
+        changes = [int(cid) for cid, seg in await conn.execute(
+            sa.select(c.c.id, c.c.segment).where(c.c.user_id.in_(dead)))
+            if str(seg) not in skipped]
+        if changes:
+            await conn.execute(sa.delete(c).where(c.c.id.in_(changes)))
+        out += found
     return out
 
 

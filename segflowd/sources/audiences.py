@@ -47,6 +47,7 @@ SCHEDULER_MAX_SLEEP = 60.0  # seconds between looks at the schedule, at most
 ID_LIMIT = 191  # characters of a user id (schema.Id)
 EMAIL_LIMIT = 320  # characters of users.email
 SYNC_TABLES = frozenset({"users", "audience_members"})  # what a sync writes
+LATE_FORGET = 3600.0  # seconds: a tombstone this recent is of a forget racing the sync
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +174,6 @@ class AudienceService:
         seen: set[str] = set()
         joined = updated = skipped = forgotten = 0
         window = self.k.config.retention.forget_window
-        since = None if window is None else now - dt.timedelta(seconds=float(window))
         async for batch in self.ds.audience(data_source, values):
             rows: dict[str, Row] = {}
             for r in batch:
@@ -184,9 +184,15 @@ class AudienceService:
                 rows[pid] = r
             if not rows:
                 continue
+            at = self.k.clock.now()  # as ingest, the window is reckoned per write
+            since = None if window is None else at - dt.timedelta(seconds=float(window))
+            # A forget committing while this batch runs has a tombstone this fresh; an
+            # expired one (ingest may have taken the id again) is much older.
+            margin = LATE_FORGET if window is None else min(LATE_FORGET, float(window) / 2)
+            fresh = at - dt.timedelta(seconds=margin)
             async with store.begin() as conn:
                 changed, n_updated, new_members, refused = await _apply_batch(
-                    store, conn, audience, rows, now, since)
+                    store, conn, audience, rows, now, since, fresh)
             forgotten += len(refused)
             seen.update(set(rows) - refused)
             updated += n_updated
@@ -240,6 +246,7 @@ class AudienceService:
 
 async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
                        rows: Mapping[str, Row], now: dt.datetime, since: dt.datetime | None,
+                       fresh: dt.datetime | None = None,
                        ) -> tuple[set[str], int, set[str], set[str]]:
     """Upsert the batch's users and memberships.
 
@@ -247,6 +254,9 @@ async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
     that are new members of the audience, and the ids left out because they were
     forgotten at ``since`` or later (any time, with None), as ingest refuses them: the
     customer's database still listing someone does not undo ``DELETE /v1/users``.
+    A user that exists is never deleted here, tombstone or not (ingest may have taken
+    the id again once its window passed); one this batch created is, if a forget of
+    the id committed meanwhile (a tombstone from ``fresh`` on).
 
     Ingest commits users concurrently (its own connection, READ COMMITTED on MariaDB):
     missing users are created with INSERT IGNORE, so one ingest created meanwhile is no
@@ -257,6 +267,8 @@ async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
     u, am = users.c, audience_members.c
     ids = sorted(rows)
     before = {r[0] for r in await conn.execute(sa.select(u.id).where(u.id.in_(ids)))}
+    refused = await forgotten_among(conn, set(ids) - before, since)
+    ids = [pid for pid in ids if pid not in refused]
     members = {r[0] for r in await conn.execute(sa.select(am.user_id).where(
         am.audience == audience, am.user_id.in_(ids)))}
     changes = {pid: _changes(row) for pid, row in rows.items()}
@@ -271,14 +283,15 @@ async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
     current = {r.id: r for r in await conn.execute(
         sa.select(u.id, u.email, u.attributes).where(u.id.in_(ids)).order_by(u.id)
         .with_for_update())}
-    # Read after the lock: a forget of one of them has committed by now (its tombstone is
-    # seen) or begins after this transaction (and deletes what it wrote). A user row of a
-    # tombstoned id can only be one this batch created (ingest refuses such ids).
-    refused = await forgotten_among(conn, ids, since)
-    if refused:
-        await conn.execute(sa.delete(users).where(u.id.in_(sorted(refused))))
-        ids = [pid for pid in ids if pid not in refused]
-        created = [pid for pid in created if pid not in refused]
+    # Read after the lock: a forget of one of those this batch created has committed by
+    # now (its fresh tombstone is seen; the INSERT waited for its delete) or begins after
+    # this transaction (and deletes what it wrote). Such a row is this batch's own.
+    late = await forgotten_among(conn, created, fresh or now)
+    if late:
+        await conn.execute(sa.delete(users).where(u.id.in_(sorted(late))))
+        refused |= late
+        ids = [pid for pid in ids if pid not in late]
+        created = [pid for pid in created if pid not in late]
     updates: list[dict[str, object]] = []
     changed = set(created)
     n_updated = 0

@@ -39,8 +39,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from ..delivery.outbox import Queued, enqueue_many
 from ..errors import SegflowError
 from ..hooks import OutboxWaker
-from ..schema import broadcasts, segment_members, users
+from ..schema import broadcasts, segment_members
 from ..store import is_unavailable
+from ..userlocks import existing_users
 
 if TYPE_CHECKING:
     from ..http import Router
@@ -323,8 +324,7 @@ class BroadcastService:
                 # A user forgotten since the batch was read is left out, and never named
                 # as the cursor: the next batch starts after the last one still there
                 # (the same next member, as the forget's own step-back gives).
-                there = {r[0] for r in await conn.execute(sa.select(users.c.id).where(
-                    users.c.id.in_(user_ids)).with_for_update(read=True))}
+                there = await existing_users(conn, user_ids)
                 if row.template is not None:
                     await enqueue_many(conn, [
                         Queued(kind="broadcast", template=row.template, user_id=uid,

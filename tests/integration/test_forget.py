@@ -21,12 +21,14 @@ from segflowd import schema
 from segflowd.app import Segflow
 from segflowd.bus import Bus
 from segflowd.config import load_config
+from segflowd.delivery.service import DeliveryService
 from segflowd.hooks import IngestBatch, StoredEvent
 from segflowd.ingest.committer import GroupCommitter
 from segflowd.ingest.users import FORGOTTEN, TOMBSTONE_PREFIX, forget_user
 from segflowd.ingest.writes import ForgetWrite
 from segflowd.kernel import Kernel
 from segflowd.metrics import Metrics
+from segflowd.providers import OutgoingMessage
 from segflowd.segments.transactions import TransactionService
 from segflowd.store import Store
 from segflowd.testing import FakeClock
@@ -265,3 +267,60 @@ async def test_a_user_who_signs_up_again_under_the_same_id_has_no_old_instances(
         mine = (await conn.execute(sa.select(sa.func.count()).select_from(fi)
                                    .where(fi.c.user_id == UID))).scalar_one()
     assert mine == 0
+
+
+def _delivery(store: Store, tmp_path: Path) -> DeliveryService:
+    path = tmp_path / "segflow.toml"
+    path.write_text('[daemon]\napp = "app.py:app"\n[email]\nprovider = "outbox"\n'
+                    'from = "Shop <shop@example.com>"\n'
+                    '[providers.outbox]\nplugin = "outbox"\npath = "outbox"\n')
+    kernel = Kernel(config=load_config(path, environ={}), app=_tx_app(), store=store,
+                    clock=FakeClock(NOW), bus=Bus(), metrics=Metrics())
+    return DeliveryService(kernel)
+
+
+async def _sent_files(delivery: DeliveryService, seeded: Seeded) -> Path:
+    """What the outbox provider writes for the user's sent message, and another user's."""
+    outgoing = [OutgoingMessage(id=i, message_id=f"{i}.abc@mail.example.com",
+                                sender="shop@example.com", to=to, subject="Hello",
+                                mime=f"To: {to}\r\n\r\nHi {to}".encode())
+                for i, to in ((seeded.messages[0], EMAIL), (9999, "other@example.com"))]
+    assert all(r.ok for r in await delivery.provider.send(outgoing))
+    folder = delivery.k.config.base_dir / "outbox"
+    assert sum(EMAIL.encode() in f.read_bytes() for f in folder.iterdir()) == 1
+    return folder
+
+
+async def test_after_delete_user_the_outbox_files_of_their_messages_are_gone(
+        store: Store, committer: GroupCommitter, tmp_path: Path) -> None:
+    """The outbox provider keeps each sent message as a file: the forget deletes the
+    user's (told by the ingest batch) and leaves everyone else's."""
+    seeded = await _seed_everything(store)
+    delivery = _delivery(store, tmp_path)
+    folder = await _sent_files(delivery, seeded)
+    committer.sinks = [delivery]
+    await committer.submit([ForgetWrite(UID)])
+    assert await delivery.copies.forget_now() == 1
+    left = [f.read_bytes() for f in folder.iterdir()]
+    assert len(left) == 1
+    assert b"other@example.com" in left[0]
+    assert not any(EMAIL.lower().encode() in b.lower() for b in left)
+
+
+async def test_outbox_files_a_crash_kept_after_a_forget_go_at_the_next_start(
+        store: Store, committer: GroupCommitter, tmp_path: Path) -> None:
+    seeded = await _seed_everything(store)
+    delivery = _delivery(store, tmp_path)
+    folder = await _sent_files(delivery, seeded)
+    await committer.submit([ForgetWrite(UID)])  # delivery was not told: the process died
+    assert len(list(folder.iterdir())) == 2
+    again = _delivery(store, tmp_path)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(again.copies.run)  # the start's sweep
+        for _ in range(500):
+            if again.copies.deleted:
+                break
+            await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert again.copies.deleted == 1
+    assert [b"other@example.com" in f.read_bytes() for f in folder.iterdir()] == [True]

@@ -1,0 +1,87 @@
+"""What a provider keeps of a forgotten user's messages: deleted after the forget.
+
+A provider that keeps copies where Segflow can reach them (the ``outbox`` provider's
+``.eml`` files) implements :class:`~segflowd.providers.ForgettingProvider`. The forget
+itself is one store transaction in ingest; the copies go right after it commits, told
+through the ingest batch (:attr:`~segflowd.hooks.IngestBatch.forgotten_messages`). If the
+process dies in between, the start sweeps again: a sent message of a forgotten user is
+one with neither user nor address, and the provider is asked to delete its copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import sqlalchemy as sa
+import structlog
+
+from ..hooks import IngestBatch
+from ..kernel import Kernel
+from ..providers import ForgettingProvider, Provider
+from ..schema import messages
+
+__all__ = ["ProviderCopies"]
+
+log = structlog.get_logger("segflowd.delivery")
+
+SENT = ("sent", "unknown")  # statuses a provider may have kept a copy for
+RETRY_DELAY = 60.0  # seconds before deleting copies again after a failure
+
+
+class ProviderCopies:
+    """Deletes the provider's copies of forgotten users' messages (an ingest sink)."""
+
+    def __init__(self, k: Kernel, provider: Callable[[], Provider]) -> None:
+        self.k = k
+        self._provider = provider
+        self._pending: set[int] = set()
+        self._wake = anyio.Event()
+        self.deleted = 0  # copies deleted since start
+
+    def ingested(self, batch: IngestBatch) -> None:
+        if batch.forgotten_messages:
+            self._pending.update(batch.forgotten_messages)
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Sweep once (a forget the last process did not finish), then follow forgets."""
+        provider = self._provider()
+        if not isinstance(provider, ForgettingProvider):
+            return
+        try:
+            async with self.k.store.connect() as conn:
+                found = {int(i) for (i,) in await conn.execute(
+                    sa.select(messages.c.id).where(
+                        messages.c.user_id.is_(None), messages.c.to_address.is_(None),
+                        messages.c.status.in_(SENT)))}
+            self._pending |= found
+        except Exception as exc:  # the forgets of this run are still followed
+            log.warning("delivery.copies_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+        while True:
+            if self._pending:
+                await self.forget_now()
+            if self._pending:  # it failed: try again later (or at the next forget)
+                with anyio.move_on_after(RETRY_DELAY):
+                    await self._wake.wait()
+            else:
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    async def forget_now(self) -> int:
+        """Ask the provider to delete the copies pending now; how many it found."""
+        provider = self._provider()
+        ids, self._pending = sorted(self._pending), set()
+        if not ids or not isinstance(provider, ForgettingProvider):
+            return 0
+        try:
+            n = await provider.forget_messages(ids)
+        except Exception as exc:
+            self._pending.update(ids)
+            log.warning("delivery.copies_not_deleted", messages=len(ids),
+                        error=f"{type(exc).__name__}: {exc}")
+            return 0
+        self.deleted += n
+        if n:
+            log.info("delivery.copies_deleted", copies=n)
+        return n
