@@ -1,44 +1,50 @@
 """``segflowd check``: everything that can be known before starting, as a list of problems.
 
-It never changes the store: an empty store is probed through a scratch in-memory
-SQLite copy of the schema instead, and a store at an older schema is reported as
-"will migrate at start", not migrated.
+It never changes the store. An empty store is probed on its own dialect all the same:
+SQLite through a scratch in-memory copy of the schema, MySQL/MariaDB through the schema
+created as TEMPORARY tables of one session (seen by no other session, gone when it
+closes). A store at an older schema is reported as "will migrate at start", not
+migrated. The checks of templates and data sources live in :mod:`.checktemplates` and
+:mod:`.checksources`; what they know of the flows comes from :mod:`.flowscan`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 
-from ..app import Segflow
+import sqlalchemy as sa
+
+from .. import schema
+from ..app import Segflow, evaluating_at
 from ..clock import utcnow
 from ..config import Config
-from ..delivery.templates import Renderer, SampleData, sample_user
-from ..errors import AppError, SegflowError, SourceError, TemplateError
+from ..errors import AppError, SegflowError
 from ..providers import ProviderContext, load_provider
-from ..schema import SCHEMA_VERSION
-from ..segments.query import probe_segment
-from ..sourcedefs import check_sources
-from ..sources.pools import Source, open_source
+from ..segments.query import db_message, probe_segment, segment_select
 from ..store import Store
+from .checksources import check_data_sources
+from .checktemplates import template_problems, unknown_templates
+from .flowscan import scan_app
 
 __all__ = ["run_check"]
 
 SCRATCH_URL = "sqlite+aiosqlite:///:memory:"
-# Can the source's role write? Superuser, or any write privilege on a table it can see.
-_PG_ROLE = """SELECT r.rolsuper AS superuser, (SELECT count(*) FROM pg_class c
-  JOIN pg_namespace n ON n.oid = c.relnamespace
-  WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND (has_table_privilege(c.oid, 'INSERT') OR has_table_privilege(c.oid, 'UPDATE')
-       OR has_table_privilege(c.oid, 'DELETE') OR has_table_privilege(c.oid, 'TRUNCATE'))
-  ) AS writable FROM pg_roles r WHERE r.rolname = current_user"""
-_MYSQL_WRITES = ("ALL", "INSERT", "UPDATE", "DELETE", "DROP", "CREATE", "ALTER", "SUPER")
+_MYSQL_CANT_REOPEN = 1137  # MySQL reads a TEMPORARY table once per query
 
 
-async def run_check(config: Config, app: Segflow, out: Callable[[str], None]) -> list[str]:
-    """Check the app, providers, store and templates; return every problem found."""
+async def run_check(config: Config, app: Segflow, out: Callable[[str], None], *,
+                    strict: bool = False, fail_on_divergence: bool = False) -> list[str]:
+    """Check the app, providers, store and templates; return every problem found.
+
+    ``strict``: an unreachable data source is a problem, not a warning.
+    ``fail_on_divergence``: an in-flight instance that would diverge is a problem.
+    """
     problems = list(app.problems())
     out(f"app: {len(app.segments)} segments, {len(app.campaigns)} campaigns, "
         f"{len(app.templates)} templates, {len(app.transactions)} transactions")
+    calls = scan_app(app)
+    problems.extend(unknown_templates(app, calls))
 
     for name, table in config.providers.items():
         try:
@@ -47,122 +53,113 @@ async def run_check(config: Config, app: Segflow, out: Callable[[str], None]) ->
         except SegflowError as exc:
             problems.append(str(exc))
 
-    problems.extend(await _check_store_and_segments(config, app, out))
-    problems.extend(await _check_data_sources(config, app, out))
-
-    renderer = Renderer(app)
-    for tpl in app.templates.values():
-        if any(f"'{tpl.name}'" in p and "not found" in p for p in problems):
-            continue  # its file is missing; already reported
-        try:
-            renderer.render(tpl.name, {"user": sample_user(), "event": _sample_event()})
-        except TemplateError as exc:
-            problems.append(f"{tpl.origin}: {exc}")
+    problems.extend(await _check_store_and_segments(config, app, out, fail_on_divergence))
+    sources = await check_data_sources(config, app, calls, out, strict=strict)
+    problems.extend(sources.problems)
+    problems.extend(template_problems(app, calls, sources.profile))
     return problems
 
 
-def _sample_event() -> SampleData:
-    """Shaped like the ``event`` a transaction's template gets (see transactions.py)."""
-    return SampleData(id=0, name="sample", attributes=SampleData(),
-                      created_at="2026-01-01T00:00:00Z")
-
-
 async def _check_store_and_segments(config: Config, app: Segflow,
-                                    out: Callable[[str], None]) -> list[str]:
+                                    out: Callable[[str], None],
+                                    fail_on_divergence: bool) -> list[str]:
     problems: list[str] = []
     store = Store.open(config.store.url, connect_timeout=config.store.connect_timeout)
-    scratch: Store | None = None
     try:
         try:
             version = await store.read_schema_version()
         except Exception as exc:
             return [f"store {store.safe_url} is unreachable: {exc}"]
+        now = utcnow()
         if version is None:
             out(f"store {store.safe_url}: empty; it will be created at start "
-                "(segments probed against a scratch SQLite schema)")
-            scratch = Store.open(SCRATCH_URL)
-            await scratch.migrate()
-            target = scratch
-        elif version > SCHEMA_VERSION:
+                "(segments probed against the schema created for this check only)")
+            return await _probe_empty(store, app, now, out)
+        if version > schema.SCHEMA_VERSION:
             return [f"store {store.safe_url}: schema version {version} is newer than this "
-                    f"segflowd knows ({SCHEMA_VERSION}): upgrade segflowd"]
+                    f"segflowd knows ({schema.SCHEMA_VERSION}): upgrade segflowd"]
+        if version < schema.SCHEMA_VERSION:
+            out(f"store {store.safe_url}: schema {version}, will migrate to "
+                f"{schema.SCHEMA_VERSION} at start")
         else:
-            if version < SCHEMA_VERSION:
-                out(f"store {store.safe_url}: schema {version}, will migrate to "
-                    f"{SCHEMA_VERSION} at start")
-            else:
-                out(f"store {store.safe_url}: schema version {version}")
-            target = store
-        now = utcnow()
+            out(f"store {store.safe_url}: schema version {version}")
         for defn in app.segments.values():
             try:
-                await probe_segment(target, defn, now)
+                await probe_segment(store, defn, now)
             except AppError as exc:
                 problems.append(str(exc))
-        if target is store and version == SCHEMA_VERSION:
-            # The deploy preview: what starting with this code does to in-flight flows.
-            from ..flows.versions import preview_lines, reconcile_versions
-
-            try:
-                reports = await reconcile_versions(store, app, now, apply=False)
-            except SegflowError as exc:
-                problems.append(f"deploy preview: {exc}")
-            else:
-                for line in preview_lines(reports):
-                    out(line)
+        if version == schema.SCHEMA_VERSION:
+            problems.extend(await _deploy_preview(store, app, now, out, fail_on_divergence))
     finally:
         await store.close()
-        if scratch is not None:
+    return problems
+
+
+async def _deploy_preview(store: Store, app: Segflow, now: dt.datetime,
+                          out: Callable[[str], None], fail_on_divergence: bool) -> list[str]:
+    """What starting with this code does to in-flight flows; with ``fail_on_divergence``,
+    a problem per campaign whose instances would diverge, naming the first mismatch."""
+    from ..flows.versions import preview_lines, reconcile_versions
+
+    try:
+        reports = await reconcile_versions(store, app, now, apply=False)
+    except SegflowError as exc:
+        return [f"deploy preview: {exc}"]
+    for line in preview_lines(reports):
+        out(line)
+    if not fail_on_divergence:
+        return []
+    return [f"deploy preview: campaign {r.campaign!r}: {r.diverged} in-flight "
+            f"instance{'s' if r.diverged != 1 else ''} would diverge; the first, instance "
+            f"{r.diverged_instances[0][0]}: {r.diverged_instances[0][1]}"
+            for r in reports if r.diverged and r.diverged_instances]
+
+
+async def _probe_empty(store: Store, app: Segflow, now: dt.datetime,
+                       out: Callable[[str], None]) -> list[str]:
+    """Probe every segment against the schema, created for this check only."""
+    if store.dialect == "sqlite":
+        scratch = Store.open(SCRATCH_URL)
+        try:
+            await scratch.migrate()
+            problems: list[str] = []
+            for defn in app.segments.values():
+                try:
+                    await probe_segment(scratch, defn, now)
+                except AppError as exc:
+                    problems.append(str(exc))
+            return problems
+        finally:
             await scratch.close()
-    return problems
-
-
-async def _check_data_sources(config: Config, app: Segflow,
-                              out: Callable[[str], None]) -> list[str]:
-    """Data sources naming an unconfigured source; a warning per source whose role could
-    write (read-only sessions are not a boundary against such a role). The SQL itself was
-    checked when the app loaded, under the rules of both databases."""
-    problems = check_sources(app.data_sources, config.sources)
-    opened: dict[str, Source] = {}
-    try:
-        for name, table in config.sources.items():
+    temporary = sa.MetaData()
+    for t in schema.metadata.sorted_tables:  # columns only: no index, key or default
+        sa.Table(t.name, temporary, *[sa.Column(c.name, c.type, primary_key=c.primary_key)
+                                      for c in t.columns], prefixes=["TEMPORARY"])
+    problems = []
+    async with store.connect() as conn:
+        try:
             try:
-                opened[name] = open_source(table)
-            except SourceError as exc:
-                problems.append(str(exc))
-        for src in opened.values():
-            for line in await _role_warnings(src):
-                out(line)
-    finally:
-        for src in opened.values():
-            await src.close()
+                await conn.run_sync(temporary.create_all, checkfirst=False)
+            except sa.exc.SQLAlchemyError as exc:
+                out(f"note: segments not probed: this check cannot create temporary tables "
+                    f"on the store ({db_message(exc)}); they are probed at start")
+                return []
+            for defn in app.segments.values():
+                try:
+                    with evaluating_at(now):
+                        await conn.execute(segment_select(defn).limit(0))
+                except AppError as exc:
+                    problems.append(str(exc))
+                except sa.exc.SQLAlchemyError as exc:
+                    code = (getattr(getattr(exc, "orig", None), "args", None) or (None,))[0]
+                    if code == _MYSQL_CANT_REOPEN:
+                        out(f"note: segment {defn.name!r} reads a table twice, which MySQL "
+                            "cannot do on this check's temporary schema: probed at start")
+                        continue
+                    problems.append(f"{defn.origin}: segment {defn.name!r} fails on the "
+                                    f"store: {db_message(exc)}")
+        finally:
+            # The temporary tables end with the session: never a DROP TABLE, which on a
+            # store holding tables of the same names could reach those.
+            await conn.invalidate()
     return problems
-
-
-async def _role_warnings(src: Source) -> list[str]:
-    what = f"source {src.name!r} ({src.safe_url})"
-    try:
-        if src.dialect == "postgresql":
-            rows = await src.fetch(_PG_ROLE, {}, what="role check", limit=1)
-            superuser = bool(rows and rows[0]["superuser"])
-            writable = bool(rows and int(str(rows[0]["writable"])))
-        else:
-            grants = [str(v) for r in await src.fetch("SHOW GRANTS", {}, what="role check")
-                      for v in r.values()]
-            # "GRANT SELECT, INSERT ON `db`.* TO ...": the words before ON
-            privileges = [set(g.upper().split(" ON ", 1)[0].replace(",", " ").split())
-                          for g in grants if " ON " in g]
-            superuser = any("SUPER" in p or ("ALL" in p and "ON *.*" in g.upper())
-                            for p, g in zip(privileges, [g for g in grants if " ON " in g],
-                                            strict=True))
-            writable = any(p & set(_MYSQL_WRITES) for p in privileges)
-    except SourceError as exc:
-        return [f"warning: {what}: could not check the role's privileges: {exc}"]
-    if superuser:
-        return [f"warning: {what}: the role is a superuser; read-only sessions do not hold "
-                "against it (dblink_exec, COPY ... TO PROGRAM): use a role with SELECT only"]
-    if writable:
-        return [f"warning: {what}: the role can write to tables; reads are kept read-only "
-                "by the session, but only the role's privileges are a real boundary: "
-                "grant it SELECT only"]
-    return []

@@ -22,8 +22,8 @@ from ..app import Segflow, TemplateDef
 from ..errors import TemplateError
 from .htmltext import html_to_text
 
-__all__ = ["COMPONENTS_DIR", "Rendered", "Renderer", "SampleData", "add_tracking",
-           "html_to_text", "sample_user"]
+__all__ = ["COMPONENTS_DIR", "Rendered", "Renderer", "SampleData", "SampleValue",
+           "add_tracking", "event_context", "html_to_text", "sample_user"]
 
 COMPONENTS_DIR = Path(__file__).with_name("components")  # shipped as package data
 COMPONENTS_PREFIX = "segflow"
@@ -58,6 +58,16 @@ class Rendered:
     text: str
 
 
+class SampleValue(str):
+    """A sample attribute's value: text, whose own attributes are samples too
+    (``user.address.city``), since the shape of a team's data cannot be known."""
+
+    def __getattr__(self, name: str) -> SampleValue:
+        if name.startswith("_"):  # markupsafe's __html__ and the like: a plain str
+            raise AttributeError(name)
+        return SampleValue(f"<{name}>")
+
+
 class SampleData(dict[str, Any]):
     """Stands in for free-form user/event data at check time: any key has a value.
 
@@ -65,8 +75,18 @@ class SampleData(dict[str, Any]):
     is a misspelt top-level variable (``usr.name``), which stays undefined.
     """
 
-    def __missing__(self, key: str) -> str:
-        return f"<{key}>"
+    def __missing__(self, key: str) -> SampleValue:
+        return SampleValue(f"<{key}>")
+
+
+def event_context(event: Mapping[str, object]) -> dict[str, object]:
+    """An event as templates see it: its attributes directly (``{{ event.order_id }}``,
+    as in the original Segflow and Customer.io), beside ``id``, ``name``, ``created_at``
+    and ``attributes``, which an attribute of the same name never shadows."""
+    attributes = event.get("attributes")
+    if not isinstance(attributes, Mapping):
+        return dict(event)
+    return {**attributes, **event}
 
 
 def sample_user() -> SampleData:
@@ -101,9 +121,16 @@ class Renderer:
         return compiled
 
     def render(self, name: str, context: Mapping[str, object]) -> Rendered:
+        """The message of template ``name``; TemplateError saying what went wrong.
+
+        An ``event`` in the context shows its attributes directly (:func:`event_context`).
+        """
         tpl = self.app.templates.get(name)
         if tpl is None:
             raise TemplateError(f"unknown template {name!r}")
+        event = context.get("event")
+        if isinstance(event, dict) and not isinstance(event, SampleData):
+            context = {**context, "event": event_context(event)}
         return self._render(tpl, context)
 
     def _render(self, tpl: TemplateDef, context: Mapping[str, object]) -> Rendered:

@@ -326,6 +326,10 @@ class Stepper:
         r.cmd_result, r.cmd_error = None, None
         v: dict[str, object] = {"seq": r.seq + 1, "status": "running", "wake_at": None,
                                 "wait_event": None, "wait_after": None, "updated_at": now}
+        if cmd.kind == "send_email" and cmd.name not in self.k.app.templates:
+            # Queued, it would only fail at delivery while the flow went on as if sent.
+            raise FlowError(f"send_email({cmd.name!r}): unknown template {cmd.name!r} "
+                            f"(templates: {', '.join(sorted(self.k.app.templates)) or 'none'})")
         if cmd.kind == "condition":
             r.cmd_result, r.cmd_error = await run_condition(self.svc.conditions, cmd,
                                                            r.user_id)

@@ -176,6 +176,18 @@ class Source:
                 raise self._error(exc, what) from None
         raise AssertionError("unreachable: the second attempt returns or raises")
 
+    async def columns(self, stmt: TextClause, *, what: str) -> list[str]:
+        """The columns ``stmt`` returns, learnt without fetching a row: it runs as
+        ``SELECT * FROM (stmt) AS q LIMIT 0`` in the read-only session (``check``)."""
+        self.queries += 1
+        probe: sa.Select[tuple[object]] = sa.select(sa.literal_column("*")).select_from(
+            stmt.columns().subquery("q")).limit(0)
+        try:
+            async with self._connect() as conn:
+                return list((await conn.execute(probe)).keys())
+        except Exception as exc:
+            raise self._error(exc, what) from None
+
     @contextlib.asynccontextmanager
     async def _connect(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:

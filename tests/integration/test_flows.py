@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from segflowd.app import Segflow
+from segflowd.app import Segflow, TemplateDef
 from segflowd.bus import Bus
 from segflowd.config import load_config
 from segflowd.errors import StoreUnavailable
@@ -157,9 +157,17 @@ def h(store: Store, tmp_path: Path) -> Harness:
     return Harness(store, tmp_path)
 
 
+class AnyTemplate(dict[str, TemplateDef]):
+    """These tests are about flows: every template name they send counts as defined."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
 def make_app(name: str, flow: Flow, *, behavior: str = "static", reentry: bool = False,
              segments: tuple[str, ...] = ("seg",), exclude: tuple[str, ...] = ()) -> Segflow:
     app = Segflow()
+    app.templates = AnyTemplate()
     for s in (*segments, *exclude):
         app.segment(s, sql="SELECT id FROM users")
     app.campaign(name, segments=list(segments), exclude=list(exclude),
@@ -796,3 +804,28 @@ async def test_an_event_wake_whose_step_fails_in_an_outage_is_stepped_once_after
         rows = (await conn.execute(sa.select(messages.c.template, messages.c.data)
                                    .order_by(messages.c.id))).all()
     assert [(t, d) for t, d in rows] == [("first", {"amount": 1})]
+
+
+def misspelt(ctx: Any, rt: Any) -> Generator[object, object, object]:
+    yield rt.send_email("welcom")
+    yield rt.wait(days=1)
+    yield rt.send_email("after")
+
+
+async def test_sending_an_unknown_template_fails_the_instance_naming_it(h: Harness) -> None:
+    """#16 defect 2: the flow does not carry on to its wait as if it had sent."""
+    app = Segflow()
+    app.segment("seg", sql="SELECT id FROM users")
+    app.template("after", subject="s", html="after.html")
+    app.campaign("typo", segments=["seg"])(misspelt)  # type: ignore[arg-type]
+    failed = h.bus.subscribe(kinds=frozenset({"flow.failed"}))
+    await h.user("ann")
+    async with h.running(app):
+        await h.join("ann", "seg")
+        await h.advance(2 * DAY)
+    [inst] = await h.instances("ann")
+    assert inst.status == "failed"
+    assert "unknown template 'welcom'" in inst.error
+    assert await h.sent("ann") == []
+    [event] = failed.drain()[0]
+    assert "welcom" in str(event.data["error"])

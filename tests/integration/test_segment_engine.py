@@ -399,3 +399,24 @@ async def test_the_cursor_is_saved_at_most_once_a_second_and_never_lost(
     await h.tell(last)
     await h.engine.drain()
     assert await _stored_cursor(h.store, "segments") == last.events[0].id
+
+
+async def test_a_segment_whose_params_miss_its_sql_binds_is_broken_and_the_rest_run(
+        store: Store, tmp_path: Path) -> None:
+    """#16 defect 3: ``params={"cutof": ...}`` against ``:cutoff`` is logged as broken at
+    start (no SQLAlchemy traceback, the daemon starts) and the other segments run."""
+    app = make_app()
+    app.segment("typo", sql="SELECT user_id AS id FROM events GROUP BY user_id "
+                            "HAVING MAX(created_at) < :cutoff", params={"cutof": ago(days=30)})
+    clock = FakeClock(NOW)
+    kernel = kernel_for(store, app, clock, tmp_path)
+    engine = SegmentService(kernel)
+    await engine.start()
+    info = {s.name: s for s in engine.statistics().segments}
+    error = info["typo"].last_error
+    assert error is not None
+    assert ":cutoff" in error
+    assert "'cutof'" in error
+    h = H(store, clock, kernel, RecordingSink(), engine, itertools.count())
+    await h.tell(await h.user("kit", plan="pro"))
+    assert await h.members("pro") == {"kit"}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import func, select
 from sqlalchemy.dialects import sqlite
 
 from segflowd.app import Segflow, ago
+from segflowd.errors import AppError
 from segflowd.schema import events, messages, users
 from segflowd.segments.query import compile_segment
 
@@ -71,3 +73,23 @@ def test_limited_and_raw_segments_are_narrowed_as_a_subquery() -> None:
         text = sql_of(compile_segment(app.segments[name]).among(["a"]))
         assert "FROM (SELECT" in text
         assert "segment.id IN" in text
+
+
+@pytest.mark.parametrize(("sql", "params", "says"), [
+    ("SELECT id FROM users WHERE created_at < :cutoff", {"cutof": 1},
+     ["the SQL uses :cutoff, which params= does not give",
+      "params= gives 'cutof', which the SQL never uses"]),
+    ("SELECT id FROM users WHERE created_at < :cutoff", {}, [":cutoff"]),
+    ("SELECT id FROM users", {"plan": "pro"}, ["'plan'", "never uses"]),
+])
+def test_segment_params_must_match_the_sql_binds(sql: str, params: dict[str, object],
+                                                 says: list[str]) -> None:
+    """#16 defect 3: an AppError naming the definition's file and line, not SQLAlchemy's."""
+    app = Segflow(templates="templates")
+    app.segment("typo", sql=sql, params=params)
+    defn = app.segments["typo"]
+    with pytest.raises(AppError) as err:
+        compile_segment(defn)
+    assert str(err.value).startswith(f"{defn.origin}: segment 'typo': ")
+    for part in says:
+        assert part in str(err.value)

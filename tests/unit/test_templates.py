@@ -132,3 +132,17 @@ def test_angles_in_attribute_values_are_escaped_after_inlining(tmp_path: Path) -
     html = r.render("t", {"user": {"name": "A", "bio": "<b>&"}}).html
     assert 'title="&lt;b&gt;&amp;"' in html
     assert "<b>" not in html
+
+
+def test_an_events_attributes_are_seen_directly_and_never_shadow_its_own_fields(
+        tmp_path: Path) -> None:
+    """#16 A: ``{{ event.order_id }}`` is the attribute; name, created_at, attributes stay."""
+    r = make(tmp_path, {"t.html": "{{ event.order_id }}|{{ event.name }}|"
+                                  "{{ event.created_at }}|{{ event.attributes.name }}"},
+             subject="{{ event.resetLink }}")
+    event = {"id": 7, "name": "purchase", "created_at": "2026-03-01T09:00:00Z",
+             "attributes": {"order_id": "o-1", "name": "shadow", "created_at": "x",
+                            "resetLink": "https://r.example/1"}}
+    out = r.render("t", {"user": {"name": "A"}, "event": event})
+    assert out.subject == "https://r.example/1"
+    assert "o-1|purchase|2026-03-01T09:00:00Z|shadow" in out.html
