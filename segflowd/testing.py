@@ -1,4 +1,5 @@
-"""Fakes for unit tests, shipped in the package (like ``httpx.MockTransport``).
+"""Fakes for unit tests, shipped in the package (like ``httpx.MockTransport``), and the
+public :class:`Simulation` a team tests its campaigns with (:mod:`segflowd.simulation`).
 
 Integration tests use the real components; these stand in for the I/O edges only.
 :class:`PrivateMariaDB` is the exception: a real server of a test's (or benchmark's) own.
@@ -22,7 +23,9 @@ import anyio
 import anyio.lowlevel
 import sqlalchemy as sa
 
-__all__ = ["FakeClock", "PrivateMariaDB"]
+from .simulation import SentMessage, Simulation, TimelineEntry
+
+__all__ = ["FakeClock", "PrivateMariaDB", "SentMessage", "Simulation", "TimelineEntry"]
 
 EPOCH = dt.datetime(2026, 1, 1, 12, 0, 0)  # a fixed, naive-UTC start for reproducible tests
 

@@ -36,6 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "segflowd.cli.control",  # status and the admin actions over the control socket
     "segflowd.cli.preview",  # render a template for a user into .html and .eml files
     "segflowd.cli.sources",  # discover: run a data source's queries on its database
+    "segflowd.cli.simulate",  # a scripted scenario under a virtual clock, as a table
 )
 
 
@@ -59,8 +60,13 @@ def _parser() -> argparse.ArgumentParser:
                         help=config_help)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon (the default)")
-    sub.add_parser("check", parents=[common],
-                   help="validate config and app against the store; exit non-zero on problems")
+    check = sub.add_parser(
+        "check", parents=[common],
+        help="validate config and app against the store; exit non-zero on problems")
+    check.add_argument("--strict", action="store_true",
+                       help="an unreachable data source is a problem, not a warning")
+    check.add_argument("--fail-on-divergence", action="store_true",
+                       help="exit 1 when an in-flight instance would diverge under this code")
     sub.add_parser("migrate", parents=[common], help="migrate the store's schema and exit")
     sub.add_parser("version", help="print the version")
     for name in COMMAND_MODULES:
@@ -161,12 +167,15 @@ def cmd_migrate(config_path: str | None) -> int:
     return EXIT_OK
 
 
-def cmd_check(config_path: str | None) -> int:
+def cmd_check(config_path: str | None, *, strict: bool = False,
+              fail_on_divergence: bool = False) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
-    configure_logging(config.daemon.log_format, "warning")
+    # Only errors: what check finds (a data source query that failed, say) it prints as a
+    # problem or warning line of its own, without the log line beside it.
+    configure_logging(config.daemon.log_format, "error")
     try:
         app = load_app(config.daemon.app, config.base_dir, validate=False)
     except AppError as exc:
@@ -176,7 +185,8 @@ def cmd_check(config_path: str | None) -> int:
     report: list[str] = []
 
     async def main() -> None:
-        report.extend(await run_check(config, app, out=print))
+        report.extend(await run_check(config, app, out=print, strict=strict,
+                                      fail_on_divergence=fail_on_divergence))
 
     _run_async(main)
     for problem in report:
@@ -196,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segflowd {__version__}")
         return EXIT_OK
     if args.command == "check":
-        return cmd_check(args.config)
+        return cmd_check(args.config, strict=args.strict,
+                         fail_on_divergence=args.fail_on_divergence)
     if args.command == "migrate":
         return cmd_migrate(args.config)
     return cmd_run(args.config)
