@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 import sqlalchemy as sa
-from test_segment_engine import NOW, H, RecordingSink, kernel_for, make_app
+from test_segment_engine import NOW, H, harness, kernel_for, make_app
 
 from segflowd.cursors import load_cursor
 from segflowd.ingest import users as users_module
@@ -34,18 +33,9 @@ from segflowd.testing import FakeClock
 pytestmark = pytest.mark.anyio
 
 
-async def _harness(store: Store, tmp_path: Path) -> H:
-    clock = FakeClock(NOW)
-    kernel = kernel_for(store, make_app(), clock, tmp_path)
-    sink = RecordingSink()
-    engine = SegmentService(kernel, membership_sinks=[sink])
-    await engine.start()
-    return H(store, clock, kernel, sink, engine, itertools.count())
-
-
 @pytest.fixture
 async def h(store: Store, tmp_path: Path) -> H:
-    return await _harness(store, tmp_path)
+    return await harness(store, tmp_path)
 
 
 @pytest.fixture
@@ -91,23 +81,10 @@ async def lock_waits(store: Store, at_least: int = 1, limit: float = 30.0) -> No
             await anyio.sleep(0.1)
 
 
-def balanced(seen: list[tuple[str, bool]], uid: str) -> bool:
-    """Whether the sink's last word on ``uid`` is an exit (or it never heard of them)."""
-    mine = [entered for u, entered in seen if u == uid]
-    return not mine or mine[-1] is False
-
-
-# -- 1. forget's `left` is read without a lock: a refresh's uncommitted entry is missed --
-
-
-async def test_mysql_a_forget_racing_a_refresh_reports_the_exit_and_recounts(
-        maria: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A refresh of "pro" has inserted bo's member row (uncommitted) when bo is forgotten.
-    The forget reads ``left`` with a plain (consistent) read, so it does not see that row,
-    then its DELETE waits for the refresh and deletes it after the refresh commits. The
-    refresh counted bo in its size; nobody recounts, and no exit is reported."""
-    h = await _harness(maria, tmp_path)
-    await h.user("bo", plan="pro")  # not evaluated yet: the refresh admits bo
+async def forget_while_pro_refreshes(h: H, maria: Store,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget bo while a refresh of "pro" has written its diff and not committed it (the
+    forget waits for its rows), then let both finish and drain."""
     paused, go, refreshed = anyio.Event(), anyio.Event(), anyio.Event()
     real = refresh_module.refresh_diff
 
@@ -135,7 +112,7 @@ async def test_mysql_a_forget_racing_a_refresh_reports_the_exit_and_recounts(
         tg.start_soon(refresh)
         await paused.wait()
         tg.start_soon(forget)
-        await lock_waits(maria)  # the forget's DELETE waits for the refresh's member row
+        await lock_waits(maria)  # the forget waits for the refresh's rows
         go.set()
         with anyio.fail_after(10):
             await forgot.wait()
@@ -143,6 +120,26 @@ async def test_mysql_a_forget_racing_a_refresh_reports_the_exit_and_recounts(
         for _ in range(3):
             await h.engine.drain_once()
         tg.cancel_scope.cancel()
+
+
+def balanced(seen: list[tuple[str, bool]], uid: str) -> bool:
+    """Whether the sink's last word on ``uid`` is an exit (or it never heard of them)."""
+    mine = [entered for u, entered in seen if u == uid]
+    return not mine or mine[-1] is False
+
+
+# -- 1. forget's `left` is read without a lock: a refresh's uncommitted entry is missed --
+
+
+async def test_mysql_a_forget_racing_a_refresh_reports_the_exit_and_recounts(
+        maria: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refresh of "pro" has inserted bo's member row (uncommitted) when bo is forgotten.
+    The forget reads ``left`` with a plain (consistent) read, so it does not see that row,
+    then its DELETE waits for the refresh and deletes it after the refresh commits. The
+    refresh counted bo in its size; nobody recounts, and no exit is reported."""
+    h = await harness(maria, tmp_path)
+    await h.user("bo", plan="pro")  # not evaluated yet: the refresh admits bo
+    await forget_while_pro_refreshes(h, maria, monkeypatch)
     assert await count_of(maria, "pro") == 0
     assert balanced(h.sink.seen("pro"), "bo"), h.sink.seen("pro")
     assert await size_of(h, "pro") == 0
@@ -158,7 +155,7 @@ async def test_mysql_a_sweep_never_waits_for_a_refresh_and_reports_what_it_delet
     after it (what the sweep exists for). The drain round the forget wakes does not wait
     for those uncommitted rows (the segment is refreshing: skipped); once the refresh
     ends, the sweep deletes them, reports bo's exit and recounts."""
-    h = await _harness(maria, tmp_path)
+    h = await harness(maria, tmp_path)
     committer = GroupCommitter(maria, h.clock, [h.engine])
     await h.tell(await h.user("bo", plan="free"))
     st = h.engine._state["pro"]
@@ -197,7 +194,7 @@ async def test_mysql_a_flush_with_a_forget_does_not_deadlock_an_evaluation(
     """The flush forgets "zz" (X lock on zz), then updates "aa" (X lock on aa). An
     evaluation of [aa, zz] that read them FOR SHARE in id order took S on aa, then waited
     for zz, and the flush then waited for aa: a deadlock (1213). It reads without locks."""
-    h = await _harness(maria, tmp_path)
+    h = await harness(maria, tmp_path)
     await h.tell(await h.user("aa", plan="pro"), await h.user("zz", plan="pro"))
     forgotten_zz, go = anyio.Event(), anyio.Event()
     real = users_module.upsert_users
@@ -267,47 +264,13 @@ async def test_the_cursor_moves_on_while_refreshes_take_turns(h: H) -> None:
 
 async def test_mysql_a_forget_racing_a_refreshs_exit_reports_one_exit(
         maria: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    h = await _harness(maria, tmp_path)
+    h = await harness(maria, tmp_path)
     await h.tell(await h.user("bo", plan="pro"))
     assert await h.members("pro") == {"bo"}
     async with maria.begin() as conn:  # bo no longer matches; not evaluated yet
         await conn.execute(sa.update(users).where(users.c.id == "bo").values(
             attributes={"plan": "free"}))
-    paused, go, refreshed = anyio.Event(), anyio.Event(), anyio.Event()
-    real = refresh_module.refresh_diff
-
-    async def held(conn: Any, seg: Any, now: Any) -> Any:
-        out = await real(conn, seg, now)
-        if seg.name == "pro":
-            paused.set()
-            await go.wait()
-        return out
-
-    monkeypatch.setattr(refresh_module, "refresh_diff", held)
-    committer = GroupCommitter(maria, h.clock, [h.engine])
-    forgot = anyio.Event()
-
-    async def refresh() -> None:
-        await h.engine.refresh("pro")
-        refreshed.set()
-
-    async def forget() -> None:
-        await committer.submit([ForgetWrite("bo")])
-        forgot.set()
-
-    async with anyio.create_task_group() as tg:
-        await tg.start(committer.run)
-        tg.start_soon(refresh)
-        await paused.wait()
-        tg.start_soon(forget)
-        await lock_waits(maria)
-        go.set()
-        with anyio.fail_after(10):
-            await forgot.wait()
-            await refreshed.wait()
-        for _ in range(3):
-            await h.engine.drain_once()
-        tg.cancel_scope.cancel()
+    await forget_while_pro_refreshes(h, maria, monkeypatch)
     assert h.sink.seen("pro") == [("bo", True), ("bo", False)]
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import anyio
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import select
-from test_segment_engine import NOW, H, RecordingSink, kernel_for, make_app
+from test_segment_engine import NOW, H, RecordingSink, harness, kernel_for, make_app
 
 from segflowd.app import Segflow
 from segflowd.hooks import IngestBatch
@@ -31,12 +30,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 async def h(store: Store, tmp_path: Path) -> H:
-    clock = FakeClock(NOW)
-    kernel = kernel_for(store, make_app(), clock, tmp_path)
-    sink = RecordingSink()
-    engine = SegmentService(kernel, membership_sinks=[sink])
-    await engine.start()
-    return H(store, clock, kernel, sink, engine, itertools.count())
+    return await harness(store, tmp_path)
 
 
 @pytest.fixture

@@ -134,14 +134,19 @@ def kernel_for(store: Store, app: Segflow, clock: FakeClock, tmp_path: Path) -> 
                   bus=Bus(), metrics=Metrics())
 
 
-@pytest.fixture
-async def h(store: Store, tmp_path: Path) -> H:
+async def harness(store: Store, tmp_path: Path) -> H:
+    """A started engine over ``make_app()`` at NOW, telling a RecordingSink."""
     clock = FakeClock(NOW)
     kernel = kernel_for(store, make_app(), clock, tmp_path)
     sink = RecordingSink()
     engine = SegmentService(kernel, membership_sinks=[sink])
     await engine.start()
     return H(store, clock, kernel, sink, engine, itertools.count())
+
+
+@pytest.fixture
+async def h(store: Store, tmp_path: Path) -> H:
+    return await harness(store, tmp_path)
 
 
 async def test_big_spender_enters_within_one_drain_of_the_purchase_that_crosses_1000(
