@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 
+import structlog
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .app import Segflow
@@ -78,6 +80,7 @@ class Simulation:
         self.start = parse_time(start, "start")
         self._config_source = config
         self._folder: Path | None = None
+        self._quieted = False  # structlog was configured quiet here (undone at close)
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
         self._engine: SimEngine | None = None
@@ -99,6 +102,12 @@ class Simulation:
         if self._engine is not None:
             raise RuntimeError("this simulation is already running")
         self._folder = Path(tempfile.mkdtemp(prefix="segflow-sim-"))
+        if not structlog.is_configured():
+            # The engines log every step; a test reads the timeline instead. Only a
+            # warning or worse is printed, unless the test configured logging itself.
+            structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(
+                logging.WARNING))
+            self._quieted = True
         try:
             config = _config(self._config_source, self._folder)
             self._portal_cm = start_blocking_portal("asyncio")
@@ -125,6 +134,9 @@ class Simulation:
             if self._folder is not None:
                 shutil.rmtree(self._folder, ignore_errors=True)
                 self._folder = None
+            if self._quieted:
+                structlog.reset_defaults()
+                self._quieted = False
 
     def _call(self, fn: Callable[..., object], *args: object) -> None:
         if self._portal is None or self._engine is None or self._running is None:
