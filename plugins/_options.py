@@ -36,6 +36,15 @@ class Options:
         except ValueError:
             raise ProviderError(f"[providers.{self.ctx.name}].{key}: must be an integer") from None
 
+    def boolean(self, key: str, default: bool) -> bool:
+        """A TOML boolean only: a string such as ``"on"`` or ``"True "`` is an error, not a
+        guess (a guess that reads a typo as false would turn a safety check off)."""
+        value = self.ctx.options.get(key, default)
+        if not isinstance(value, bool):
+            raise ProviderError(f"[providers.{self.ctx.name}].{key}: must be true or false "
+                                f"(a TOML boolean, unquoted), not {value!r}")
+        return value
+
     def number(self, key: str, default: float) -> float:
         value = self.ctx.options.get(key, default)
         try:

@@ -20,6 +20,7 @@ from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
 
 DEFAULT_PATH = "var/outbox"
 MAX_BATCH = 100
+FILE_MODE = 0o600  # an .eml file: readable by the daemon's user only
 
 
 class OutboxProvider:
@@ -50,7 +51,10 @@ class OutboxProvider:
             final = self.path / f"{msg.id:08d}-{safe}.eml"
             tmp = final.with_suffix(".eml.tmp")
             try:
-                with open(tmp, "wb") as fh:
+                # 0600 whatever the umask: a message holds an address and personal data.
+                fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, FILE_MODE)
+                with open(fd, "wb") as fh:
+                    os.fchmod(fh.fileno(), FILE_MODE)
                     fh.write(msg.mime)
                     fh.flush()
                     os.fsync(fh.fileno())

@@ -21,11 +21,14 @@ from typing import Any
 import aiosmtplib
 import anyio
 import anyio.lowlevel
+import structlog
 
 from segflowd.errors import ProviderError
 from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
 
 from ._options import Options
+
+log = structlog.get_logger("segflow_plugins.smtp")
 
 DEFAULT_PORT = 587
 DEFAULT_TIMEOUT = 30.0  # seconds per SMTP command
@@ -52,7 +55,8 @@ class SmtpProvider:
 
     def __init__(self, ctx: ProviderContext) -> None:
         o = Options(ctx, "smtp", ("host", "port", "security", "username", "password",
-                                  "timeout", "validate_certs", "max_batch"))
+                                  "timeout", "validate_certs", "max_batch",
+                                  "allow_plaintext_auth"))
         self.host = o.text("host", required=True)
         self.port = o.integer("port", DEFAULT_PORT)
         self.security = o.text("security", "starttls").lower()
@@ -62,9 +66,16 @@ class SmtpProvider:
         self.username = o.text("username")
         self.password = o.text("password")
         self.timeout = o.number("timeout", DEFAULT_TIMEOUT)
-        validate = ctx.options.get("validate_certs", True)
-        self.validate_certs = validate if isinstance(validate, bool) else \
-            str(validate).lower() in ("1", "true", "yes")
+        self.validate_certs = o.boolean("validate_certs", True)
+        plaintext = o.boolean("allow_plaintext_auth", False)
+        if self.security == "none" and self.username:
+            if not plaintext:
+                raise ProviderError(
+                    f"[providers.{ctx.name}]: security = \"none\" with a username would send "
+                    "the password in cleartext; use starttls or tls, or set "
+                    "allow_plaintext_auth = true (a relay on this machine or a trusted link)")
+            log.warning("smtp.plaintext_auth", provider=ctx.name, host=self.host,
+                        hint="the SMTP password crosses the network unencrypted")
         self.max_batch = max(1, o.integer("max_batch", MAX_BATCH))
         self._client: _Client | None = None
         self._lock = anyio.Lock()

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import importlib
 import json
+import os
 import pkgutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ log = structlog.get_logger("segflowd.store")
 
 PING_TIMEOUT = 2.0  # seconds: a health check that takes longer counts as down
 SQLITE_BUSY_TIMEOUT = 10_000  # milliseconds
+PRIVATE_FILE_MODE = 0o600  # a new SQLite store file: its owner reads and writes it
 START_RETRY_FIRST = 0.5  # seconds before the second attempt to reach the store at start
 
 # MySQL client error codes that mean "the server is not there right now".
@@ -86,9 +88,10 @@ class Store:
         """Make the engine; no connection is attempted until first use."""
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
-            path = url.split(":///", 1)[1] if ":///" in url else ""
+            path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
             if path and not path.startswith(":memory:"):
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _create_private(Path(path))
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT / 1000}
         else:
             kwargs.update(
@@ -250,6 +253,20 @@ def json_text(value: object) -> str:
         return orjson.dumps(value, option=_ORJSON_STRICT).decode()
     except orjson.JSONEncodeError:
         return json.dumps(value)
+
+
+def _create_private(path: Path) -> None:
+    """Create the SQLite file readable by its owner only (0600), whatever the umask: it
+    holds addresses and events. An existing file keeps the mode its operator gave it
+    (SQLite gives its -wal and -shm files the database file's mode)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    finally:
+        os.close(fd)
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: object) -> None:
