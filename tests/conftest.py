@@ -9,6 +9,7 @@ because CI must run them.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
 import uuid
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from segflowd.store import Store
 
@@ -119,3 +121,16 @@ def _collect_garbage() -> Iterator[None]:
     """Collect after each test, so a leaked socket's ResourceWarning names its own test."""
     yield
     gc.collect()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put the process's logging back after a test that configures it (``cli.main`` and
+    ``configure_logging`` do): the root handlers and level, and structlog's config."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    config = structlog.get_config()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.configure(**config)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from segflowd import schema
 from segflowd.cli.commands import main
@@ -34,16 +31,7 @@ app.template("welcome", subject="Hi {{ user.name }}", html="welcome.html")
 """
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """cli.main configures logging for the process; put it back for the next test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    config = structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # cli.main configures logging
 
 
 def make(tmp_path: Path, store_url: str, app: str = APP, template: str = "<p>{{ user.name }}</p>",

@@ -5,14 +5,12 @@ its own dialect, and ``--fail-on-divergence``."""
 from __future__ import annotations
 
 import datetime as dt
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 import sqlalchemy as sa
-import structlog
+from test_check import make as make_config
 
 from segflowd.cli.commands import main
 from segflowd.flows.runtime import args_hash
@@ -39,35 +37,13 @@ app.template("welcome", subject="Hi {{ user.name }}", html="welcome.html")
 """
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """cli.main configures logging for the process; put it back for the next test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    config = structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # cli.main configures logging
 
 
 def make(tmp_path: Path, store_url: str, app: str = APP,
          template: str = "<p>{{ user.name }}</p>") -> Path:
-    (tmp_path / "templates").mkdir(exist_ok=True)
-    (tmp_path / "templates" / "welcome.html").write_text(template)
-    (tmp_path / "flows.py").write_text(app)
-    config = tmp_path / "segflow.toml"
-    config.write_text(f"""
-[daemon]
-app = "flows.py:app"
-[store]
-url = "{store_url}"
-connect_timeout = 1
-[providers.outbox]
-plugin = "outbox"
-path = "var/outbox"
-""")
-    return config
+    """test_check's layout, with this module's app by default."""
+    return make_config(tmp_path, store_url, app, template)
 
 
 def check(config: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> tuple[int, str]:

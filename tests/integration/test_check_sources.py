@@ -3,13 +3,10 @@ problem; a source whose role could write (or is a superuser) is a warning."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-import structlog
 from customer_db import AUDIENCE, DISCOVERY, PRELOAD, PREMIUM, seed_postgres
 
 from segflowd.cli.commands import main
@@ -22,16 +19,7 @@ app.data_source("members", source="crm",
 """
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """cli.main configures logging for the process; put it back for the next test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    config = structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # cli.main configures logging
 
 
 def _config(tmp_path: Path, store_url: str, sources: str, app: str = APP) -> str:
