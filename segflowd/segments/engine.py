@@ -65,7 +65,7 @@ from ..errors import AppError, StoreUnavailable
 from ..hooks import INGEST_TABLES, IngestBatch, MembershipChange, MembershipSink
 from ..http import Router
 from ..kernel import Kernel
-from ..schema import events, segment_members, segment_state, users
+from ..schema import events, segment_state, users
 from ..store import is_unavailable
 from .outputs import SegmentState
 from .query import (
@@ -73,6 +73,7 @@ from .query import (
     apply_batch,
     compile_segment,
     db_message,
+    member_count,
     probe_segment,
     sweep_orphans,
 )
@@ -368,10 +369,7 @@ class SegmentService(ScheduledRefresh):
             changes = self._forgotten.pop(name)
             try:
                 async with self.k.store.connect() as conn:
-                    size = int((await conn.execute(
-                        sa.select(sa.func.count()).select_from(segment_members)
-                        .where(segment_members.c.segment == name))).scalar() or 0)
-                self._state[name].size = size
+                    self._state[name].size = await member_count(conn, name)
                 async with self._deliver_lock:
                     await self._deliver(name, changes, adjust_size=False)
             except BaseException:

@@ -25,8 +25,8 @@ from ..store import Store
 from ..userlocks import existing_users
 
 __all__ = ["CHANGES_CHUNK", "CompiledSegment", "apply_batch", "compile_segment", "db_message",
-           "membership_diff", "probe_segment", "refresh_diff", "save_state", "segment_select",
-           "sweep_orphans"]
+           "member_count", "membership_diff", "probe_segment", "refresh_diff", "save_state",
+           "segment_select", "sweep_orphans"]
 
 CHANGES_CHUNK = 5000  # membership changes read or deleted per statement
 
@@ -311,6 +311,13 @@ async def sweep_orphans(conn: AsyncConnection, user_ids: Sequence[str],
             await conn.execute(sa.delete(c).where(c.c.id.in_(changes)))
         out += found
     return out
+
+
+async def member_count(conn: AsyncConnection, name: str) -> int:
+    """How many members segment ``name`` has in the store."""
+    m = segment_members
+    return int((await conn.execute(sa.select(sa.func.count()).select_from(m)
+                                   .where(m.c.segment == name))).scalar() or 0)
 
 
 async def save_state(conn: AsyncConnection, name: str, **values: object) -> None:

@@ -20,10 +20,17 @@ import structlog
 from ..app import evaluating_at
 from ..errors import AppError, StoreUnavailable
 from ..hooks import MembershipChange
-from ..schema import segment_changes, segment_members
+from ..schema import segment_changes
 from ..store import is_unavailable
 from .outputs import MembershipOutputs, SegmentState
-from .query import CHANGES_CHUNK, CompiledSegment, db_message, refresh_diff, save_state
+from .query import (
+    CHANGES_CHUNK,
+    CompiledSegment,
+    db_message,
+    member_count,
+    refresh_diff,
+    save_state,
+)
 
 __all__ = ["REFRESH_CONCURRENCY", "RETRY_DELAY", "RefreshResult", "ScheduledRefresh"]
 
@@ -114,9 +121,7 @@ class ScheduledRefresh(MembershipOutputs):
         with evaluating_at(now), anyio.CancelScope(shield=shield):
             async with self.k.store.begin() as conn:
                 before, after, entered, exited = await refresh_diff(conn, seg, now)
-                size = int((await conn.execute(
-                    sa.select(sa.func.count()).select_from(segment_members)
-                    .where(segment_members.c.segment == name))).scalar() or 0)
+                size = await member_count(conn, name)
                 nxt = now + dt.timedelta(seconds=seg.defn.refresh)
                 await save_state(conn, name, last_refresh_at=now, next_refresh_at=nxt,
                                   size=size, last_error=None)
