@@ -100,7 +100,7 @@ async def upsert_users(store: Store, conn: AsyncConnection,
     if not changes:
         return
     u = schema.users
-    # In id order, as the segment engine's locking reads take them (fewer deadlocks).
+    # In id order, as share-locking readers take them (segflowd.userlocks): fewer deadlocks.
     ensure = sorted(uid for uid, c in changes.items() if not c)
     if ensure:
         await conn.execute(store.insert_ignore(u), [
@@ -198,7 +198,8 @@ async def forget_user(conn: AsyncConnection, user_id: str, now: dt.datetime) -> 
 
 @dataclasses.dataclass(frozen=True)
 class Forgotten:
-    """What :func:`forget` did: whether the user existed, and the segments they left."""
+    """What :func:`forget` did: whether the user existed, the segments they left, and
+    their message rows."""
 
     existed: bool
     segments: tuple[str, ...]
