@@ -123,7 +123,10 @@ class MembershipOutputs:
     def _count(self, users_evaluated: int) -> None:
         self._evaluated += users_evaluated
         mono = self.k.clock.monotonic()
-        self._rate.append((mono, users_evaluated))
+        if self._rate and self._rate[-1][0] == mono:  # one entry per clock reading: a
+            self._rate[-1] = (mono, self._rate[-1][1] + users_evaluated)  # frozen clock
+        else:  # (a simulation's, or a coarse one) must not grow it without bound
+            self._rate.append((mono, users_evaluated))
         while self._rate and self._rate[0][0] < mono - RATE_WINDOW:
             self._rate.popleft()
 

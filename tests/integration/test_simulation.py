@@ -226,3 +226,14 @@ def test_scheduled_refreshes_find_exits_at_their_time() -> None:
         exits = [e for e in sim.timeline("ann") if e.kind == "segment.exited"]
     assert [(e.detail["segment"], e.at) for e in exits] == [
         ("new-users", START + dt.timedelta(days=7, hours=1))]
+
+
+def test_a_frozen_clock_keeps_the_evaluation_rate_bounded() -> None:
+    """Ingest at one simulated moment: the segment engine's evaluation-rate history has
+    one entry for that moment, not one per evaluation (it was summed at every settle)."""
+    with Simulation(EXAMPLE, start=START) as sim:
+        for i in range(20):
+            sim.user(f"u{i}", email=f"u{i}@example.com")
+        segments = sim.engine.segments
+        assert segments.statistics().evaluated >= 20
+        assert len(segments._rate) == 1
