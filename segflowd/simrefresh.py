@@ -15,9 +15,10 @@ nothing, the segment returns exactly its members; until something is committed t
 store (``PRAGMA data_version``), what it returns can change only with time, and time
 reaches a segment only through its ``ago()`` binds. When every such bind is compared
 directly (``<``, ``<=``, ``>``, ``>=``; ``=`` and ``!=`` too in a Core query) with a
-stored date column, or with ``MIN``/``MAX`` of one, the answer of each comparison (and
-so the whole query) stays the same until the bind, moving with the clock, reaches the
-next stored value of that column: :func:`time_binds` finds those binds, and the next
+stored date column, or with ``MIN``/``MAX`` of one, and nothing else could stand in
+(no ``SELECT *``, no alias of that column's name, no date function), the answer of
+each comparison (and so the whole query) stays the same until the bind, moving with
+the clock, reaches the next stored value of that column: :func:`time_binds` finds those binds, and the next
 look is due no earlier than that moment. A segment without ``ago()`` binds is looked at
 only after a commit; one whose time the analysis cannot follow (a bind inside
 arithmetic or a function, SQL reading the database's own clock) at every refresh.
@@ -25,6 +26,7 @@ arithmetic or a function, SQL reading the database's own clock) at every refresh
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import re
@@ -37,6 +39,7 @@ from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter
 from sqlalchemy.sql.functions import max as sql_max
 from sqlalchemy.sql.functions import min as sql_min
+from sqlalchemy.sql.selectable import AliasedReturnsRows
 
 from .app import Ago, Segflow, SegmentDef, evaluating_at
 from .errors import AppError
@@ -115,7 +118,7 @@ class RefreshSchedule:
                 self._stable.pop(name, None)
             else:
                 self._stable[name] = (version, _next_change(conn, binds, now))
-        except sa.exc.SQLAlchemyError as exc:  # the engine's refresh records the error
+        except (sa.exc.SQLAlchemyError, ValueError) as exc:  # a refresh records the error
             log.debug("simulation.probe_failed", segment=name, error=str(exc)[:200])
             self._stable.pop(name, None)
             found = True
@@ -161,7 +164,7 @@ def _next_change(conn: sa.Connection, binds: tuple[TimeBind, ...],
         for table, column in sorted(bind.columns):
             col = metadata.tables[table].c[column]
             value = conn.execute(sa.select(sa.func.min(col)).where(col >= at)).scalar()
-            if isinstance(value, dt.datetime):
+            if isinstance(value, dt.datetime) and value < FOREVER - bind.delta:
                 first = min(first, value + bind.delta)
     return first
 
@@ -169,9 +172,12 @@ def _next_change(conn: sa.Connection, binds: tuple[TimeBind, ...],
 # -- which binds carry time, and what they are compared with ---------------------------
 
 # SQL that reads the database's own clock (or anything else that changes by itself).
+# The date functions too: with no time argument, or one computed ('n' || 'ow'), they
+# read the clock, and nothing short of evaluating the SQL tells which they do.
 _CLOCK = re.compile(r"\b(now|current_(timestamp|date|time)|localtime|utc|unixepoch|"
+                    r"date|time|datetime|julianday|strftime|timediff|"
                     r"random|randomblob|changes|total_changes|"
-                    r"last_insert_rowid|sysdate)\b", re.IGNORECASE)
+                    r"last_insert_rowid|sysdate)\b", re.IGNORECASE | re.ASCII)
 _CORE_COMPARISONS = {operators.lt, operators.le, operators.gt, operators.ge,
                      operators.eq, operators.ne}
 
@@ -199,22 +205,28 @@ def _core_binds(query: sa.Select[tuple[str]]
                 ) -> tuple[tuple[TimeBind, ...], set[int]] | None:
     """The binds of a Core query and the ids of the bind objects the walk saw."""
     agos: dict[int, Ago] = {}
+    uses: collections.Counter[int] = collections.Counter()  # each place a bind is used
     compared: dict[int, set[Column]] = {}
-    for el in visitors.iterate(query):
+    comparisons: collections.Counter[int] = collections.Counter()
+    for el in visitors.iterate(query):  # every occurrence, a shared element each time
+        if isinstance(el, AliasedReturnsRows) and el.name in metadata.tables:
+            return None  # WITH users AS (...): "users.created_at" is not the stored one
         if isinstance(el, BindParameter) and el.callable is not None:
             owner = getattr(el.callable, "__self__", None)
             if not isinstance(owner, Ago):
                 return None  # a bind computed at execution by something else
             agos[id(el)] = owner
+            uses[id(el)] += 1
         elif isinstance(el, BinaryExpression) and el.operator in _CORE_COMPARISONS:
             for bind, other in ((el.right, el.left), (el.left, el.right)):
                 column = _stored_column(other)
                 if isinstance(bind, BindParameter) and column is not None:
                     compared.setdefault(id(bind), set()).add(column)
+                    comparisons[id(bind)] += 1
     binds = []
     for key, owner in agos.items():
-        if key not in compared:
-            return None  # an ago() used some other way
+        if comparisons[key] != uses[key]:
+            return None  # an ago() used some other way too
         binds.append(TimeBind(owner.delta, frozenset(compared[key])))
     return tuple(binds), set(agos)
 
@@ -227,7 +239,7 @@ def _stored_column(el: object) -> Column | None:
             return None
         el = args[0]
     if (isinstance(el, sa.Column) and isinstance(el.table, sa.Table)
-            and el.table.name in metadata.tables
+            and metadata.tables.get(el.table.name) is el.table  # the store's, not a lookalike
             and isinstance(el.type, sa.DateTime)):
         return (el.table.name, el.name)
     return None
@@ -240,9 +252,9 @@ _TOKEN = re.compile(r"""
   | (?P<ident>(?:[A-Za-z_]\w*|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\])
        (?:\s*\.\s*(?:[A-Za-z_]\w*|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]))*)
   | (?P<number>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)
-  | (?P<op><=|>=|<>|!=|==|\|\||<<|>>|[-+*/%<>=(),;&|~.?])
-  | (?P<space>\s+)
-""", re.VERBOSE)
+  | (?P<op><=|>=|<>|!=|==|\|\||<<|>>|[-+*/%<>=(),;&|~.])
+  | (?P<space>[ \t\r\n\f]+)
+""", re.VERBOSE | re.ASCII)  # SQLite takes other characters (a no-break space) into names
 _INEQUALITIES = {"<", "<=", ">", ">="}
 # What may stand right before a comparison's left operand, and right after its right
 # one, without taking part in it (a tighter operator there would change the operand).
@@ -258,7 +270,14 @@ def _raw_binds(defn: SegmentDef) -> tuple[TimeBind, ...] | None:
     if tokens is None:
         return None
     agos = {f":{k}": v for k, v in defn.params.items() if isinstance(v, Ago)}
-    words = [t.lower() for kind, t in tokens if kind == "ident"]
+    # SQLite also takes a string where a name goes (AS 'created_at', FROM 'events'): a
+    # string counts as a name here, which only ever refuses more.
+    words = [t.lower() for kind, t in tokens if kind in ("ident", "string")]
+    for i, (_, text) in enumerate(tokens):
+        if text == "*" and not (i >= 2 and tokens[i - 1][1] == "("
+                                and tokens[i - 2][1].lower() == "count"
+                                and i + 1 < len(tokens) and tokens[i + 1][1] == ")"):
+            return None  # SELECT * brings columns in without naming them
     compared: dict[str, set[Column]] = {}
     operands: list[str] = []  # the column of every comparison found
     for i, (kind, text) in enumerate(tokens):
@@ -325,7 +344,7 @@ def _operand(tokens: list[tuple[str, str]], i: int) -> str | None:
 def _last(ident: str) -> str:
     """The column part of a (qualified, maybe quoted) identifier, lower-case."""
     part = re.split(r"\s*\.\s*", ident)[-1]
-    return part.strip('"`[]').lower()
+    return part.strip("\"`[]'").lower()
 
 
 def _schema_columns(column: str, words: list[str]) -> set[Column]:

@@ -44,6 +44,8 @@ EVENTS_AT = frozenset({("events", "created_at")})
     "SELECT user_id AS id FROM events GROUP BY user_id HAVING :cutoff <= min(created_at)",
     "SELECT user_id AS id FROM events WHERE NOT created_at < :cutoff",
     'SELECT user_id AS id FROM events WHERE "created_at" > :cutoff',
+    "SELECT user_id AS id FROM events GROUP BY user_id "
+    "HAVING count(*) > 2 AND MAX(created_at) < :cutoff",
 ])
 def test_a_bind_compared_with_a_stored_date_is_followed(sql: str) -> None:
     assert raw(sql, cutoff=ago(days=30)) == (TimeBind(30 * DAY, EVENTS_AT),)
@@ -69,6 +71,9 @@ def test_a_bind_compared_with_a_stored_date_is_followed(sql: str) -> None:
     ("SELECT user_id AS id FROM events WHERE created_at < coalesce(:cutoff, 0)",
      "inside coalesce"),
     ("SELECT user_id AS id FROM nowhere WHERE created_at < :cutoff", "an unknown table"),
+    ("SELECT user_id AS id FROM events WHERE created_at < :cutoff AND user_id <> ?1",
+     "a numbered parameter"),
+    ("SELECT id FROM (SELECT * FROM users) WHERE created_at < :cutoff", "SELECT *"),
 ])
 def test_a_bind_used_any_other_way_is_not_followed(sql: str, why: str) -> None:
     assert raw(sql, cutoff=ago(days=30)) is None, why
