@@ -462,6 +462,13 @@ class _Parser:
             raise self.error(
                 "email.provider", f"names no [providers.{c.email.provider}] table ({known})"
             )
+        plugin = c.providers[c.email.provider].options.get("plugin", c.email.provider)
+        if not c.http.public_url and plugin != "outbox":
+            raise self.error(
+                "http.public_url",
+                f"required when mail goes out through [providers.{c.email.provider}] "
+                f"({plugin}): the unsubscribe and tracking links in every message point "
+                "at it (e.g. https://mail.example.com)")
         for name, table in c.sources.items():
             if not table.get_str("url"):
                 raise self.error(f"sources.{name}.url", "required: give url or url_env")

@@ -27,7 +27,7 @@ from .checksources import check_data_sources
 from .checktemplates import template_problems, unknown_templates
 from .flowscan import scan_app
 
-__all__ = ["run_check"]
+__all__ = ["public_url_warnings", "run_check"]
 
 SCRATCH_URL = "sqlite+aiosqlite:///:memory:"
 _MYSQL_CANT_REOPEN = 1137  # MySQL reads a TEMPORARY table once per query
@@ -45,6 +45,8 @@ async def run_check(config: Config, app: Segflow, out: Callable[[str], None], *,
         f"{len(app.templates)} templates, {len(app.transactions)} transactions")
     calls = scan_app(app)
     problems.extend(unknown_templates(app, calls))
+    for line in public_url_warnings(config):
+        out(line)
 
     for name, table in config.providers.items():
         try:
@@ -58,6 +60,20 @@ async def run_check(config: Config, app: Segflow, out: Callable[[str], None], *,
     problems.extend(sources.problems)
     problems.extend(template_problems(app, calls, sources.profile))
     return problems
+
+
+def public_url_warnings(config: Config) -> list[str]:
+    """What ``[http] public_url`` costs the mail sent: links to the listen address
+    (none given, the outbox only), or no one-click unsubscribe (not https)."""
+    url = config.http.public_url
+    if not url:
+        return [f"warning: http.public_url is not set: links in messages point at "
+                f"http://{config.http.listen}, which only this machine can open"]
+    if not url.lower().startswith("https://"):
+        return [f"warning: http.public_url {url!r} is not https: messages go out without "
+                "List-Unsubscribe-Post (RFC 8058 one-click unsubscribe), which Gmail and "
+                "Yahoo require of bulk senders"]
+    return []
 
 
 async def _check_store_and_segments(config: Config, app: Segflow,

@@ -206,3 +206,26 @@ def test_repository_segflow_toml_loads_as_is() -> None:
     assert c.daemon.app == "examples/saas/flows.py:app"
     assert c.store.url.startswith(f"sqlite+aiosqlite:///{root}/var/")
     assert c.email.provider == "outbox"
+
+
+SENDING = """
+[daemon]
+app = "app.py:app"
+[email]
+provider = "mail"
+[providers.mail]
+plugin = "smtp"
+host = "smtp.example.com"
+"""
+
+
+def test_a_real_provider_needs_a_public_url(tmp_path: Path) -> None:
+    """Unsubscribe and tracking links must not point at the listen address when mail
+    leaves the machine; the outbox (files on disk) may go without."""
+    err = error_of(write(tmp_path, SENDING))
+    assert err.key == "http.public_url"
+    assert "[providers.mail] (smtp)" in str(err)
+    c = load_config(write(tmp_path, SENDING + '[http]\npublic_url = "https://m.example.com"\n'),
+                    {})
+    assert c.http.public_url == "https://m.example.com"
+    assert load_config(write(tmp_path, MINIMAL), {}).http.public_url == ""
