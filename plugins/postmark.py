@@ -1,8 +1,10 @@
 """The ``postmark`` provider: Postmark's ``/email/batch`` API over httpx.
 
 Options: ``server_token`` (or ``server_token_env``), ``message_stream`` (default
-``outbound``; broadcasts usually go to a ``broadcast`` stream), ``base_url`` (default
-``https://api.postmarkapp.com``), ``timeout`` (seconds), ``max_batch`` (at most 500).
+``outbound``), ``broadcast_stream`` (the stream of marketing mail, campaigns' and
+broadcasts', which Postmark requires to go apart from transactional mail; default: the
+``message_stream``), ``base_url`` (default ``https://api.postmarkapp.com``),
+``timeout`` (seconds), ``max_batch`` (at most 500).
 
 Each message in a batch has its own ``ErrorCode``: 0 sent; 406 (inactive recipient)
 fails the message and suppresses the address; 100/405/412/429 are transient; any
@@ -39,10 +41,11 @@ class PostmarkProvider:
     """Sends up to 500 messages per API call."""
 
     def __init__(self, ctx: ProviderContext) -> None:
-        o = Options(ctx, "postmark", ("server_token", "message_stream", "base_url", "timeout",
-                                      "max_batch"))
+        o = Options(ctx, "postmark", ("server_token", "message_stream", "broadcast_stream",
+                                      "base_url", "timeout", "max_batch"))
         self.token = o.text("server_token", required=True)
         self.stream = o.text("message_stream", DEFAULT_STREAM)
+        self.broadcast_stream = o.text("broadcast_stream") or self.stream
         self.base_url = o.text("base_url", DEFAULT_BASE_URL).rstrip("/")
         self.max_batch = o.integer("max_batch", MAX_BATCH)
         if not 1 <= self.max_batch <= MAX_BATCH:
@@ -54,7 +57,8 @@ class PostmarkProvider:
     def _payload(self, msg: OutgoingMessage) -> dict[str, object]:
         body: dict[str, object] = {
             "From": msg.sender, "To": msg.to, "Subject": msg.subject,
-            "HtmlBody": msg.html, "TextBody": msg.text, "MessageStream": self.stream,
+            "HtmlBody": msg.html, "TextBody": msg.text,
+            "MessageStream": self.broadcast_stream if msg.marketing else self.stream,
             "TrackOpens": False, "TrackLinks": "None",  # segflowd tracks, where asked to
             "Headers": [{"Name": n, "Value": v} for n, v in msg.headers],
             "Metadata": {"segflow_message": str(msg.id)},

@@ -2,7 +2,10 @@
 
 Requests are signed with AWS Signature Version 4 by ``httpx-auth``. Options: ``region``
 (required: the original's fault was ignoring it), ``access_key_id`` and
-``secret_access_key`` (or their ``_env`` forms), ``configuration_set``, ``endpoint_url``
+``secret_access_key`` (or their ``_env`` forms), ``configuration_set``,
+``configuration_set_marketing`` (the configuration set of campaigns' and broadcasts'
+mail, to keep its reputation and event destinations apart; default: the
+``configuration_set``), ``endpoint_url``
 (default ``https://email.<region>.amazonaws.com``; point it at moto in tests),
 ``timeout`` (seconds), ``concurrency`` is delivery's, ``max_batch``.
 
@@ -41,9 +44,12 @@ class SesProvider:
 
     def __init__(self, ctx: ProviderContext) -> None:
         o = Options(ctx, "ses", ("region", "access_key_id", "secret_access_key",
-                                 "configuration_set", "endpoint_url", "timeout", "max_batch"))
+                                 "configuration_set", "configuration_set_marketing",
+                                 "endpoint_url", "timeout", "max_batch"))
         self.region = o.text("region", required=True)
         self.configuration_set = o.text("configuration_set")
+        self.configuration_set_marketing = (o.text("configuration_set_marketing")
+                                            or self.configuration_set)
         self.endpoint = o.text("endpoint_url",
                                f"https://email.{self.region}.amazonaws.com").rstrip("/")
         self.max_batch = max(1, o.integer("max_batch", MAX_BATCH))
@@ -75,8 +81,10 @@ class SesProvider:
             "Destination": {"ToAddresses": [msg.to]},
             "Content": {"Raw": {"Data": base64.b64encode(msg.mime).decode("ascii")}},
         }
-        if self.configuration_set:
-            body["ConfigurationSetName"] = self.configuration_set
+        configuration_set = (self.configuration_set_marketing if msg.marketing
+                             else self.configuration_set)
+        if configuration_set:
+            body["ConfigurationSetName"] = configuration_set
         try:
             resp = await self._client.post("/v2/email/outbound-emails", json=body)
         except NOT_SENT as exc:  # no request reached SES

@@ -4,8 +4,14 @@ Options: ``host``, ``port`` (default 587), ``security`` (``starttls`` the defaul
 for implicit TLS on 465, ``none``), ``username``/``password`` (or ``password_env``),
 ``timeout`` (seconds), ``validate_certs`` (default true), ``max_batch``.
 
-5xx answers for a recipient are permanent (550/551/553 also suppress the address); 4xx
-answers are transient, as are a refused or lost connection before DATA: nothing was sent.
+5xx answers are permanent and 4xx answers transient, as are a refused or lost connection
+before DATA: nothing was sent. Only the recipient's fault suppresses the address: a 5xx
+answer to RCPT TO whose enhanced status code says the mailbox is bad (5.1.x but for 5.1.7
+and 5.1.8, which are about the sender; 5.2.1), or a 550/551/553 there without an enhanced
+code. An answer to MAIL FROM, to DATA or before
+(greeting, AUTH), and a 5.7.x or sender-address answer to RCPT TO, is about the sender: the
+message fails (or is retried) without suppressing, and a permanent one is logged as
+``smtp.sender_rejected`` with the stage and codes (a provider-health problem).
 Once DATA began, a timeout or a lost connection leaves the outcome open: the server may
 have the whole message, so it is *maybe sent* (``unknown``, never re-sent). An answer
 refusing the data is still a refusal (nothing was taken).
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +45,13 @@ DEFAULT_TIMEOUT = 30.0  # seconds per SMTP command
 MAX_BATCH = 1
 ABORT_TURNS = 3  # event-loop turns an aborted transport needs to close its socket
 SUPPRESS_CODES = frozenset({550, 551, 553})  # mailbox unavailable / not local / bad name
+# Enhanced status codes (RFC 3463, subject.detail) of a RCPT answer that name the sender's
+# address, not the recipient's: they never suppress.
+SENDER_ADDRESS_STATUS = frozenset({"1.7", "1.8"})
+REPLY_LOGGED = 200  # characters of a server's reply kept in a log line
+STAGES = {"connect": "the greeting", "helo": "EHLO/HELO", "auth": "AUTH",
+          "mail": "MAIL FROM", "rcpt": "RCPT TO", "data": "DATA", "session": "the session"}
+_STATUS = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
 
 class _Client(aiosmtplib.SMTP):
@@ -76,6 +90,7 @@ class SmtpProvider:
                     "allow_plaintext_auth = true (a relay on this machine or a trusted link)")
             log.warning("smtp.plaintext_auth", provider=ctx.name, host=self.host,
                         hint="the SMTP password crosses the network unencrypted")
+        self.name = ctx.name
         self.max_batch = max(1, o.integer("max_batch", MAX_BATCH))
         self._client: _Client | None = None
         self._lock = anyio.Lock()
@@ -119,10 +134,11 @@ class SmtpProvider:
         except aiosmtplib.SMTPRecipientsRefused as exc:
             refused = exc.recipients[0] if exc.recipients else None
             code = refused.code if refused is not None else 550
-            return _answer(code, str(refused.message if refused else exc))
+            return self._answer(msg, "rcpt", code, str(refused.message if refused else exc))
         except aiosmtplib.SMTPResponseException as exc:  # an answer, even to the data: refused
             await self._drop()
-            return _answer(exc.code, exc.message)
+            stage = _stage(exc, data_started=client is not None and client.data_started)
+            return self._answer(msg, stage, exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             await self._drop()
             error = f"smtp: {type(exc).__name__}: {exc}"
@@ -133,7 +149,7 @@ class SmtpProvider:
             return SendResult(ok=False, error=error, transient=True)
         if errors:
             code, text = next(iter(errors.values()))
-            return _answer(code, text)
+            return self._answer(msg, "rcpt", code, text)
         return SendResult(ok=True, provider_message_id=reply.strip() or msg.message_id)
 
     async def _drop(self) -> None:
@@ -150,12 +166,69 @@ class SmtpProvider:
             except aiosmtplib.SMTPException:
                 client.close()
 
+    def _answer(self, msg: OutgoingMessage, stage: str, code: int, text: str) -> SendResult:
+        """The result for the server's answer ``code`` to ``stage``; a permanent refusal
+        that is about the sender is logged as a provider-health problem."""
+        result, sender_side = _classify(stage, code, text)
+        if sender_side:
+            status, reply = _split_status(text)
+            log.warning("smtp.sender_rejected", provider=self.name, host=self.host,
+                        stage=STAGES.get(stage, stage), code=code, status=status,
+                        reply=reply[:REPLY_LOGGED], message=msg.id)
+        return result
 
-def _answer(code: int, text: str) -> SendResult:
-    error = f"smtp {code}: {text}"
+
+def _split_status(text: str) -> tuple[str | None, str]:
+    """The enhanced status code a reply begins with (``"5.1.1"``), if any, and the rest."""
+    m = _STATUS.match(text)
+    if m is None:
+        return None, text.strip()
+    return ".".join(m.groups()), text[m.end():].strip()
+
+
+def _classify(stage: str, code: int, text: str) -> tuple[SendResult, bool]:
+    """The result for an SMTP answer ``code`` (with its reply ``text``) to ``stage``
+    (``rcpt``, ``mail``, ``data``, ...), and whether it is a permanent refusal about the
+    sender. Only the recipient's fault suppresses (see the module's docstring)."""
+    status, reply = _split_status(text)
+    where = STAGES.get(stage, stage)
+    error = f"smtp {code}{f' {status}' if status else ''} at {where}: {reply}"
     if 400 <= code < 500:
-        return SendResult(ok=False, error=error, transient=True)
-    return SendResult(ok=False, error=error, suppress=code in SUPPRESS_CODES)
+        return SendResult(ok=False, error=error, transient=True), False
+    detail = status.split(".", 1)[1] if status else None
+    if stage == "rcpt":
+        if detail is None:
+            suppress = code in SUPPRESS_CODES
+        elif detail.startswith("7.") or detail in SENDER_ADDRESS_STATUS:
+            suppress = False
+        else:
+            # An enhanced code says what is wrong: only a bad mailbox is the recipient's
+            # for good (5.2.2 "mailbox full", 5.3.x "system" pass, or are the server's).
+            suppress = detail.startswith("1.") or detail == "2.1"
+        sender_side = detail is not None and (detail.startswith("7.")
+                                              or detail in SENDER_ADDRESS_STATUS)
+    else:
+        suppress, sender_side = False, 500 <= code < 600
+    if sender_side:
+        error += " (a refusal of the sender or the message, not the recipient: not suppressed)"
+    return SendResult(ok=False, error=error, suppress=suppress), sender_side
+
+
+def _stage(exc: aiosmtplib.SMTPResponseException, *, data_started: bool) -> str:
+    """Which command ``exc`` answered."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
+        return "rcpt"
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+        return "mail"
+    if isinstance(exc, aiosmtplib.SMTPDataError) or data_started:
+        return "data"
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return "auth"
+    if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
+        return "connect"
+    if isinstance(exc, aiosmtplib.SMTPHeloError):
+        return "helo"
+    return "session"
 
 
 async def _abort(client: aiosmtplib.SMTP) -> None:

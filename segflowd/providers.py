@@ -25,6 +25,7 @@ from .errors import ProviderError
 __all__ = [
     "DELIVERY_OPTIONS",
     "ENTRY_POINT_GROUP",
+    "MARKETING_KINDS",
     "ForgettingProvider",
     "OutgoingMessage",
     "Provider",
@@ -41,12 +42,19 @@ DELIVERY_OPTIONS = frozenset({"rate", "burst", "concurrency", "render_processes"
                               "webhook_username", "webhook_password", "webhook_topic_arn"})
 
 
+# Message kinds that are marketing (bulk) mail; "transaction" and "test" are not.
+MARKETING_KINDS = frozenset({"campaign", "broadcast"})
+
+
 @dataclasses.dataclass(frozen=True)
 class OutgoingMessage:
     """A rendered message ready to send: ``mime`` is the whole RFC 5322 message.
 
     The parts are also given separately for APIs that take JSON rather than MIME
     (Postmark): ``headers`` are the extra headers (List-Unsubscribe, ...), already safe.
+    ``kind`` is the message's kind (``campaign``, ``broadcast``, ``transaction``,
+    ``test``; empty when not known): a provider may send marketing kinds
+    (:data:`MARKETING_KINDS`) apart, on a stream or configuration set of their own.
     """
 
     id: int  # the outbox row
@@ -59,6 +67,12 @@ class OutgoingMessage:
     text: str = ""
     reply_to: str = ""
     headers: tuple[tuple[str, str], ...] = ()
+    kind: str = ""
+
+    @property
+    def marketing(self) -> bool:
+        """Whether this is marketing (bulk) mail: a campaign's or a broadcast's."""
+        return self.kind in MARKETING_KINDS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,11 @@ template, and ``profile`` where the app preloads one (its columns when the data 
 was reachable). What cannot be known statically is never a problem: a template sent with
 ``**data``, by a computed name or only by broadcasts (whose data an operator gives at
 launch) accepts any top-level name. What is reported: syntax errors, missing files, and
-variables that are undefined in that context, with the template file and line.
+variables that are undefined in that context, with the template file and line; and, in
+an HTML template or anything it includes, imports or extends, what turns escaping off:
+an ``{% autoescape %}`` block whose value is not a literal true, and ``|safe`` (also
+``{% filter safe %}``) over anything that reads a variable other than ``message`` or
+``unsubscribe_url``, since user data is the one thing a template cannot vouch for.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import jinja2
 import jinja2.meta
+from jinja2 import nodes
 
 from ..app import Segflow, TemplateDef
 from ..delivery.templates import Renderer, SampleData, SampleValue, sample_user
@@ -26,6 +31,9 @@ from .flowscan import SEND_COMMANDS, TEMPLATE_COMMANDS, FlowCall
 __all__ = ["template_problems", "unknown_templates"]
 
 SAMPLE_UNSUBSCRIBE = "https://segflow.invalid/u/sample"
+# Names whose values segflowd makes itself, never user data: ``|safe`` on them is no risk.
+OWN_NAMES = frozenset({"message", "unsubscribe_url", "caller", "loop", "super", "self",
+                       "varargs", "kwargs"})
 
 
 def unknown_templates(app: Segflow, calls: Sequence[FlowCall]) -> list[str]:
@@ -72,7 +80,68 @@ def template_problems(app: Segflow, calls: Sequence[FlowCall],
             for name in _names_used(renderer, tpl):
                 context.setdefault(name, SampleValue(f"<{name}>"))
         problems.extend(_render(renderer, tpl, context))
+        problems.extend(escaping_problems(renderer.env, tpl))
     return problems
+
+
+def escaping_problems(env: jinja2.Environment, tpl: TemplateDef) -> list[str]:
+    """A problem per place in ``tpl``'s HTML (and what it pulls in) that is not escaped.
+
+    ``file:line: template 'NAME': ...`` for an ``{% autoescape %}`` block that may turn
+    escaping off and for ``|safe`` over data; each file is reported once per template.
+    """
+    where = f"template {tpl.name!r}"
+    out: list[str] = []
+    try:
+        for filename, ast in _parsed(env, [tpl.html]):
+            for line, what in _unescaped(ast):
+                out.append(f"{filename}:{line}: {where}: {what}")
+    except (jinja2.TemplateError, OSError):
+        pass  # a file that does not load or parse is reported when it renders
+    return out
+
+
+def _unescaped(ast: nodes.Template) -> Iterator[tuple[int, str]]:
+    for block in ast.find_all(nodes.EvalContextModifier):
+        for option in block.options:
+            if option.key == "autoescape" and not (
+                    isinstance(option.value, nodes.Const) and option.value.value is True):
+                yield (block.lineno, "{% autoescape %} turns HTML escaping off: user data "
+                       "would go into the message as HTML; remove the block")
+    for f in ast.find_all(nodes.Filter):
+        if f.name != "safe" or f.node is None:
+            continue
+        read = _data_names(f.node)
+        if read:
+            yield (f.lineno, f"|safe on {', '.join(sorted(read))} puts data into the "
+                   "message as HTML, unescaped; remove |safe (write the markup in the "
+                   "template and let the values be escaped)")
+    for fb in ast.find_all(nodes.FilterBlock):
+        if fb.filter.name == "safe":
+            read = set().union(*(_data_names(n) for n in fb.body))
+            if read:
+                yield (fb.lineno, f"{{% filter safe %}} over {', '.join(sorted(read))} "
+                       "puts data into the message as HTML, unescaped; remove it")
+
+
+def _data_names(node: nodes.Node) -> set[str]:
+    return {n.name for n in node.find_all(nodes.Name)
+            if n.ctx == "load" and n.name not in OWN_NAMES}
+
+
+def _parsed(env: jinja2.Environment, names: list[str]
+            ) -> Iterator[tuple[str, nodes.Template]]:
+    """``(file, parse)`` of each template ``names`` reach through include/import/extends."""
+    seen: set[str] = set()
+    while names:
+        name = names.pop()
+        if name in seen or env.loader is None:
+            continue
+        seen.add(name)
+        source, filename, _ = env.loader.get_source(env, name)
+        ast = env.parse(source, name, filename)
+        yield filename or name, ast
+        names.extend(n for n in jinja2.meta.find_referenced_templates(ast) if n is not None)
 
 
 def _sample_event() -> SampleData:
@@ -88,9 +157,9 @@ def _render(renderer: Renderer, tpl: TemplateDef, context: Mapping[str, object]
     try:
         parts.append((f"{tpl.origin}: {where}: subject",
                       renderer.text_env.from_string(tpl.subject)))
-        for f in (tpl.html, tpl.text):
-            if f:
-                parts.append((f"{where}: {f}", renderer.env.get_template(f)))
+        parts.append((f"{where}: {tpl.html}", renderer.env.get_template(tpl.html)))
+        if tpl.text:  # a text= part is plain text: rendered unescaped
+            parts.append((f"{where}: {tpl.text}", renderer.plain_env.get_template(tpl.text)))
     except jinja2.TemplateSyntaxError as exc:
         at = f"{exc.filename}:{exc.lineno}" if exc.filename else f"{tpl.origin}"
         return [f"{at}: {where}: {exc.message}"]

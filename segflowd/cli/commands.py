@@ -37,6 +37,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "segflowd.cli.preview",  # render a template for a user into .html and .eml files
     "segflowd.cli.sources",  # discover: run a data source's queries on its database
     "segflowd.cli.simulate",  # a scripted scenario under a virtual clock, as a table
+    "segflowd.cli.suppressions",  # list, remove or export the suppression list (the store)
 )
 
 

@@ -1,13 +1,17 @@
 """Building the RFC 5322 message: multipart/alternative, Message-ID, Date, From/Reply-To.
 
 Campaign and broadcast messages carry ``List-Unsubscribe`` (URL, and mailto where
-configured) and ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058);
-transactional and test messages do not.
+configured) and, when that URL is https, ``List-Unsubscribe-Post:
+List-Unsubscribe=One-Click`` (RFC 8058), and ``Precedence: bulk`` with ``Auto-Submitted:
+auto-generated`` (no auto-replies, RFC 3834); transactional and test messages do not.
 
 No header injection: every value that came from data (subject, names, addresses) is
 folded to one line first, and an address that still does not parse as exactly one
 address is refused with :class:`InvalidAddress`; the stdlib's header policy then
 refuses any CR/LF that might be left, so no value can ever start a header of its own.
+Control characters (NUL, BEL, ESC, DEL, the C1 range) are dropped from the subject and
+display names, and a value that holds ``=?`` goes out as an RFC 2047 encoded-word
+itself, so a reader shows the text the data held instead of decoding it.
 """
 
 from __future__ import annotations
@@ -23,14 +27,13 @@ import re
 import secrets
 from email.headerregistry import Address
 
-from ..providers import OutgoingMessage
+from ..providers import MARKETING_KINDS, OutgoingMessage
 
 __all__ = [
-    "InvalidAddress", "MessageParts", "build_message", "make_message_id", "one_line",
-    "parse_address",
+    "InvalidAddress", "MessageParts", "build_message", "header_text", "make_message_id",
+    "one_line", "parse_address",
 ]
 
-MARKETING_KINDS = frozenset({"campaign", "broadcast"})
 
 
 class InvalidAddress(ValueError):
@@ -40,6 +43,17 @@ class InvalidAddress(ValueError):
 def one_line(value: str) -> str:
     """Fold every run of whitespace (CR and LF included) into one space."""
     return " ".join(str(value).split())
+
+
+# C0 controls, DEL and C1 controls that are not whitespace: dropped from header text.
+# The whitespace ones (TAB, CR, LF, FS..US, NEL) are folded into a space instead.
+_DROP_CONTROLS = {c: None for c in (*range(0x20), *range(0x7F, 0xA0)) if not chr(c).isspace()}
+
+
+def header_text(value: str) -> str:
+    """``value`` as one line of header text: whitespace runs folded into one space and
+    control characters (NUL, BEL, ESC, DEL, ...) dropped, so none reaches a reader."""
+    return " ".join(str(value).translate(_DROP_CONTROLS).split())
 
 
 # A bare dot-atom address (``ann.lee+x@mail.example.com``): what nearly every recipient
@@ -67,7 +81,7 @@ def parse_address(value: str, what: str) -> Address:
     if not local or not domain or " " in addr or "," in addr:
         raise InvalidAddress(f"{what} {raw!r} is not one email address")
     try:
-        return Address(display_name=one_line(name), addr_spec=addr)
+        return Address(display_name=header_text(name), addr_spec=addr)
     except (ValueError, IndexError, email.errors.HeaderParseError) as exc:
         raise InvalidAddress(f"{what} {raw!r} is not valid: {exc}") from None
 
@@ -116,7 +130,10 @@ def _header_value(value: str) -> str:
 
 
 def _address(a: Address) -> str:
-    return email.utils.formataddr((a.display_name, a.addr_spec), charset="utf-8")
+    name = a.display_name
+    if "=?" in name:  # written as an encoded-word, it reads back as the text it is
+        return f"{email.header.Header(name, 'utf-8', maxlinelen=998).encode()} <{a.addr_spec}>"
+    return email.utils.formataddr((name, a.addr_spec), charset="utf-8")
 
 
 MAX_LINE = 998  # octets per line, CRLF excluded (RFC 5322 2.1.1)
@@ -148,7 +165,7 @@ def build_message(p: MessageParts) -> OutgoingMessage:
     sender = parse_address(p.sender, "From")
     to = parse_address(p.to, "recipient")
     reply_to = parse_address(p.reply_to, "Reply-To") if p.reply_to else None
-    subject = one_line(p.subject)
+    subject = header_text(p.subject)
     message_id = one_line(p.message_id)
     headers: list[tuple[str, str]] = [
         ("From", _address(sender)), ("To", _address(to))]
@@ -165,7 +182,10 @@ def build_message(p: MessageParts) -> OutgoingMessage:
             token = p.unsubscribe_url.rstrip("/").rsplit("/", 1)[-1]
             targets.append(f"<mailto:{mailto}?subject=unsubscribe%20{one_line(token)}>")
         extra.append(("List-Unsubscribe", ", ".join(targets)))
-        extra.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+        if p.unsubscribe_url.lower().startswith("https://"):  # RFC 8058 wants HTTPS
+            extra.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+    if p.kind in MARKETING_KINDS:  # bulk mail: no auto-replies (RFC 3834), no vacation notes
+        extra += [("Precedence", "bulk"), ("Auto-Submitted", "auto-generated")]
     boundary = f"=_segflow_{secrets.token_hex(12)}"
     headers += extra
     headers += [("MIME-Version", "1.0"),
@@ -187,4 +207,5 @@ def build_message(p: MessageParts) -> OutgoingMessage:
         id=p.row_id, message_id=message_id, sender=_address(sender), to=_address(to),
         subject=subject, mime=mime, html=p.html, text=p.text,
         reply_to=_address(reply_to) if reply_to is not None else "", headers=tuple(extra),
+        kind=p.kind,
     )

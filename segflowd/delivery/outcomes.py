@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import datetime as dt
 import random
+import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,10 @@ Event = tuple[str, dict[str, object]]  # a bus event: kind, data
 RATE_WINDOW = 60  # seconds of sends behind sent_per_second
 ERROR_MAX = 4000  # characters of an error kept in last_error
 PROVIDER_ID_MAX = 255  # characters: messages.provider_message_id's length
+REASON_MAX = 32  # characters: suppressions.reason's length
+# A provider's error that begins "<plugin> <code>[ <enhanced code>]" ("smtp 550 5.1.1 at
+# RCPT TO: ...", "postmark 406: ..."): the codes go into the suppression's reason.
+_BOUNCE_CODE = re.compile(r"[A-Za-z][\w.-]* (\d{3})(?: ([245]\.\d{1,3}\.\d{1,3}))?(?=[\s:]|$)")
 STOPPED_WHILE_SENDING = ("delivery stopped while the provider had the message: it may or "
                          "may not have been delivered (not re-sent)")
 
@@ -177,10 +182,12 @@ class Outcomes:
         """The row's update (and suppression); its events when the row was still ours."""
         events: list[Event] = []
         if d.suppress is not None:
+            detail = str(d.values["last_error"] or "")
+            reason = _bounce_reason(detail)
             await conn.execute(self.k.store.insert_ignore(suppressions).values(
-                address=d.suppress, reason="bounce", source=self.provider_name,
-                detail=str(d.values["last_error"] or "")[:1000], created_at=now))
-            events.append(("address.suppressed", {"address": d.suppress, "reason": "bounce",
+                address=d.suppress, reason=reason, source=self.provider_name,
+                detail=detail[:1000], created_at=now))
+            events.append(("address.suppressed", {"address": d.suppress, "reason": reason,
                                                   "source": self.provider_name}))
         done = await conn.execute(sa.update(messages).where(
             messages.c.id == p.row["id"], messages.c.status == "sending").values(**d.values))
@@ -328,6 +335,16 @@ class _Decision:
     values: dict[str, object]
     event: Event
     suppress: str | None
+
+
+def _bounce_reason(error: str) -> str:
+    """The suppression reason for a bounce the provider reported with ``error``:
+    ``bounce:<code>[ <enhanced code>]`` when the error begins with its codes
+    (``bounce:550 5.1.1``), else ``bounce``."""
+    m = _BOUNCE_CODE.match(error)
+    if m is None:
+        return "bounce"
+    return f"bounce:{' '.join(g for g in m.groups() if g)}"[:REASON_MAX]
 
 
 def _seconds(s: float) -> dt.timedelta:

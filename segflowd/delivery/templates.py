@@ -2,25 +2,31 @@
 
 Templates come from the app's folder; the shipped component library is under the
 ``segflow/`` prefix (``{% import "segflow/components.html" as ui %}``,
-``{% extends "segflow/layout.html" %}``). :func:`add_tracking` rewrites a rendered
-message's links for click tracking and adds the open pixel.
+``{% extends "segflow/layout.html" %}``). Every HTML template, and everything it
+includes, imports or extends, is autoescaped whatever its file name (``.html``,
+``.jinja``, ``.mjml``, ...); only a template's ``text=`` part (and what *it* includes)
+is rendered unescaped. :func:`add_tracking` rewrites a rendered message's links for
+click tracking, from lxml's parse of the HTML, and adds the open pixel.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html as html_lib
 import re
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import css_inline
 import jinja2
+from lxml import etree
 
 from ..app import Segflow, TemplateDef
 from ..errors import TemplateError
 from .htmltext import html_to_text
+from .mime import header_text
 
 __all__ = ["COMPONENTS_DIR", "Rendered", "Renderer", "SampleData", "SampleValue",
            "add_tracking", "event_context", "html_to_text", "sample_user"]
@@ -29,8 +35,9 @@ COMPONENTS_DIR = Path(__file__).with_name("components")  # shipped as package da
 COMPONENTS_PREFIX = "segflow"
 NO_TRACK_ATTR = "data-segflow-notrack"  # an <a> with it keeps its own href (unsubscribe)
 
-_ANCHOR = re.compile(r"<a\b[^>]*>", re.IGNORECASE)
-_HREF = re.compile(r"""(\shref\s*=\s*)(?:"([^"]*)"|'([^']*)')""", re.IGNORECASE)
+_WEB_SCHEMES = frozenset({"http", "https"})  # the only links ever signed for tracking
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")  # in a link: never signed, never redirected to
+PIXEL_STYLE = "display:block;border:0;width:1px;height:1px"
 # A whole start tag, attribute values may hold ">"; only such tags are touched.
 _START_TAG = re.compile(r"""<[A-Za-z][^\s/>"']*(?:\s+[^\s=/>"']+(?:\s*=\s*(?:"[^"]*"|'[^']*'"""
                         r"""|[^\s>"']+))?)*\s*/?>""")
@@ -47,8 +54,6 @@ def _escape_angles(m: re.Match[str]) -> str:
         return tag
     return tag[0] + _QUOTED.sub(lambda q: q.group(0).replace("<", "&lt;").replace(">", "&gt;"),
                                 tag[1:-1]) + tag[-1]
-
-_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +109,14 @@ class Renderer:
                 jinja2.PrefixLoader({
                     COMPONENTS_PREFIX: jinja2.FileSystemLoader(str(COMPONENTS_DIR))}),
             ]),
-            autoescape=jinja2.select_autoescape(["html", "htm", "xml", "j2"],
-                                                default_for_string=False),
+            # Never by file name: a ".jinja" or ".mjml" file holds HTML all the same.
+            autoescape=True,
             undefined=jinja2.StrictUndefined,
             auto_reload=False,
         )
+        # ``text=`` parts are plain text: the same files, compiled unescaped (an overlay
+        # has its own template cache, so a file used by both is compiled once for each).
+        self.plain_env = self.env.overlay(autoescape=False)
         # Subjects are text: no HTML escaping of "Tom & Jerry".
         self.text_env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
         self._subjects: dict[str, jinja2.Template] = {}
@@ -138,7 +146,7 @@ class Renderer:
         try:
             subject = self._subject(tpl.subject).render(context)
             html = self.env.get_template(tpl.html).render(context)
-            text = (self.env.get_template(tpl.text).render(context) if tpl.text
+            text = (self.plain_env.get_template(tpl.text).render(context) if tpl.text
                     else html_to_text(html))
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"{where}: {exc.filename or tpl.html}:{exc.lineno}: "
@@ -158,40 +166,69 @@ class Renderer:
         # harmless to browsers, but escaped again here so no client ever sees a "<script".
         if _MAYBE_ANGLE_VALUE.search(inlined) is not None:
             inlined = _START_TAG.sub(_escape_angles, inlined)
-        # A subject is one line: a CR/LF from data can never start a new header.
-        subject = " ".join(subject.split())
+        # A subject is one line: a CR/LF from data can never start a new header, and no
+        # control character (NUL, ESC, ...) reaches a header or a terminal showing it.
+        subject = header_text(subject)
         return Rendered(subject=subject, html=inlined, text=text)
 
 
 def add_tracking(html: str, click_url: Callable[[str], str], pixel_url: str | None) -> str:
-    """Point each http(s) link at ``click_url(original)`` and add the open pixel.
+    """Point each ``<a href>`` to an http(s) URL at ``click_url(url)``; add the open pixel.
 
-    Links marked ``data-segflow-notrack`` (the unsubscribe link) and non-web links
-    (``mailto:``, ``#anchor``) are left alone.
+    The links are the ``<a>`` elements of lxml's parse of ``html``, so text that only
+    looks like a link (an ``href=`` inside another attribute's value, a comment, a
+    script) is never signed. Links marked ``data-segflow-notrack`` (the unsubscribe
+    link), links of any other scheme (``mailto:``, ``tel:``, ``javascript:``,
+    ``data:``), relative links and ``#anchors`` keep their own ``href``. The document is
+    re-serialized by lxml: the same HTML, though a link holding a space or non-ASCII
+    character comes out percent-encoded and ``&nbsp;`` as the character itself.
     """
-
-    def anchor(m: re.Match[str]) -> str:
-        tag = m.group(0)
-        if NO_TRACK_ATTR in tag:
-            return tag
-
-        def href(h: re.Match[str]) -> str:
-            raw = h.group(2) if h.group(2) is not None else (h.group(3) or "")
-            url = html_lib.unescape(raw).strip()
-            if not re.match(r"^https?://", url, re.IGNORECASE):
-                return h.group(0)
-            return f'{h.group(1)}"{html_lib.escape(click_url(url), quote=True)}"'
-
-        return _HREF.sub(href, tag, count=1)
-
-    out = _ANCHOR.sub(anchor, html)
+    root = _parse_document(html)
+    if root is None:  # nothing an HTML parser finds an element in: no link to track
+        return html + (_pixel_tag(pixel_url) if pixel_url else "")
+    for a in root.iter("a"):
+        href = a.get("href")
+        if href is None or NO_TRACK_ATTR in a.attrib:
+            continue
+        url = href.strip()
+        if _is_web_url(url):
+            a.set("href", click_url(url))
     if pixel_url:
-        pixel = (f'<img src="{html_lib.escape(pixel_url, quote=True)}" width="1" height="1" '
-                 'alt="" style="display:block;border:0;width:1px;height:1px">')
-        found = list(_BODY_END.finditer(out))
-        if found:
-            at = found[-1].start()
-            out = out[:at] + pixel + out[at:]
-        else:
-            out += pixel
-    return out
+        body = root.find("body")
+        etree.SubElement(root if body is None else body, "img", {
+            "src": pixel_url, "width": "1", "height": "1", "alt": "", "style": PIXEL_STYLE})
+    return etree.tostring(root.getroottree(), method="html", encoding="unicode")
+
+
+_PARSERS = threading.local()  # an lxml parser is not to be shared between threads
+
+
+def _parse_document(html: str) -> etree._Element | None:
+    parser: etree.HTMLParser | None = getattr(_PARSERS, "html", None)
+    if parser is None:  # no doctype added: a document without one stays without
+        parser = _PARSERS.html = etree.HTMLParser(default_doctype=False)
+    try:
+        try:
+            return etree.fromstring(html, parser)
+        except ValueError:  # a str holding an XML encoding declaration: parse its bytes
+            return etree.fromstring(html.encode("utf-8"),
+                                    etree.HTMLParser(encoding="utf-8", default_doctype=False))
+    except etree.XMLSyntaxError:  # lxml's answer to an empty document
+        return None
+
+
+def _is_web_url(url: str) -> bool:
+    """An absolute http(s) URL with a host, and no control character anywhere."""
+    if _CONTROLS.search(url) is not None:
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        return False
+    return parts.scheme.lower() in _WEB_SCHEMES and bool(parts.netloc)
+
+
+def _pixel_tag(pixel_url: str) -> str:
+    img = etree.Element("img", {"src": pixel_url, "width": "1", "height": "1", "alt": "",
+                                "style": PIXEL_STYLE})
+    return etree.tostring(img, method="html", encoding="unicode")

@@ -7,6 +7,17 @@ notifications of SES bounces and complaints: the SNS signature is verified again
 certificate at ``SigningCertURL``, which must be an https URL on an ``amazonaws.com``
 SNS host; a ``SubscriptionConfirmation`` is confirmed by fetching its ``SubscribeURL``
 (also checked). Optionally ``webhook_topic_arn`` in the ``ses`` table pins the topic.
+
+Only the recipient's fault suppresses: a complaint, or a bounce that says the address is
+dead. Postmark: ``HardBounce``, ``BadEmailAddress``, ``ManuallyDeactivated``, or any
+other bounce Postmark marked ``Inactive``, but never ``Blocked``, ``DMARCPolicy`` or
+``SpamNotification`` (a block of the sender's IP or domain, which Postmark keeps active).
+SES: a ``Permanent`` bounce of subtype ``General``, ``NoEmail``, ``Suppressed`` or
+``OnAccountSuppressionList`` whose recipient status is not a policy (5.7.x) or
+sender-address (5.1.7, 5.1.8) code; a complaint unless its feedback type is ``not-spam``.
+A bounce that does not suppress is logged (``webhook.sender_rejected`` when it is about the
+sender, ``webhook.bounce_ignored`` otherwise). The stored reason names the bounce type:
+``bounce:HardBounce``, ``bounce:General 5.1.1``, ``complaint``, ``complaint:abuse``.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import binascii
 import datetime as dt
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,9 +50,18 @@ log = structlog.get_logger("segflowd.webhooks")
 FETCH_TIMEOUT = 10.0  # seconds to fetch an SNS certificate or confirm a subscription
 CERT_CACHE = 32  # SNS signing certificates kept (AWS uses a handful; the oldest goes first)
 WEBHOOK_BODY_LIMIT = 256 * 1024  # bytes
+REASON_MAX = 32  # characters: suppressions.reason's length
 # Postmark bounce types after which the address must not be mailed again.
-POSTMARK_HARD = frozenset({"HardBounce", "BadEmailAddress", "ManuallyDeactivated",
-                           "SpamNotification", "Blocked", "DMARCPolicy"})
+POSTMARK_HARD = frozenset({"HardBounce", "BadEmailAddress", "ManuallyDeactivated"})
+# Postmark bounce types about the sender (an IP or domain block, DMARC, a spam filter):
+# Postmark keeps the address active, and so do we, whatever else the webhook says.
+POSTMARK_SENDER = frozenset({"Blocked", "DMARCPolicy", "SpamNotification"})
+# SES subtypes of a Permanent bounce that say the address is dead (UnsupportedAttachment
+# is about the message).
+SES_HARD = frozenset({"General", "NoEmail", "Suppressed", "OnAccountSuppressionList"})
+# Enhanced status codes (subject.detail) of a refusal about the sender or its policy.
+SENDER_STATUS = re.compile(r"7\.\d{1,3}|1\.[78]")
+_STATUS = re.compile(r"(?<![\d.])[245]\.(\d{1,3}\.\d{1,3})(?![\d.])")
 
 Fetch = Callable[[str], Awaitable[bytes]]
 
@@ -122,6 +143,7 @@ async def suppress(k: Kernel, address: str, reason: str, source: str, detail: st
     addr = address.strip().lower()
     if not addr or "@" not in addr:
         return False
+    reason = reason[:REASON_MAX]
     now: dt.datetime = k.clock.now()
     async with k.store.begin() as conn:
         done = await conn.execute(k.store.insert_ignore(suppressions).values(
@@ -129,7 +151,8 @@ async def suppress(k: Kernel, address: str, reason: str, source: str, detail: st
     new = bool(done.rowcount)
     if new:
         log.info("address.suppressed", address=addr, reason=reason, source=source)
-        k.metrics.inc("segflow_suppressions_total", reason=reason)
+        # The label is the kind alone (bounce, complaint): bounded whatever the types.
+        k.metrics.inc("segflow_suppressions_total", reason=reason.split(":", 1)[0])
         k.bus.publish("address.suppressed", address=addr, reason=reason, source=source)
     return new
 
@@ -170,10 +193,15 @@ class Webhooks:
         if record == "SpamComplaint":
             added = await suppress(self.k, address, "complaint", "postmark",
                                    str(body.get("Description", "spam complaint")))
-        elif record == "Bounce" and (body.get("Inactive") is True
-                                     or str(body.get("Type", "")) in POSTMARK_HARD):
-            added = await suppress(self.k, address, "bounce", "postmark",
-                                   f"{body.get('Type')}: {body.get('Description', '')}")
+        elif record == "Bounce":
+            kind = str(body.get("Type", ""))
+            detail = f"{kind}: {body.get('Description', '')}"
+            if kind in POSTMARK_HARD or (body.get("Inactive") is True
+                                         and kind not in POSTMARK_SENDER):
+                added = await suppress(self.k, address, f"bounce:{kind}" if kind else "bounce",
+                                       "postmark", detail)
+            else:
+                _kept("postmark", address, kind, detail, sender=kind in POSTMARK_SENDER)
         return json_response({"ok": True, "suppressed": added})
 
     async def ses(self, request: Request) -> Response:
@@ -215,20 +243,50 @@ class Webhooks:
             note, dict) else None
         if what == "Bounce" and isinstance(note.get("bounce"), dict):
             b = note["bounce"]
-            if b.get("bounceType") == "Permanent":
-                for r in b.get("bouncedRecipients") or []:
-                    if isinstance(r, dict):
-                        count += await suppress(
-                            self.k, str(r.get("emailAddress", "")), "bounce", "ses",
-                            f"{b.get('bounceSubType', '')}: {r.get('diagnosticCode', '')}")
+            for r in b.get("bouncedRecipients") or []:
+                if isinstance(r, dict):
+                    count += await self._ses_bounce(b, r)
         elif what == "Complaint" and isinstance(note.get("complaint"), dict):
             c = note["complaint"]
+            feedback = str(c.get("complaintFeedbackType") or "")
+            if feedback == "not-spam":  # the recipient says it is *not* spam
+                return json_response({"ok": True, "suppressed": 0})
             for r in c.get("complainedRecipients") or []:
                 if isinstance(r, dict):
-                    count += await suppress(self.k, str(r.get("emailAddress", "")),
-                                            "complaint", "ses",
-                                            str(c.get("complaintFeedbackType", "complaint")))
+                    count += await suppress(
+                        self.k, str(r.get("emailAddress", "")),
+                        f"complaint:{feedback}" if feedback else "complaint", "ses",
+                        feedback or "complaint")
         return json_response({"ok": True, "suppressed": count})
+
+    async def _ses_bounce(self, b: Mapping[str, Any], r: Mapping[str, Any]) -> bool:
+        """Suppress one bounced recipient if the bounce is its fault; log it if not."""
+        bounce_type, subtype = str(b.get("bounceType", "")), str(b.get("bounceSubType", ""))
+        diagnostic = str(r.get("diagnosticCode") or "")
+        found = _STATUS.search(str(r.get("status") or "")) or _STATUS.search(diagnostic)
+        status = found.group(0) if found else None
+        sender = found is not None and SENDER_STATUS.fullmatch(found.group(1)) is not None
+        address = str(r.get("emailAddress", ""))
+        detail = f"{bounce_type}/{subtype}: {diagnostic}"
+        if bounce_type != "Permanent" or subtype not in SES_HARD or sender:
+            _kept("ses", address, f"{bounce_type}/{subtype}", detail,
+                  sender=sender or subtype == "UnsupportedAttachment")
+            return False
+        reason = f"bounce:{subtype}"
+        if status and len(reason) + 1 + len(status) <= REASON_MAX:
+            reason += f" {status}"
+        return await suppress(self.k, address, reason, "ses", detail)
+
+
+def _kept(provider: str, address: str, kind: str, detail: str, *, sender: bool) -> None:
+    """Log a bounce that leaves the address active: as a provider-health problem when it
+    is about the sender (a block, a policy), as information otherwise."""
+    if sender:
+        log.warning("webhook.sender_rejected", provider=provider, type=kind,
+                    address=address.strip().lower(), detail=detail[:200])
+    else:
+        log.info("webhook.bounce_ignored", provider=provider, type=kind,
+                 address=address.strip().lower(), detail=detail[:200])
 
 
 def _basic_ok(header: str, user: str, password: str) -> bool:

@@ -307,3 +307,24 @@ async def test_delivery_records_a_batch_postmark_may_have_sent_unknown_and_never
     assert [r["status"] for r in rows] == ["unknown", "unknown"]
     assert all("postmark" in r["last_error"] for r in rows)
     assert len(postmark.requests) == 1  # handed over once, never again
+
+
+@pytest.mark.parametrize(("broadcast", "expected"), [("broadcast", "broadcast"),
+                                                     (None, "outbound")])
+async def test_marketing_mail_goes_to_the_broadcast_stream(
+        postmark: FakePostmark, tmp_path: Path, broadcast: str | None, expected: str) -> None:
+    """Postmark wants bulk mail on a broadcast stream: campaigns and broadcasts go to
+    broadcast_stream (default: message_stream), transactional mail to message_stream."""
+    opts = {} if broadcast is None else {"broadcast_stream": broadcast}
+    p = provider(postmark.url, tmp_path, **opts)
+    try:
+        results = await p.send([message(1, "a@example.org", kind="campaign"),
+                                message(2, "b@example.org", kind="broadcast"),
+                                message(3, "c@example.org", kind="transaction")])
+    finally:
+        await p.aclose()
+    assert all(r.ok for r in results)
+    [batch] = postmark.requests
+    assert [m["MessageStream"] for m in batch] == [expected, expected, "outbound"]
+    assert {"Name": "Precedence", "Value": "bulk"} in batch[0]["Headers"]  # type: ignore[operator]
+    assert {"Name": "Precedence", "Value": "bulk"} not in batch[2]["Headers"]  # type: ignore[operator]

@@ -112,6 +112,7 @@ class FakeSes(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _SesHandler)
         self.received: list[str] = []
+        self.bodies: list[dict[str, object]] = []
         self.released = threading.Event()
 
     @property
@@ -138,6 +139,7 @@ class _SesHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         to = str(body["Destination"]["ToAddresses"][0])
         self.server.received.append(to)
+        self.server.bodies.append(body)
         if to.startswith("stall@"):
             self.server.released.wait(30)
         elif to.startswith("garbled@"):
@@ -173,9 +175,9 @@ def ses_provider(url: str, tmp_path: Path, **opts: object) -> SesProvider:
         "endpoint_url": url, **opts}, tmp_path))
 
 
-def outgoing(i: int, to: str) -> OutgoingMessage:
+def outgoing(i: int, to: str, kind: str = "transaction") -> OutgoingMessage:
     return build_message(MessageParts(
-        row_id=i, kind="transaction", sender="hello@example.com", to=to, subject=f"m{i}",
+        row_id=i, kind=kind, sender="hello@example.com", to=to, subject=f"m{i}",
         html=f"<p>{i}</p>", text=str(i), message_id=f"{i}.x@example.com",
         date=dt.datetime(2026, 1, 1)))
 
@@ -236,3 +238,25 @@ async def test_delivery_through_ses_never_resends_what_ses_took(
     finally:
         await svc.provider.aclose()
     assert sorted(fake_ses.received) == sorted([*people.values(), "throttled@example.org"])
+
+
+@pytest.mark.parametrize(("marketing_set", "expected"), [("bulk", "bulk"), (None, "tx")])
+async def test_marketing_mail_goes_through_its_own_configuration_set(
+        fake_ses: FakeSes, tmp_path: Path, marketing_set: str | None, expected: str) -> None:
+    """Campaign and broadcast mail keeps its reputation apart: configuration_set_marketing
+    (default: configuration_set); transactional mail stays on configuration_set."""
+    opts: dict[str, object] = {"configuration_set": "tx"}
+    if marketing_set is not None:
+        opts["configuration_set_marketing"] = marketing_set
+    p = ses_provider(fake_ses.url, tmp_path, **opts)
+    try:
+        results = await p.send([outgoing(1, "a@example.org", "campaign"),
+                                outgoing(2, "b@example.org", "broadcast"),
+                                outgoing(3, "c@example.org", "transaction")])
+    finally:
+        await p.aclose()
+    assert all(r.ok for r in results)
+    sets = {str(b["Destination"]["ToAddresses"][0]): b.get("ConfigurationSetName")  # type: ignore[index]
+            for b in fake_ses.bodies}
+    assert sets == {"a@example.org": expected, "b@example.org": expected,
+                    "c@example.org": "tx"}

@@ -113,7 +113,7 @@ async def test_postmark_hard_bounce_and_spam_complaint_suppress(env: Env) -> Non
         "Email": "full@example.org"})
     assert r.json()["suppressed"] is False  # a full mailbox is not a reason to stop
     assert await env.suppressed() == [("angry@example.org", "complaint", "postmark"),
-                                      ("gone@example.org", "bounce", "postmark")]
+                                      ("gone@example.org", "bounce:HardBounce", "postmark")]
 
 
 async def test_postmark_webhook_with_wrong_credentials_is_refused(env: Env) -> None:
@@ -134,8 +134,8 @@ async def test_ses_signed_bounce_and_complaint_suppress(env: Env) -> None:
     r = await env.http.post("/webhooks/ses", content=json.dumps(
         sns_sign(notification(complaint, Subject="x"), version="1")))
     assert r.status_code == 200, r.text
-    assert await env.suppressed() == [("angry@example.org", "complaint", "ses"),
-                                      ("gone@example.org", "bounce", "ses")]
+    assert await env.suppressed() == [("angry@example.org", "complaint:abuse", "ses"),
+                                      ("gone@example.org", "bounce:General 5.1.1", "ses")]
     assert env.fetched == [CERT_URL]  # the certificate is fetched once and cached
 
 

@@ -42,7 +42,10 @@ def test_campaign_message_structure_and_headers() -> None:
     assert msg["List-Unsubscribe"] == ("<https://mail.example.com/u/TOKEN>, "
                                        "<mailto:unsubscribe@example.com?subject=unsubscribe%20TOKEN>")
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert msg["Precedence"] == "bulk"
+    assert msg["Auto-Submitted"] == "auto-generated"
     assert out.headers[0][0] == "List-Unsubscribe"
+    assert (out.kind, out.marketing) == ("campaign", True)
 
 
 @pytest.mark.parametrize("kind", ["transaction", "test"])
@@ -50,6 +53,8 @@ def test_non_marketing_messages_have_no_list_unsubscribe(kind: str) -> None:
     msg = parse(build_message(parts(kind=kind)).mime)
     assert msg["List-Unsubscribe"] is None
     assert msg["List-Unsubscribe-Post"] is None
+    assert msg["Precedence"] is None
+    assert msg["Auto-Submitted"] is None
 
 
 @pytest.mark.parametrize("subject", [
@@ -65,8 +70,8 @@ def test_line_breaks_in_the_subject_cannot_add_headers(subject: str) -> None:
     head = raw.split(b"\r\n\r\n", 1)[0].decode()
     names = [line.split(":", 1)[0] for line in head.split("\r\n") if not line[:1].isspace()]
     assert names == ["From", "To", "Reply-To", "Subject", "Date", "Message-ID",
-                     "List-Unsubscribe", "List-Unsubscribe-Post", "MIME-Version",
-                     "Content-Type"]
+                     "List-Unsubscribe", "List-Unsubscribe-Post", "Precedence",
+                     "Auto-Submitted", "MIME-Version", "Content-Type"]
 
 
 @pytest.mark.parametrize("address", [
@@ -138,3 +143,11 @@ def test_a_body_holding_the_boundary_is_quoted_printable() -> None:
 
     assert _body(html, boundary)[0] == "quoted-printable"
     assert _body(html, boundary)[1].count(boundary.encode()) == 0
+
+
+def test_one_click_unsubscribe_only_with_an_https_url() -> None:
+    """RFC 8058: List-Unsubscribe-Post needs an HTTPS List-Unsubscribe URL; over http://
+    the header would promise a one-click POST that mail providers refuse to make."""
+    msg = parse(build_message(parts(unsubscribe_url="http://127.0.0.1:8787/u/TOKEN")).mime)
+    assert msg["List-Unsubscribe"].startswith("<http://127.0.0.1:8787/u/TOKEN>")
+    assert msg["List-Unsubscribe-Post"] is None
