@@ -2,6 +2,9 @@
 
 Errors a handler raises become ``{"error": {"code", "message"}}`` with the right status;
 an unexpected exception is logged with its traceback and answered 500 without one.
+Every response carries ``X-Content-Type-Options: nosniff``; an HTML one also carries the
+headers of :data:`HTML_HEADERS` (no framing, no referrer, a CSP that allows only inline
+styles and a form posting back to the daemon), unless its handler set them itself.
 """
 
 from __future__ import annotations
@@ -14,17 +17,21 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+import anyio
+import anyio.lowlevel
 import structlog
 
 from . import strictjson
 from .errors import StoreUnavailable
 
 __all__ = [
+    "HTML_HEADERS",
     "HTTPError",
     "Handler",
     "Request",
     "Response",
     "Router",
+    "inflate",
     "json_response",
 ]
 
@@ -32,6 +39,21 @@ log = structlog.get_logger("segflowd.http")
 
 RETRY_AFTER = 5  # seconds a client should wait when the store is unavailable
 DEFAULT_BODY_LIMIT = 500 * 1024  # bytes
+INFLATE_FIRST = 256  # bytes of a gzip member's input fed to zlib first; doubles from there
+INFLATE_CHUNK = 64 * 1024  # bytes: the most compressed input fed to zlib at a time
+INFLATE_YIELD_EVERY = 16  # inflate steps (chunks or gzip members) between event-loop turns
+
+# Every response: a browser never guesses another type than the one declared.
+_ALL_HEADERS = {"X-Content-Type-Options": "nosniff"}
+# Every HTML response (the unsubscribe pages): not framable (clickjacking a one-click
+# unsubscribe button), no token leaking through Referer, nothing loaded or run but the
+# page's own inline styles, and a form that may post only back here.
+HTML_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -61,6 +83,12 @@ class Response:
         raw = [(b"content-type", self.content_type.encode()),
                (b"content-length", str(len(self.body)).encode())]
         raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        given = {name for name, _ in raw}
+        defaults = _ALL_HEADERS
+        if self.content_type.split(";")[0].strip().lower() == "text/html":
+            defaults = {**_ALL_HEADERS, **HTML_HEADERS}
+        raw += [(name, v.encode("latin-1")) for k, v in defaults.items()
+                if (name := k.lower().encode("latin-1")) not in given]
         await send({"type": "http.response.start", "status": self.status, "headers": raw})
         await send({"type": "http.response.body", "body": self.body})
 
@@ -128,7 +156,7 @@ class Request:
         raw = b"".join(chunks)
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "deflate", "x-gzip"):
-            raw = _inflate(raw, limit, gzip=encoding != "deflate")
+            raw = await inflate(raw, limit, gzip=encoding != "deflate")
         elif encoding not in ("identity", ""):
             raise HTTPError(415, "unsupported_encoding",
                             f"Content-Encoding {encoding!r} is not supported (use gzip)")
@@ -161,25 +189,48 @@ class Request:
                             "request body is not valid JSON: nested too deeply") from None
 
 
-def _inflate(raw: bytes, limit: int, *, gzip: bool) -> bytes:
-    """Decompress within ``limit``; every member of a multi-member gzip body counts."""
-    out = b""
-    data = raw
-    while True:
+async def inflate(raw: bytes, limit: int, *, gzip: bool) -> bytes:
+    """Decompress within ``limit``; every member of a multi-member gzip body counts.
+
+    Linear in the body's size: each member's input is fed to zlib in chunks growing from
+    ``INFLATE_FIRST`` to ``INFLATE_CHUNK`` bytes, so what zlib copies aside at a member's
+    end is one small chunk, never the rest of the body; the output grows in one buffer;
+    the event loop gets a turn every few steps. 413 as soon as the output passes
+    ``limit``; 400 for a body that is not valid or is truncated.
+    """
+    out = bytearray()
+    view = memoryview(raw)
+    pos = steps = 0
+    while True:  # one member
         d = zlib.decompressobj(wbits=(16 + zlib.MAX_WBITS) if gzip else zlib.MAX_WBITS)
-        try:
-            out += d.decompress(data, limit + 1 - len(out))
-        except zlib.error:
-            raise HTTPError(400, "invalid_encoding", "request body is not valid gzip") from None
-        if len(out) > limit or d.unconsumed_tail:
-            raise HTTPError(413, "too_large", f"decompressed request body over {limit} bytes")
-        if not d.eof:
-            raise HTTPError(400, "invalid_encoding", "request body is truncated gzip")
-        data = d.unused_data
-        if not data.strip(b"\0"):  # padding after the last member is allowed (RFC 1952)
-            return out
+        size = INFLATE_FIRST
+        while not d.eof:
+            if pos >= len(view):
+                raise HTTPError(400, "invalid_encoding", "request body is truncated gzip")
+            chunk = view[pos:pos + size]
+            pos += len(chunk)
+            size = min(2 * size, INFLATE_CHUNK)
+            try:
+                out += d.decompress(chunk, limit + 1 - len(out))
+            except zlib.error:
+                raise HTTPError(400, "invalid_encoding",
+                                "request body is not valid gzip") from None
+            # Output stops at limit + 1 bytes; input left unread (unconsumed_tail) means
+            # it stopped there.
+            if len(out) > limit or d.unconsumed_tail:
+                raise HTTPError(413, "too_large",
+                                f"decompressed request body over {limit} bytes")
+            steps += 1
+            if steps % INFLATE_YIELD_EVERY == 0:
+                await anyio.lowlevel.checkpoint()
+        pos -= len(d.unused_data)  # within the last chunk: what follows this member
+        if pos >= len(view) or (view[pos] == 0 and not bytes(view[pos:]).strip(b"\0")):
+            return bytes(out)  # padding after the last member is allowed (RFC 1952)
         if not gzip:
             raise HTTPError(400, "invalid_encoding", "request body has data after deflate end")
+        steps += 1
+        if steps % INFLATE_YIELD_EVERY == 0:
+            await anyio.lowlevel.checkpoint()
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = sa.MetaData()
 
@@ -248,6 +248,9 @@ messages = sa.Table(
     **_mysql,
 )
 
+# One row per message, kind, link and machine flag: its first hit (created_at), its last
+# (last_at, NULL before version 6) and how many (hits). A row stored before version 6
+# is one hit. machine: a prefetch or link scanner recognised by its user agent.
 engagement = sa.Table(
     "engagement",
     metadata,
@@ -257,6 +260,9 @@ engagement = sa.Table(
     sa.Column("kind", sa.String(16), nullable=False),  # open | click
     sa.Column("url", sa.Text, nullable=True),
     sa.Column("created_at", Time, nullable=False),
+    sa.Column("hits", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("machine", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_at", Time, nullable=True),
     sa.Index("ix_engagement_message", "message_id", "kind"),
     sa.Index("ix_engagement_user", "user_id", "kind"),
     **_mysql,

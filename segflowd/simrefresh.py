@@ -19,9 +19,10 @@ stored date column, or with ``MIN``/``MAX`` of one, and nothing else could stand
 (no ``SELECT *``, no alias of that column's name, no date function), the answer of
 each comparison (and so the whole query) stays the same until the bind, moving with
 the clock, reaches the next stored value of that column: :func:`time_binds` finds those
-binds, and the next look is due no earlier than that moment. A segment without ``ago()`` binds is looked at
-only after a commit; one whose time the analysis cannot follow (a bind inside
-arithmetic or a function, SQL reading the database's own clock) at every refresh.
+binds, and the next look is due no earlier than that moment. A segment without
+``ago()`` binds is looked at only after a commit; one whose time the analysis cannot
+follow (a bind inside arithmetic or a function, SQL reading the database's own clock)
+at every refresh.
 """
 
 from __future__ import annotations

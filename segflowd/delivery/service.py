@@ -53,6 +53,7 @@ from .renderpool import RenderPool
 from .sending import send_batch
 from .templates import Renderer
 from .tokens import Signer, ephemeral_key
+from .tracking import EngagementRecorder
 
 __all__ = ["DeliveryService", "TokenBucket"]
 
@@ -142,6 +143,7 @@ class DeliveryService:
             render_pool=self.render_pool, signer=self.signer, public_url=self.public_url,
             sender_domain=self._sender_domain)
         self.copies = ProviderCopies(k, lambda: self.provider)
+        self.engagement = EngagementRecorder(k)  # opens and clicks, written in the background
         self._copies_scope: anyio.CancelScope | None = None
         k.stats["delivery"] = self.statistics
         k.actions["email.test"] = self._action_test
@@ -160,7 +162,7 @@ class DeliveryService:
         from .tracking import Tracking
         from .webhooks import Webhooks
 
-        Tracking(self.k, self.signer).register_routes(router)
+        Tracking(self.k, self.signer, self.engagement).register_routes(router)
         Webhooks(self.k).register_routes(router)
 
     def wake(self) -> None:
@@ -180,6 +182,7 @@ class DeliveryService:
                 for i in range(self.concurrency):
                     tg.start_soon(self._worker, i)
                 tg.start_soon(self._copies)
+                await tg.start(self.engagement.run)
                 task_status.started()
         finally:
             self._done.set()
@@ -190,6 +193,7 @@ class DeliveryService:
 
     async def drain(self) -> None:
         self._stopping = True
+        self.engagement.stop()  # HTTP has stopped: write the last hits, then end
         if self._copies_scope is not None:
             self._copies_scope.cancel()
         self._wake.set()

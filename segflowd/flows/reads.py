@@ -37,10 +37,16 @@ async def run_condition(runner: ConditionRunner | None, cmd: Command, user_id: s
 
 
 async def engaged(store: Store, user_id: str, template: str, kind: str) -> bool:
-    """Whether the user opened / clicked (``kind``) a message of ``template``."""
+    """Whether the user opened / clicked (``kind``) a message of ``template``.
+
+    Only hits of a person count: a machine's (an Apple Mail Privacy Protection prefetch,
+    a mail-security link scanner; see :func:`segflowd.delivery.tracking.is_machine`)
+    do not, nor does a ``HEAD``, which is never stored.
+    """
     m, e = messages.c, engagement.c
     async with store.connect() as conn:
         row = (await conn.execute(sa.select(e.id).select_from(
             engagement.join(messages, e.message_id == m.id)).where(
-            m.user_id == user_id, m.template == template, e.kind == kind).limit(1))).first()
+            m.user_id == user_id, m.template == template, e.kind == kind,
+            e.machine == sa.false()).limit(1))).first()
     return row is not None

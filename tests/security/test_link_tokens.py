@@ -22,6 +22,7 @@ from asgi_daemon import asgi_call, assert_sane, running
 from security_mail import OFFER, SIGNING_KEY, deliver, mail_app, put_user
 
 from segflowd.daemon import Daemon
+from segflowd.delivery.service import DeliveryService
 from segflowd.delivery.tokens import Signer
 from segflowd.schema import engagement, subscriptions, suppressions
 
@@ -109,6 +110,8 @@ async def test_genuine_links_work_once_delivered(mailed: tuple[Daemon, dict[str,
     assert click.status == 302
     assert click.headers["location"] == OFFER
     assert await get(d, "GET", f"/u/{tokens['u']}") == 200
+    [delivery] = [s for s in d.services if isinstance(s, DeliveryService)]
+    await delivery.engagement.flush()  # opens and clicks are written in the background
     assert [r.kind for r in await rows(d, engagement)] == ["open", "click"]
     assert await rows(d, subscriptions) == []  # the page alone changes nothing
     assert await get(d, "POST", f"/u/{tokens['u']}") == 200
