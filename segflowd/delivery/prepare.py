@@ -24,10 +24,17 @@ import structlog
 from ..errors import TemplateError
 from ..hooks import ContextProvider
 from ..kernel import Kernel
-from ..providers import OutgoingMessage
+from ..providers import MARKETING_KINDS, OutgoingMessage
 from ..schema import subscriptions, suppressions, users
 from .mime import InvalidAddress, MessageParts, build_message, make_message_id, parse_address
-from .renderpool import RenderJob, RenderPool, RenderPoolError, RenderResult, render_jobs
+from .renderpool import (
+    RenderJob,
+    RenderPool,
+    RenderPoolClosed,
+    RenderPoolError,
+    RenderResult,
+    render_jobs,
+)
 from .templates import Rendered, Renderer, add_tracking, sample_user
 from .tokens import Signer
 
@@ -36,7 +43,6 @@ __all__ = ["BatchPreparer", "Prepared", "bare_address"]
 log = structlog.get_logger("segflowd.delivery")
 
 MARKETING_TOPIC = "marketing"
-MARKETING_KINDS = frozenset({"campaign", "broadcast"})
 
 
 @dataclasses.dataclass
@@ -81,7 +87,10 @@ class BatchPreparer:
         # Rendering is CPU work (Jinja2, css-inline, the text part): a worker thread keeps
         # the event loop (ingest, the control socket) responsive meanwhile, and hands the
         # batch to the render processes where there are some.
-        await anyio.to_thread.run_sync(self._render_all, prepared)
+        # With render processes, a cancelled worker (a drain cut short) does not wait for
+        # the thread: the service then closes the pool, which ends the thread at once.
+        await anyio.to_thread.run_sync(self._render_all, prepared,
+                                       abandon_on_cancel=self.render_pool is not None)
         return prepared
 
     async def _gather(self, prepared: list[Prepared]) -> None:
@@ -148,9 +157,15 @@ class BatchPreparer:
             unsubs.append(unsub)
         results: list[RenderResult] | None = None
         if self.render_pool is not None and jobs:
+            # A message that hangs or kills its worker comes back as its own failure;
+            # the pool refuses a batch only when no message is at fault.
             try:
                 results = self.render_pool.render_many(jobs)
-            except RenderPoolError as exc:  # rendered here instead; the pool restarts
+            except RenderPoolClosed as exc:  # the daemon is stopping: queued again
+                for p in todo:
+                    p.status, p.error = "retry", str(exc)
+                return
+            except RenderPoolError as exc:  # nothing rendered there: rendered here instead
                 log.warning("delivery.render_pool_failed", error=str(exc))
         if results is None:
             results = render_jobs(self.renderer, jobs)

@@ -368,7 +368,7 @@ async def test_render_processes_render_the_batch_and_stop_with_the_service(
         await svc.drain()
         tg.cancel_scope.cancel()
     assert svc.render_pool.batches >= 1
-    assert svc.render_pool._executor is None  # stopped with the service
+    assert svc.render_pool.worker_pids() == []  # stopped with the service
     assert sorted(m.id for m in provider.sent) == [ok, tracked]
     mime = parse(provider.sent[0].mime)
     assert mime["List-Unsubscribe"].startswith("<https://mail.example.com/u/")
