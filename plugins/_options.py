@@ -23,8 +23,11 @@ class Options:
     def text(self, key: str, default: str = "", *, required: bool = False) -> str:
         value = self.ctx.options.get(key, default)
         if not isinstance(value, str) or (required and not value):
-            raise ProviderError(f"[providers.{self.ctx.name}].{key}: "
-                                + ("required" if required and not value else "must be a string"))
+            # The config file resolved key_env and key_file into key before us (segflowd
+            # .configenv), so a missing secret is named with all three ways to give it.
+            raise ProviderError(f"[providers.{self.ctx.name}].{key}: " + (
+                f"required (give {key}, {key}_env or {key}_file)" if required and not value
+                else "must be a string"))
         return value
 
     def integer(self, key: str, default: int) -> int:

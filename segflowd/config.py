@@ -5,8 +5,10 @@ Rules a caller may rely on:
 * The file is ``--config PATH``, else ``$SEGFLOW_CONFIG``, else ``./segflow.toml``.
 * Every scalar key can be overridden by ``SEGFLOW_<SECTION>_<KEY>`` (for named tables:
   ``SEGFLOW_PROVIDERS_<NAME>_<KEY>``, ``SEGFLOW_SOURCES_<NAME>_<KEY>``).
-* A string key ``k`` may instead be given as ``k_env = "VAR"``: its value is read from
-  the environment variable ``VAR``, so secrets stay out of the file.
+* A key ``k`` may instead be given as ``k_env = "VAR"`` (read from the environment
+  variable ``VAR``) or ``k_file = "PATH"`` (read from that file, less one trailing
+  newline), so secrets stay out of the file; see :mod:`segflowd.configenv`.
+* An error in a value that came from the environment names the variable, not the file.
 * Relative paths (and relative SQLite database paths) are relative to the config file.
 * Durations in ``[retention]`` are strings with a unit: ``"90d"``, ``"12h"``, ``"2w"``
   (``s``, ``m``, ``h``, ``d``, ``w``, as ``refresh=`` in the app); an age may instead
@@ -25,6 +27,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 
+from . import configenv
 from .errors import ConfigError
 
 __all__ = [
@@ -48,7 +51,6 @@ DEFAULT_STORE_URL = "sqlite+aiosqlite:///var/segflow.db"
 DEFAULT_MAX_EVENT = 32 * 1024  # bytes
 DEFAULT_MAX_REQUEST = 500 * 1024  # bytes
 DEFAULT_STORE_RETRY_MAX = 30.0  # seconds between attempts to reach the store at start
-ENV_PREFIX = "SEGFLOW_"
 DAY = 86400.0  # seconds
 MIN_RETENTION = DAY  # seconds: nothing younger is ever pruned (see RetentionConfig)
 MIN_RETENTION_INTERVAL = 60.0  # seconds between the starts of two prune passes, at least
@@ -111,6 +113,9 @@ class EmailConfig:
     from_: str = "Segflow <segflow@localhost>"
     reply_to: str = ""
     provider: str = "outbox"
+    # The provider of marketing mail (campaigns, broadcasts); "" sends it through
+    # ``provider`` too. Apart, a complaint spike on a newsletter cannot hurt resets.
+    provider_marketing: str = ""
     unsubscribe_mailto: str = ""
     # delivery (segflowd/delivery.py): the HMAC key of unsubscribe/tracking tokens
     # (secret or secret_env), tracking for every template, retries and polling.
@@ -219,8 +224,12 @@ class _Parser:
         self.fname = fname
         self.lines = text.splitlines()
         self.env = env
+        self.origins: dict[str, str] = {}  # dotted key -> the SEGFLOW_* variable that set it
 
     def error(self, key: str, message: str) -> ConfigError:
+        var = self.origins.get(re.sub(r"\[\d+\]", "", key))
+        if var is not None:  # the file is not where the value came from
+            return ConfigError(message, file=f"environment variable {var}", key=key)
         return ConfigError(message, file=self.fname, key=key, line=self._line_of(key))
 
     def _line_of(self, dotted: str) -> int | None:
@@ -290,46 +299,15 @@ class _Parser:
     def _env_overrides(
         self, section: str, table: dict[str, object], cls: type,
     ) -> dict[str, object]:
-        for f in dataclasses.fields(cls):
-            key = f.name.rstrip("_")
-            for candidate in (key, f"{key}_env"):
-                var = f"{ENV_PREFIX}{section}_{candidate}".upper()
-                if var in self.env:
-                    # An override replaces both spellings of the key.
-                    table.pop(key, None)
-                    table.pop(f"{key}_env", None)
-                    table[candidate] = self.env[var]
-        return table
+        return configenv.section_overrides(self.env, section, cls, table, self.origins)
 
     def _env_named(self, group: str, name: str, table: dict[str, object]) -> dict[str, object]:
-        prefix = f"{ENV_PREFIX}{group}_{name}_".upper().replace("-", "_")
-        for var, value in self.env.items():
-            if var.startswith(prefix) and len(var) > len(prefix):
-                key = var[len(prefix):].lower()
-                base = key.removesuffix("_env")
-                table.pop(base, None)
-                table.pop(f"{base}_env", None)
-                table[key] = value
-        return table
+        return configenv.named_overrides(self.env, group, name, table, self.origins)
 
     def _resolve_env_keys(self, table: Mapping[str, object], where: str) -> dict[str, object]:
-        """Replace every ``k_env = "VAR"`` by ``k = $VAR``."""
-        out: dict[str, object] = {}
-        for key, value in table.items():
-            if key.endswith("_env"):
-                base = key.removesuffix("_env")
-                if base in table:
-                    raise self.error(f"{where}.{key}", f"give either {base} or {key}, not both")
-                if not isinstance(value, str) or not value:
-                    raise self.error(f"{where}.{key}", "must name an environment variable")
-                if value not in self.env:
-                    raise self.error(
-                        f"{where}.{key}", f"environment variable {value} is not set"
-                    )
-                out[base] = self.env[value]
-            else:
-                out[key] = value
-        return out
+        """Replace every ``k_env`` and ``k_file`` by ``k`` with the value they point at."""
+        return configenv.resolve_indirections(table, where, self.env,
+                                              Path(self.fname).parent, self.error)
 
     # -- typed building ----------------------------------------------------------------
 
@@ -462,16 +440,23 @@ class _Parser:
             raise self.error(
                 "email.provider", f"names no [providers.{c.email.provider}] table ({known})"
             )
-        plugin = c.providers[c.email.provider].options.get("plugin", c.email.provider)
-        if not c.http.public_url and plugin != "outbox":
-            raise self.error(
-                "http.public_url",
-                f"required when mail goes out through [providers.{c.email.provider}] "
-                f"({plugin}): the unsubscribe and tracking links in every message point "
-                "at it (e.g. https://mail.example.com)")
+        marketing = c.email.provider_marketing
+        if marketing and marketing not in c.providers:
+            known = ", ".join(sorted(c.providers)) or "none configured"
+            raise self.error("email.provider_marketing",
+                             f"names no [providers.{marketing}] table ({known})")
+        for name in dict.fromkeys((c.email.provider, marketing or c.email.provider)):
+            plugin = c.providers[name].options.get("plugin", name)
+            if not c.http.public_url and plugin != "outbox":
+                raise self.error(
+                    "http.public_url",
+                    f"required when mail goes out through [providers.{name}] "
+                    f"({plugin}): the unsubscribe and tracking links in every message "
+                    "point at it (e.g. https://mail.example.com)")
         for name, table in c.sources.items():
             if not table.get_str("url"):
-                raise self.error(f"sources.{name}.url", "required: give url or url_env")
+                raise self.error(f"sources.{name}.url",
+                                 "required: give url or url_env (or url_file)")
         r = c.retention
         for field in ("finished_instances", "segment_changes", "messages", "events"):
             if (getattr(r, field) or MIN_RETENTION) < MIN_RETENTION:

@@ -35,6 +35,7 @@ from textual.widgets import (
     TabPane,
 )
 
+from segflowd import __version__
 from segflowd.control.client import ControlClient, resolve_socket
 from segflowd.errors import ConfigError, ControlReplyError, ControlUnavailable
 
@@ -501,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="segflow.toml, to find [daemon] control_socket")
     p.add_argument("--wait", action="store_true",
                    help="start even if the daemon is not up yet, and wait for it")
+    p.add_argument("--version", action="version", version=f"segflow-tui {__version__}")
     args = p.parse_args(argv)
     try:
         path = resolve_socket(args.socket, args.config)

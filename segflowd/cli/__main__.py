@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from .commands import main
+from . import main  # not commands.main: this one ends a broken pipe quietly
 
 sys.exit(main())

@@ -5,10 +5,12 @@ A unix socket at ``[daemon] control_socket``, born with mode ``control_socket_mo
 daemon is replaced; one a live daemon answers on is never taken over (ControlSocketError).
 The wire format is in :mod:`segflowd.control.protocol` and docs/reference/control-protocol.md.
 
-Every request gets a reply: a bad line, an unknown op, an action no service registered, a
-failing query are error replies, and the connection stays open. A subscriber reads the
-bus through its own bounded buffer, so a slow or stuck client only misses events (and is
-told how many); it never slows the daemon (the stream is :mod:`segflowd.control.stream`).
+Every request gets a reply: a bad or empty line, an unknown op, a refused ``subscribe``, an
+action no service registered, a failing query are error replies, and the connection stays
+open (only a line over MAX_LINE closes it: the next line cannot be found). A subscriber
+reads the bus through its own bounded buffer, so a slow or stuck client only misses events
+(and is told how many); it never slows the daemon (the stream is
+:mod:`segflowd.control.stream`).
 """
 
 from __future__ import annotations
@@ -300,19 +302,22 @@ class ControlService:
                         None, "bad_request",
                         f"request line longer than {MAX_LINE} bytes; closing the connection"))
                     return
-                if not line.strip():
-                    continue
                 self._requests += 1
+                if not line.strip():
+                    self._errors += 1
+                    await stream.send(error_reply(None, "bad_request", "empty request line"))
+                    continue
                 try:
                     req = decode_request(line)
                 except BadRequest as exc:
                     self._errors += 1
                     await stream.send(error_reply(request_id(line), exc.code, str(exc)))
                     continue
-                if req.op == "subscribe":
-                    await self._streams.serve(req, stream, reader)
-                    return
-                await stream.send(await self._serve(req))
+                if req.op != "subscribe":
+                    await stream.send(await self._serve(req))
+                elif await self._streams.serve(req, stream, reader):
+                    return  # the stream ended, and the connection with it
+                # else: a refused subscribe got its error reply; the connection goes on
         except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
                 anyio.ClosedResourceError, ConnectionError):
             pass  # the client went away

@@ -46,21 +46,24 @@ class Streams:
             sub.close()
 
     async def serve(self, req: Request, stream: SocketStream,
-                    reader: BufferedByteReceiveStream) -> None:
-        """Answer ``req`` (a ``subscribe``) and stream events until either side stops."""
+                    reader: BufferedByteReceiveStream) -> bool:
+        """Answer ``req`` (a ``subscribe``) and stream events until either side stops.
+
+        False when the request was refused (an error reply was sent and nothing streamed:
+        the connection may go on); True once it streamed and the stream has ended."""
         kinds = req.args.get("kinds")
         if kinds is not None and (not isinstance(kinds, list)
                                   or not all(isinstance(x, str) and x for x in kinds)):
             await stream.send(error_reply(req.id, "bad_request",
                                           "subscribe: 'kinds' must be a list of kind names"))
             self.errors += 1
-            return
+            return False
         try:
             backlog = req.int_arg("backlog", 0, lo=0, hi=RECENT)
         except BadRequest as exc:
             self.errors += 1
             await stream.send(error_reply(req.id, exc.code, str(exc)))
-            return
+            return False
         wanted = frozenset(kinds) if kinds else None
         bus = self.kernel.bus
         # Take the backlog and subscribe with no await between: no gap and no repeat.
@@ -92,6 +95,7 @@ class Streams:
         finally:
             sub.close()
             self.subs.discard(sub)
+        return True
 
     async def _send_batch(self, stream: SocketStream, batch: list[BusEvent], missed: int,
                           sub: Subscription) -> None:

@@ -118,7 +118,7 @@ class DeliveryService:
             self.signer = Signer(ecfg.secret)
         else:
             log.warning("delivery.no_secret",
-                        hint="set [email] secret or secret_env: links die on restart")
+                        hint="set [email] secret, secret_env or secret_file: links die on restart")
             self.signer = Signer(ephemeral_key())
         self.public_url = (k.config.http.public_url or f"http://{k.config.http.listen}").rstrip("/")
         self.provider_name = ecfg.provider
