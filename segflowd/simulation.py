@@ -258,7 +258,7 @@ def _config(source: Mapping[str, object] | str | Path | None, folder: Path) -> C
     return dataclasses.replace(
         config, store=dataclasses.replace(
             config.store, url=f"sqlite+aiosqlite:///{folder / 'simulation.db'}"),
-        email=dataclasses.replace(email, provider=PROVIDER), http=http,
+        email=dataclasses.replace(email, provider=PROVIDER, provider_marketing=""), http=http,
         providers={PROVIDER: NamedTable(PROVIDER, {"plugin": PROVIDER})})
 
 

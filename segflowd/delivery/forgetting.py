@@ -10,7 +10,7 @@ one with neither user nor address, and the provider is asked to delete its copie
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
 import sqlalchemy as sa
@@ -32,9 +32,9 @@ RETRY_DELAY = 60.0  # seconds before deleting copies again after a failure
 class ProviderCopies:
     """Deletes the provider's copies of forgotten users' messages (an ingest sink)."""
 
-    def __init__(self, k: Kernel, provider: Callable[[], Provider]) -> None:
+    def __init__(self, k: Kernel, providers: Callable[[], Sequence[Provider]]) -> None:
         self.k = k
-        self._provider = provider
+        self._providers = providers  # every provider mail went out through
         self._pending: set[int] = set()
         self._wake = anyio.Event()
         self.deleted = 0  # copies deleted since start
@@ -46,8 +46,7 @@ class ProviderCopies:
 
     async def run(self) -> None:
         """Sweep once (a forget the last process did not finish), then follow forgets."""
-        provider = self._provider()
-        if not isinstance(provider, ForgettingProvider):
+        if not self._forgetting():
             return
         try:
             async with self.k.store.connect() as conn:
@@ -68,14 +67,17 @@ class ProviderCopies:
                 await self._wake.wait()
             self._wake = anyio.Event()
 
+    def _forgetting(self) -> list[ForgettingProvider]:
+        return [p for p in self._providers() if isinstance(p, ForgettingProvider)]
+
     async def forget_now(self) -> int:
         """Ask the provider to delete the copies pending now; how many it found."""
-        provider = self._provider()
+        providers = self._forgetting()
         ids, self._pending = sorted(self._pending), set()
-        if not ids or not isinstance(provider, ForgettingProvider):
+        if not ids or not providers:
             return 0
-        try:
-            n = await provider.forget_messages(ids)
+        try:  # each is asked of every id: one finds the copies of what it sent
+            n = sum([await p.forget_messages(ids) for p in providers])
         except Exception as exc:
             self._pending.update(ids)
             log.warning("delivery.copies_not_deleted", messages=len(ids),

@@ -94,13 +94,22 @@ class ProviderCounters:
 class Outcomes:
     """Records a batch's outcomes for the delivery service and keeps its counts."""
 
-    def __init__(self, k: Kernel, *, provider_name: str, rng: random.Random) -> None:
+    def __init__(self, k: Kernel, *, provider_name: str, rng: random.Random,
+                 shared: Outcomes | None = None) -> None:
+        """``shared``: another provider's :class:`Outcomes` whose outbox totals, depth and
+        send rate these count into (one delivery service, several providers)."""
         self.k = k
         self.provider_name = provider_name
         self.rng = rng
         self.counters = ProviderCounters()
+        self.totals: dict[str, int]
+        self.depth: dict[str, int]
+        self.rate: SendRate
+        if shared is not None:
+            self.totals, self.depth, self.rate = shared.totals, shared.depth, shared.rate
+            return
         self.totals = {"sent": 0, "failed": 0, "suppressed": 0, "retried": 0, "unknown": 0}
-        self.depth: dict[str, int] = {}
+        self.depth = {}
         self.rate = SendRate()
         m = k.metrics
         m.describe("segflow_messages_total", "counter", "messages by outcome")
@@ -281,20 +290,25 @@ class Outcomes:
         async with self.k.store.connect() as conn:
             rows = (await conn.execute(sa.select(messages.c.status, sa.func.count())
                                        .group_by(messages.c.status))).all()
-        self.depth = {str(s): int(n) for s, n in rows}
+        self.depth.clear()  # in place: other providers' Outcomes share it
+        self.depth.update((str(s), int(n)) for s, n in rows)
 
-    def statistics(self, *, plugin: str, rate: float, concurrency: int) -> DeliveryStatistics:
-        c = self.counters
+    def statistics(self, providers: Sequence[ProviderStatistics]) -> DeliveryStatistics:
         return DeliveryStatistics(
             outbox=dict(self.depth), sent=self.totals["sent"], failed=self.totals["failed"],
             suppressed=self.totals["suppressed"], retried=self.totals["retried"],
             unknown=self.totals["unknown"],
             sent_per_second=self.rate.per_second(self.k.clock.monotonic()),
-            providers=(ProviderStatistics(
-                name=self.provider_name, plugin=plugin,
-                sent=c.sent, failed=c.failed, transient_errors=c.transient, batches=c.batches,
-                in_flight=c.in_flight, rate=rate, concurrency=concurrency),),
+            providers=tuple(providers),
         )
+
+    def provider_statistics(self, *, plugin: str, rate: float, concurrency: int
+                            ) -> ProviderStatistics:
+        c = self.counters
+        return ProviderStatistics(
+            name=self.provider_name, plugin=plugin, sent=c.sent, failed=c.failed,
+            transient_errors=c.transient, batches=c.batches, in_flight=c.in_flight,
+            rate=rate, concurrency=concurrency)
 
 
 class SendRate:

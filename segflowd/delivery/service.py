@@ -13,8 +13,10 @@ go out fails (an error preparing it) or is queued again (a cancelled worker). Tr
 errors retry with exponential backoff and jitter up to ``[email] max_attempts``;
 permanent ones fail the message and, where the provider says so, suppress the address.
 
-Per provider (``[providers.NAME]``): ``rate`` (messages per second, token bucket; 0 is
-unlimited), ``burst``, ``concurrency`` (parallel send calls) and ``render_processes``
+Marketing mail may go through a provider of its own (``[email] provider_marketing``):
+each provider is a lane (:mod:`segflowd.delivery.lanes`) that claims only its kinds of
+message. Per provider (``[providers.NAME]``): ``rate`` (messages per second, token
+bucket; 0 is unlimited), ``burst``, ``concurrency`` (parallel send calls) and ``render_processes``
 (worker processes that render, see :mod:`segflowd.delivery.renderpool`; 0, the default, renders
 in the daemon's process).
 
@@ -37,17 +39,17 @@ import sqlalchemy as sa
 import structlog
 from anyio.abc import TaskStatus
 
-from ..clock import Clock
 from ..errors import StoreUnavailable
 from ..hooks import ContextProvider, IngestBatch
 from ..http import Router
 from ..kernel import Kernel
-from ..providers import Provider, ProviderContext, SendResult, load_provider
+from ..providers import Provider, SendResult
 from ..schema import messages
 from .forgetting import ProviderCopies
+from .lanes import Lane, TokenBucket, build_lanes
 from .mime import domain_of, make_message_id
 from .outbox import MessageKind, enqueue
-from .outcomes import DeliveryStatistics, Outcomes
+from .outcomes import DeliveryStatistics
 from .prepare import BatchPreparer, Prepared
 from .renderpool import RenderPool
 from .sending import send_batch
@@ -59,44 +61,11 @@ __all__ = ["DeliveryService", "TokenBucket"]
 
 log = structlog.get_logger("segflowd.delivery")
 
-DEFAULT_CONCURRENCY = 1  # parallel send calls per provider
-DEFAULT_RATE = 0.0  # messages per second per provider; 0 means unlimited
 DEFAULT_RENDER_PROCESSES = 0  # render worker processes; 0 renders in the daemon's process
 TEST_WAIT = 30.0  # seconds "email.test" waits for its message to be sent
 RECORD_RETRY = 1.0  # seconds between attempts to record sent messages while the store is down
 RELEASE_TIMEOUT = 5.0  # seconds a cancelled worker spends settling its batch in the store
 FINAL = frozenset({"sent", "failed", "suppressed", "unknown"})
-
-
-class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; time from the injected clock."""
-
-    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
-        self.rate = rate
-        self.burst = max(1.0, burst)
-        self._clock = clock
-        self._tokens = self.burst
-        self._last = clock.monotonic()
-
-    def _refill(self) -> None:
-        now = self._clock.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-
-    async def acquire(self, n: int) -> None:
-        if self.rate <= 0:
-            return
-        need = min(float(n), self.burst)
-        while True:
-            self._refill()
-            if self._tokens >= need:
-                self._tokens -= need
-                return
-            await self._clock.sleep((need - self._tokens) / self.rate)
-
-    def refund(self, n: int) -> None:
-        if self.rate > 0 and n > 0:
-            self._tokens = min(self.burst, self._tokens + n)
 
 
 class DeliveryService:
@@ -121,20 +90,19 @@ class DeliveryService:
                         hint="set [email] secret, secret_env or secret_file: links die on restart")
             self.signer = Signer(ephemeral_key())
         self.public_url = (k.config.http.public_url or f"http://{k.config.http.listen}").rstrip("/")
-        self.provider_name = ecfg.provider
-        table = k.config.providers.get(self.provider_name)
-        self.options: dict[str, object] = dict(table.options) if table else {}
-        self.rate = float(str(self.options.get("rate", DEFAULT_RATE)))
-        self.concurrency = max(1, int(str(self.options.get("concurrency", DEFAULT_CONCURRENCY))))
-        self.burst = float(str(self.options.get("burst", max(1.0, self.rate))))
+        # Transactional mail's provider first, then marketing mail's when it has its own.
+        self.lanes: list[Lane] = build_lanes(k, self.rng, providers)
+        primary = self.lanes[0]
+        self.provider_name, self.options = primary.name, primary.options
+        self.rate, self.concurrency = primary.rate, primary.concurrency
+        # One pool for every lane, sized by the transactional provider's option.
         processes = int(str(self.options.get("render_processes", DEFAULT_RENDER_PROCESSES)))
         self.render_pool = RenderPool(k.app, processes) if processes > 0 else None
-        self._provider: Provider | None = (providers or {}).get(self.provider_name)
-        self._bucket = TokenBucket(self.rate, self.burst, k.clock)
-        self._outcomes = Outcomes(k, provider_name=self.provider_name, rng=self.rng)
+        self._outcomes = primary.outcomes  # the outbox totals, shared by every lane
         self._wake = anyio.Event()
         self._claim_lock = anyio.Lock()
-        self._unclaimed: list[tuple[list[int], dt.datetime]] = []  # see _release_unclaimed
+        # (ids, claimed at, provider): see _release_unclaimed
+        self._unclaimed: list[tuple[list[int], dt.datetime, str]] = []
         self._stopping = False
         self._done = anyio.Event()
         self._sender_domain = domain_of(ecfg.from_)
@@ -142,7 +110,7 @@ class DeliveryService:
             k, context_providers=self.context_providers, renderer=self.renderer,
             render_pool=self.render_pool, signer=self.signer, public_url=self.public_url,
             sender_domain=self._sender_domain)
-        self.copies = ProviderCopies(k, lambda: self.provider)
+        self.copies = ProviderCopies(k, lambda: [lane.provider(k) for lane in self.lanes])
         self.engagement = EngagementRecorder(k)  # opens and clicks, written in the background
         self._copies_scope: anyio.CancelScope | None = None
         k.stats["delivery"] = self.statistics
@@ -153,10 +121,8 @@ class DeliveryService:
 
     @property
     def provider(self) -> Provider:
-        if self._provider is None:
-            self._provider = load_provider(ProviderContext(
-                self.provider_name, self.options, self.k.config.base_dir))
-        return self._provider
+        """The provider of transactional mail (of all mail, without provider_marketing)."""
+        return self.lanes[0].provider(self.k)
 
     def register_routes(self, router: Router) -> None:
         from .tracking import Tracking
@@ -173,21 +139,25 @@ class DeliveryService:
         self.copies.ingested(batch)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        _ = self.provider  # a plugin that cannot load stops the start, clearly
+        for lane in self.lanes:
+            lane.provider(self.k)  # a plugin that cannot load stops the start, clearly
         await self.recover()
         if self.render_pool is not None:
             self.render_pool.start()
         try:
             async with anyio.create_task_group() as tg:
-                for i in range(self.concurrency):
-                    tg.start_soon(self._worker, i)
+                for lane in self.lanes:
+                    for i in range(lane.concurrency):
+                        tg.start_soon(self._worker, lane, i)
                 tg.start_soon(self._copies)
                 await tg.start(self.engagement.run)
                 task_status.started()
         finally:
             self._done.set()
             with anyio.CancelScope(shield=True):
-                await self.provider.aclose()
+                for lane in self.lanes:
+                    if lane.loaded is not None:
+                        await lane.loaded.aclose()
                 if self.render_pool is not None:
                     await anyio.to_thread.run_sync(self.render_pool.close)
 
@@ -207,14 +177,15 @@ class DeliveryService:
                 scope.cancel()
             await self.copies.run()
 
-    async def _worker(self, index: int) -> None:
+    async def _worker(self, lane: Lane, index: int) -> None:
         while not self._stopping:
             try:
-                n = await self.run_once()
+                n = await self.run_once(lane)
                 if n == 0 and not self._stopping:
                     await self._outcomes.refresh_depth()
             except Exception as exc:  # the store went away: keep the worker, try later
-                log.warning("delivery.error", worker=index, error=f"{type(exc).__name__}: {exc}")
+                log.warning("delivery.error", provider=lane.name, worker=index,
+                            error=f"{type(exc).__name__}: {exc}")
                 n = 0
             if n == 0 and not self._stopping:
                 await self._idle(self.k.config.email.poll_interval)
@@ -258,30 +229,34 @@ class DeliveryService:
 
     # -- one batch -------------------------------------------------------------------
 
-    async def run_once(self) -> int:
-        """Claim, send and record one batch of due messages; return how many were claimed."""
-        provider = self.provider
+    async def run_once(self, lane: Lane | None = None) -> int:
+        """Claim, send and record one batch of due messages of ``lane`` (of each lane, in
+        turn, without one); return how many were claimed."""
+        if lane is None:
+            return sum([await self.run_once(each) for each in self.lanes])
+        provider = lane.provider(self.k)
         size = max(1, int(provider.max_batch))
-        if self.rate > 0:
-            size = min(size, int(self.burst))
-        await self._bucket.acquire(size)
+        if lane.rate > 0:
+            size = min(size, int(lane.bucket.burst))
+        await lane.bucket.acquire(size)
         async with self._claim_lock:
             await self._release_unclaimed()
-            rows = await self._claim(size)
-        self._bucket.refund(size - len(rows))
+            rows = await self._claim(size, lane)
+        lane.bucket.refund(size - len(rows))
         if not rows:
             return 0
+        outcomes = lane.outcomes
         handed: set[int] = set()  # rows whose message the provider has been given
         try:
             prepared = await self._prepare(rows)
             to_send = [p for p in prepared if p.message is not None]
             results: list[SendResult] = []
             if to_send:
-                c = self._outcomes.counters
+                c = outcomes.counters
                 c.in_flight += len(to_send)
                 handed.update(int(p.row["id"]) for p in to_send)
                 try:
-                    results = await send_batch(provider, self.provider_name,
+                    results = await send_batch(provider, lane.name,
                                                [p.message for p in to_send if p.message])
                 finally:
                     c.in_flight -= len(to_send)
@@ -291,15 +266,15 @@ class DeliveryService:
             # rest goes back to the queue, rather than all of it `unknown` at the next start.
             with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT):
                 try:
-                    await self._outcomes.release(rows, handed)
+                    await outcomes.release(rows, handed)
                 except Exception as exc:  # left `sending`: the next start settles them
                     log.warning("delivery.release_failed", messages=len(rows),
                                 error=f"{type(exc).__name__}: {exc}")
             raise
-        outcomes = dict(zip([id(p) for p in to_send], results, strict=True))
+        answers = dict(zip([id(p) for p in to_send], results, strict=True))
         while True:
             try:
-                await self._outcomes.record(prepared, outcomes)
+                await outcomes.record(prepared, answers)
                 break
             except StoreUnavailable as exc:
                 # The outcomes are known; left `sending` they would turn `unknown` at the
@@ -324,32 +299,34 @@ class DeliveryService:
         are ``sending`` under that claim, go back to ``queued`` (nothing was handed to the
         provider), rather than wait for the next start to call them ``unknown``."""
         while self._unclaimed:
-            ids, at = self._unclaimed[0]
+            ids, at, provider = self._unclaimed[0]
             m = messages.c
             async with self.k.store.begin() as conn:
                 await conn.execute(sa.update(messages).where(
                     m.id.in_(ids), m.status == "sending", m.updated_at == at,
-                    m.provider == self.provider_name).values(
+                    m.provider == provider).values(
                     status="queued", attempts=m.attempts - 1))
             self._unclaimed.pop(0)
 
-    async def _claim(self, size: int) -> list[Mapping[str, Any]]:
+    async def _claim(self, size: int, lane: Lane) -> list[Mapping[str, Any]]:
         now = self.k.clock.now()
         picked: list[int] = []
         try:
-            return await self._claim_at(size, now, picked)
+            return await self._claim_at(size, now, picked, lane)
         except BaseException:
             if picked:  # the claim's UPDATE was sent: it may have committed
-                self._unclaimed.append((picked, now))
+                self._unclaimed.append((picked, now, lane.name))
             raise
 
-    async def _claim_at(self, size: int, now: dt.datetime, picked: list[int]
+    async def _claim_at(self, size: int, now: dt.datetime, picked: list[int], lane: Lane
                         ) -> list[Mapping[str, Any]]:
+        due = sa.select(messages).where(messages.c.status == "queued",
+                                        messages.c.next_attempt_at <= now)
+        if lane.kinds is not None:  # the lane's own kinds of message only
+            due = due.where(messages.c.kind.in_(sorted(lane.kinds)))
         async with self.k.store.begin() as conn:
             rows = (await conn.execute(
-                sa.select(messages).where(messages.c.status == "queued",
-                                          messages.c.next_attempt_at <= now)
-                .order_by(messages.c.next_attempt_at, messages.c.id).limit(size)
+                due.order_by(messages.c.next_attempt_at, messages.c.id).limit(size)
                 .with_for_update(skip_locked=True))).mappings().all()
             if not rows:
                 return []
@@ -358,7 +335,7 @@ class DeliveryService:
                 sa.update(messages).where(messages.c.id.in_([r["id"] for r in rows]),
                                           messages.c.status == "queued")
                 .values(status="sending", attempts=messages.c.attempts + 1,
-                        provider=self.provider_name, updated_at=now))
+                        provider=lane.name, updated_at=now))
             # The Message-ID is stored before any byte leaves: a send cut by a crash is
             # `unknown` and still names what the provider may have delivered.
             fresh = {int(r["id"]): make_message_id(int(r["id"]), self._sender_domain)
@@ -374,9 +351,7 @@ class DeliveryService:
     # -- statistics and actions ------------------------------------------------------
 
     def statistics(self) -> DeliveryStatistics:
-        return self._outcomes.statistics(
-            plugin=str(self.options.get("plugin", self.provider_name)), rate=self.rate,
-            concurrency=self.concurrency)
+        return self._outcomes.statistics([lane.statistics() for lane in self.lanes])
 
     async def _action_test(self, args: Mapping[str, object]) -> object:
         template, to = args.get("template"), args.get("to")

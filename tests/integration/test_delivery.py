@@ -150,7 +150,7 @@ async def test_crash_while_sending_becomes_unknown_and_is_not_resent(setup: Setu
     await add_user(setup.kernel.store, "u1", "ann@example.org", name="Ann")
     mid = await queue(setup)
     crashed = service(setup, ScriptedProvider())
-    claimed = await crashed._claim(10)  # the process dies right after claiming
+    claimed = await crashed._claim(10, crashed.lanes[0])  # the process dies right after claiming
     assert [r["id"] for r in claimed] == [mid]
     provider = ScriptedProvider()
     restarted = service(setup, provider)

@@ -237,3 +237,14 @@ def test_a_frozen_clock_keeps_the_evaluation_rate_bounded() -> None:
         segments = sim.engine.segments
         assert segments.statistics().evaluated >= 20
         assert len(segments._rate) == 1
+
+
+def test_a_marketing_provider_in_the_config_is_never_used(app_spec: str) -> None:
+    """Mail goes to memory whatever the config says, provider_marketing included."""
+    config = {"email": {"provider": "pm", "provider_marketing": "pm"},
+              "http": {"public_url": "https://mail.example.com"},
+              "providers": {"pm": {"plugin": "postmark", "server_token": "x",
+                                   "base_url": "http://127.0.0.1:9"}}}
+    with Simulation(app_spec, start=START, config=config) as sim:
+        sim.user("ann", email="ann@example.com", name="Ann")
+        assert [m.template for m in sim.sent("ann")] == ["news"]
