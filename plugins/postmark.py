@@ -9,7 +9,10 @@ broadcasts', which Postmark requires to go apart from transactional mail; defaul
 Each message in a batch has its own ``ErrorCode``: 0 sent; 406 (inactive recipient)
 fails the message and suppresses the address; 100/405/412/429 are transient; any
 other code is permanent. HTTP 429 and 5xx answered by Postmark fail the whole call
-transiently, as does a connection that could not be made: nothing was sent.
+transiently, as does a connection that could not be made: nothing was sent. What is
+about the account, not a message (HTTP 401/403, ErrorCode 10 bad token, 400/401 sender
+signature, 405 credits, 412 pending, 100 maintenance, a 5xx, no connection) is a
+provider outage: the messages stay queued, no attempt spent.
 
 Whatever leaves the outcome open is *maybe sent* (``unknown``, never re-sent): a timeout
 or a lost connection once the request may have gone out, a gateway's 502/504 (its
@@ -35,6 +38,10 @@ DEFAULT_TIMEOUT = 30.0  # seconds per API call
 MAX_BATCH = 500  # Postmark's limit for /email/batch
 INACTIVE_RECIPIENT = 406
 TRANSIENT_CODES = frozenset({100, 405, 412, 429})  # maintenance, credits, pending, rate
+# ErrorCodes about the account or its configuration, never one message: bad server token,
+# sender signature missing or unconfirmed, no credits, account pending approval,
+# maintenance. A provider outage: the messages stay queued until Postmark answers again.
+OUTAGE_CODES = frozenset({10, 100, 400, 401, 405, 412})
 
 
 class PostmarkProvider:
@@ -74,21 +81,23 @@ class PostmarkProvider:
         try:
             resp = await self._client.post("/email/batch",
                                            json=[self._payload(m) for m in messages])
-        except NOT_SENT as exc:  # no request reached Postmark
+        except NOT_SENT as exc:  # no request reached Postmark: it (or the way) is down
             return [SendResult(ok=False, error=f"postmark: {type(exc).__name__}: {exc}",
-                               transient=True)] * n
+                               transient=True, outage=True)] * n
         except httpx.HTTPError as exc:  # the request may have reached Postmark
             return [_maybe_sent(f"{type(exc).__name__}: {exc}")] * n
         if resp.status_code in GATEWAY_ERRORS:  # the gateway's upstream had the request
             return [_maybe_sent(f"HTTP {resp.status_code} from a gateway")] * n
-        if resp.status_code == 429 or resp.status_code >= 500:
+        if resp.status_code == 429 or resp.status_code >= 500:  # a 5xx: Postmark is down
             return [SendResult(ok=False, error=f"postmark HTTP {resp.status_code}",
-                               transient=True)] * n
+                               transient=True, outage=resp.status_code >= 500)] * n
         if not 200 <= resp.status_code < 300:
             detail = _error_text(resp)
             code = _code(resp)
             return [SendResult(ok=False, error=f"postmark HTTP {resp.status_code}: {detail}",
-                               transient=code in TRANSIENT_CODES)] * n
+                               transient=code in TRANSIENT_CODES,
+                               outage=resp.status_code in (401, 403) or code in OUTAGE_CODES
+                               )] * n
         try:
             answers = resp.json()
         except ValueError:
@@ -112,7 +121,8 @@ def _result(answer: object) -> SendResult:
     error = f"postmark {code}: {answer.get('Message', '')}"
     if code == INACTIVE_RECIPIENT:
         return SendResult(ok=False, error=error, suppress=True)
-    return SendResult(ok=False, error=error, transient=code in TRANSIENT_CODES)
+    return SendResult(ok=False, error=error, transient=code in TRANSIENT_CODES,
+                      outage=code in OUTAGE_CODES)
 
 
 def _maybe_sent(why: str) -> SendResult:

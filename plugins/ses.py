@@ -11,9 +11,12 @@ mail, to keep its reputation and event destinations apart; default: the
 
 Throttling (HTTP 429, ``TooManyRequestsException``, ``LimitExceededException``) and 5xx
 answered by SES are transient, as is a connection that could not be made;
-``MessageRejected``, ``MailFromDomainNotVerifiedException`` and other 4xx answers are
-permanent. Each message has its own outcome: one call's failure never touches the
-others of the batch. *Maybe sent* (``unknown``, never re-sent): a timeout or lost
+``MessageRejected`` and other 4xx answers are permanent. What is about the account, not
+the message (HTTP 401/403 such as a rotated key or a bad signature, ``SendingPaused``,
+``AccountSuspended``, ``NotFound`` for a mistyped configuration set,
+``MailFromDomainNotVerified``, a 5xx, no connection) is a provider outage: the message
+stays queued, no attempt spent. Each message has its own outcome: one call's failure
+never touches the others of the batch. *Maybe sent* (``unknown``, never re-sent): a timeout or lost
 connection once the request may have gone out, a gateway's 502/504, and a 2xx whose body
 has no ``MessageId``.
 """
@@ -37,6 +40,12 @@ MAX_BATCH = 50  # messages handed over per send(); SES takes one per call, sent 
 PARALLEL_CALLS = 10  # SES API calls in flight within one send()
 TRANSIENT_TYPES = frozenset({"TooManyRequestsException", "LimitExceededException",
                              "ThrottlingException", "InternalFailure", "ServiceUnavailable"})
+# The account or its configuration, never one message: a provider outage (see below).
+OUTAGE_TYPES = frozenset({
+    "SendingPausedException", "AccountSuspendedException", "NotFoundException",
+    "MailFromDomainNotVerifiedException", "InvalidClientTokenId", "SignatureDoesNotMatch",
+    "UnrecognizedClientException", "AccessDeniedException", "ExpiredTokenException",
+    "InternalFailure", "ServiceUnavailable"})
 
 
 class SesProvider:
@@ -87,9 +96,9 @@ class SesProvider:
             body["ConfigurationSetName"] = configuration_set
         try:
             resp = await self._client.post("/v2/email/outbound-emails", json=body)
-        except NOT_SENT as exc:  # no request reached SES
+        except NOT_SENT as exc:  # no request reached SES: it (or the way) is down
             return SendResult(ok=False, error=f"ses: {type(exc).__name__}: {exc}",
-                              transient=True)
+                              transient=True, outage=True)
         except httpx.HTTPError as exc:  # the request may have reached SES
             return _maybe_sent(f"{type(exc).__name__}: {exc}")
         if resp.status_code in GATEWAY_ERRORS:
@@ -105,7 +114,8 @@ class SesProvider:
         message = _json_field(resp, "message") or _json_field(resp, "Message") or resp.text[:300]
         error = f"ses HTTP {resp.status_code} {kind}: {message}"
         transient = resp.status_code == 429 or resp.status_code >= 500 or kind in TRANSIENT_TYPES
-        return SendResult(ok=False, error=error, transient=transient)
+        outage = resp.status_code in (401, 403) or resp.status_code >= 500 or kind in OUTAGE_TYPES
+        return SendResult(ok=False, error=error, transient=transient, outage=outage)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -5,12 +5,14 @@ for implicit TLS on 465, ``none``), ``username``/``password`` (or ``password_env
 ``timeout`` (seconds), ``validate_certs`` (default true), ``max_batch``.
 
 5xx answers are permanent and 4xx answers transient, as are a refused or lost connection
-before DATA: nothing was sent. Only the recipient's fault suppresses the address: a 5xx
-answer to RCPT TO whose enhanced status code says the mailbox is bad (5.1.x but for 5.1.7
-and 5.1.8, which are about the sender; 5.2.1), or a 550/551/553 there without an enhanced
-code. An answer to MAIL FROM, to DATA or before
-(greeting, AUTH), and a 5.7.x or sender-address answer to RCPT TO, is about the sender: the
-message fails (or is retried) without suppressing, and a permanent one is logged as
+before DATA: nothing was sent. A refused or lost connection, and any answer before MAIL
+FROM (a 554 greeting, a 535/530 AUTH), are about the server or the account, never the
+message: a provider outage (the message stays queued, see ``SendResult.outage``).
+Only the recipient's fault suppresses the address: a 5xx answer to RCPT TO whose
+enhanced status code says the mailbox is bad (5.1.x but for 5.1.7 and 5.1.8, which are
+about the sender; 5.2.1), or a 550/551/553 there without an enhanced code. An answer to
+MAIL FROM or to DATA, and a 5.7.x or sender-address answer to RCPT TO, is about the
+sender: the message fails (or is retried) without suppressing, and a permanent one is logged as
 ``smtp.sender_rejected`` with the stage and codes (a provider-health problem).
 Once DATA began, a timeout or a lost connection leaves the outcome open: the server may
 have the whole message, so it is *maybe sent* (``unknown``, never re-sent). An answer
@@ -49,6 +51,9 @@ SUPPRESS_CODES = frozenset({550, 551, 553})  # mailbox unavailable / not local /
 # address, not the recipient's: they never suppress.
 SENDER_ADDRESS_STATUS = frozenset({"1.7", "1.8"})
 REPLY_LOGGED = 200  # characters of a server's reply kept in a log line
+# Answers before MAIL FROM (a 554 greeting, a refused EHLO, a 535/530 AUTH) refuse the
+# account or the connection, not a message: a provider outage.
+ACCOUNT_STAGES = frozenset({"connect", "helo", "auth"})
 STAGES = {"connect": "the greeting", "helo": "EHLO/HELO", "auth": "AUTH",
           "mail": "MAIL FROM", "rcpt": "RCPT TO", "data": "DATA", "session": "the session"}
 _STATUS = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
@@ -146,7 +151,8 @@ class SmtpProvider:
                 # The server may have the whole message: its answer never came.
                 return SendResult(ok=False, maybe_sent=True,
                                   error=f"{error} (after DATA: may have been sent, not retried)")
-            return SendResult(ok=False, error=error, transient=True)
+            # No answer at all before DATA: the server (or the way to it) is down.
+            return SendResult(ok=False, error=error, transient=True, outage=True)
         if errors:
             code, text = next(iter(errors.values()))
             return self._answer(msg, "rcpt", code, text)
@@ -193,6 +199,8 @@ def _classify(stage: str, code: int, text: str) -> tuple[SendResult, bool]:
     status, reply = _split_status(text)
     where = STAGES.get(stage, stage)
     error = f"smtp {code}{f' {status}' if status else ''} at {where}: {reply}"
+    if stage in ACCOUNT_STAGES:  # the server refuses us, whatever the message
+        return SendResult(ok=False, error=error, transient=code < 500, outage=True), False
     if 400 <= code < 500:
         return SendResult(ok=False, error=error, transient=True), False
     detail = status.split(".", 1)[1] if status else None

@@ -84,7 +84,10 @@ class SendResult:
     recorded ``unknown`` and never retried (``transient`` and ``suppress`` are ignored).
     Without it the message certainly did not go out: ``transient`` errors are retried
     with backoff and permanent ones fail the message (and suppress the address when
-    ``suppress`` is set).
+    ``suppress`` is set). ``outage`` says the provider itself is at fault, not the
+    message (its credentials, its account, its configuration, its servers, the way to
+    them): the message is kept queued without spending an attempt, and delivery pauses
+    the provider, probing it now and then, until a send is answered again.
     """
 
     ok: bool
@@ -93,6 +96,7 @@ class SendResult:
     transient: bool = False
     suppress: bool = False
     maybe_sent: bool = False
+    outage: bool = False
 
 
 class SendError(ProviderError):
@@ -101,13 +105,17 @@ class SendError(ProviderError):
     ``maybe_sent=False``: the provider certainly took none of the messages (connection
     refused, an answered refusal); each is retried when ``transient``, failed otherwise.
     ``maybe_sent=True``: some or all may have gone out; each is recorded ``unknown``.
+    ``outage=True`` (with ``maybe_sent=False``): the provider itself is down or refuses
+    the account (see :attr:`SendResult.outage`).
     A provider that knows the outcome of each message returns results instead.
     """
 
-    def __init__(self, message: str, *, maybe_sent: bool, transient: bool = True) -> None:
+    def __init__(self, message: str, *, maybe_sent: bool, transient: bool = True,
+                 outage: bool = False) -> None:
         super().__init__(message)
         self.maybe_sent = maybe_sent
         self.transient = transient
+        self.outage = outage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "segflowd.cli.sources",  # discover: run a data source's queries on its database
     "segflowd.cli.simulate",  # a scripted scenario under a virtual clock, as a table
     "segflowd.cli.suppressions",  # list, remove or export the suppression list (the store)
+    "segflowd.cli.requeue",  # queue failed or unknown messages again, in bulk (the store)
 )
 
 

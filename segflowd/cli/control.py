@@ -183,6 +183,13 @@ def format_status(st: Mapping[str, object]) -> str:
         f"bus:    {_num(bus.get('published'))} published, "
         f"{_num(bus.get('subscribers'))} subscribers, {_num(bus.get('dropped'))} dropped",
     ]
+    delivery = get("stats").get("delivery")
+    providers = delivery.get("providers") if isinstance(delivery, Mapping) else None
+    for p in providers if isinstance(providers, list) else []:
+        if isinstance(p, Mapping) and p.get("outage_since"):
+            lines.insert(1, f"ALARM:  provider {p.get('name')} ({p.get('plugin')}) is down "
+                            f"since {p.get('outage_since')}: {p.get('outage_error')} "
+                            "(its messages stay queued; it is probed until it answers)")
     for area, values in get("stats").items():
         if isinstance(values, Mapping):
             flat = ", ".join(f"{k}={_num(v)}" for k, v in values.items()

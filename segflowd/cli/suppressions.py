@@ -17,18 +17,17 @@ import datetime as dt
 import io
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-import anyio
 import sqlalchemy as sa
 
-from .. import schema
 from ..config import Config, load_config
-from ..errors import ConfigError, SchemaTooNew, SegflowError, StoreError, StoreUnavailable
+from ..errors import ConfigError, SegflowError
 from ..schema import suppressions
 from ..store import Store
+from .storeaccess import NotFound, with_store
 
 __all__ = ["add_parser", "run"]
 
@@ -37,11 +36,6 @@ COLUMNS = ("address", "reason", "source", "created_at", "detail")
 DETAIL_SHOWN = 60  # characters of the detail in the table (JSON and CSV keep it whole)
 
 Row = dict[str, str]
-Use = Callable[[Store], Awaitable[None]]  # what is done with the open store
-
-
-class _NotFound(SegflowError):
-    """``remove`` of an address that is not suppressed."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -109,7 +103,7 @@ def _rows(config: Config, reason: str | None, source: str | None) -> list[Row]:
         async with store.connect() as conn:
             out.extend(_row(r) for r in (await conn.execute(query)).mappings())
 
-    _with_store(config, read)
+    with_store(config, read)
     return out
 
 
@@ -122,53 +116,15 @@ def _remove(config: Config, address: str) -> str:
             found = (await conn.execute(sa.select(suppressions).where(
                 suppressions.c.address == addr))).mappings().first()
             if found is None:
-                raise _NotFound(f"{addr} is not on the suppression list")
+                raise NotFound(f"{addr} is not on the suppression list")
             await conn.execute(sa.delete(suppressions).where(suppressions.c.address == addr))
         row = _row(found)
         said.append(f"removed {addr} (was: {row['reason']}, source {row['source'] or '-'}, "
                     f"since {row['created_at']})")
 
-    _with_store(config, remove, empty=f"{addr} is not on the suppression list "
+    with_store(config, remove, empty=f"{addr} is not on the suppression list "
                                       "(the store is empty)")
     return said[0] if said else ""
-
-
-def _with_store(config: Config, fn: Use, *, empty: str | None = None) -> None:
-    """Run ``fn`` on the store, which must exist; an empty store has nothing suppressed
-    (``empty`` is then the error to raise, if any). The store's own errors become one
-    line naming it."""
-    url = sa.engine.make_url(config.store.url)
-    database = url.database or ""
-    if url.get_backend_name() == "sqlite" and database and not database.startswith(
-            ":memory:") and not Path(database).exists():
-        raise StoreError(f"store {url.render_as_string(hide_password=True)}: no such "
-                         "database file (check [store] url)")
-
-    async def main() -> None:
-        store = Store.open(config.store.url, connect_timeout=config.store.connect_timeout)
-        try:
-            version = await store.read_schema_version()
-            if version is None:
-                if empty is not None:
-                    raise _NotFound(empty)
-                return
-            if version > schema.SCHEMA_VERSION:
-                raise SchemaTooNew(f"store {store.safe_url}: schema version {version} is "
-                                   f"newer than this segflowd knows ({schema.SCHEMA_VERSION})"
-                                   ": upgrade segflowd")
-            await fn(store)
-        except StoreUnavailable as exc:
-            raise StoreError(f"store {store.safe_url} is unreachable: "
-                             f"{str(exc).removeprefix('store unavailable: ')}") from None
-        except SegflowError:
-            raise
-        except Exception as exc:  # the driver's own error: unreachable, access denied, ...
-            reason = str(getattr(exc, "orig", None) or exc).split("\n", 1)[0]
-            raise StoreError(f"store {store.safe_url}: {reason}") from None
-        finally:
-            await store.close()
-
-    anyio.run(main)
 
 
 # -- output ------------------------------------------------------------------------------

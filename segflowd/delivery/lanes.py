@@ -12,19 +12,77 @@ for every kind.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+import structlog
 
 from ..clock import Clock
 from ..kernel import Kernel
-from ..providers import MARKETING_KINDS, Provider, ProviderContext, load_provider
+from ..providers import MARKETING_KINDS, Provider, ProviderContext, SendResult, load_provider
 from .outcomes import Outcomes, ProviderStatistics
 
-__all__ = ["TRANSACTIONAL_KINDS", "Lane", "TokenBucket", "build_lanes"]
+__all__ = ["TRANSACTIONAL_KINDS", "Circuit", "Lane", "TokenBucket", "build_lanes"]
+
+log = structlog.get_logger("segflowd.delivery")
 
 DEFAULT_CONCURRENCY = 1  # parallel send calls per provider
 DEFAULT_RATE = 0.0  # messages per second per provider; 0 means unlimited
 TRANSACTIONAL_KINDS = frozenset({"transaction", "test"})
+PROBE_FIRST = 5.0  # seconds from an outage to the first probe of the provider
+PROBE_MAX = 300.0  # seconds: the longest wait between two probes
+PROBE_BATCH = 1  # messages a probe sends (the rest stay queued)
+
+
+class Circuit:
+    """A provider's outage: while it is open the lane claims nothing but, now and then,
+    one message to probe the provider with (after 5 s, doubling to 5 min); the first
+    send the provider answers (sent or refused for the message's own sake) closes it.
+    Each change is logged (``provider.outage``, ``provider.recovered``) and counted."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.since: dt.datetime | None = None  # when the outage began (None: up)
+        self.error = ""
+        self.probes = 0  # probes that found it still down
+        self.outages = 0  # outages since start
+        self._retry_at = 0.0  # monotonic seconds: the next probe
+        self._delay = PROBE_FIRST
+
+    @property
+    def open(self) -> bool:
+        return self.since is not None
+
+    def wait(self, mono: float) -> float:
+        """Seconds until the lane may claim again (0: now)."""
+        return max(0.0, self._retry_at - mono) if self.open else 0.0
+
+    def batch(self, size: int) -> int:
+        """How many messages the lane claims: a probe's few while the circuit is open."""
+        return min(size, PROBE_BATCH) if self.open else size
+
+    def answered(self, results: Sequence[SendResult], now: dt.datetime, mono: float) -> None:
+        """Open, keep open or close the circuit on a batch's answers."""
+        down = [r for r in results if r.outage and not r.maybe_sent]
+        if down and len(down) == len(results):
+            self.error = down[0].error or "the provider is unavailable"
+            if self.since is None:
+                self.since, self.outages, self._delay = now, self.outages + 1, PROBE_FIRST
+                log.warning("provider.outage", provider=self.provider, error=self.error,
+                            retry_in_s=self._delay,
+                            hint="messages stay queued; no attempt is spent")
+            else:
+                self.probes += 1
+                self._delay = min(PROBE_MAX, self._delay * 2)
+                log.info("provider.still_down", provider=self.provider, error=self.error,
+                         retry_in_s=self._delay)
+            self._retry_at = mono + self._delay
+        elif results and self.since is not None:
+            log.warning("provider.recovered", provider=self.provider,
+                        down_s=round((now - self.since).total_seconds(), 3),
+                        probes=self.probes)
+            self.since, self.error, self.probes = None, "", 0
 
 
 class TokenBucket:
@@ -70,6 +128,7 @@ class Lane:
     concurrency: int
     bucket: TokenBucket
     outcomes: Outcomes  # its counts; the outbox totals are shared by every lane
+    circuit: Circuit
     _provider: Provider | None = None
 
     @property
@@ -88,8 +147,9 @@ class Lane:
         return self._provider
 
     def statistics(self) -> ProviderStatistics:
-        return self.outcomes.provider_statistics(plugin=self.plugin, rate=self.rate,
-                                                 concurrency=self.concurrency)
+        return self.outcomes.provider_statistics(
+            plugin=self.plugin, rate=self.rate, concurrency=self.concurrency,
+            outage_since=self.circuit.since, outage_error=self.circuit.error)
 
 
 def build_lanes(k: Kernel, rng: random.Random,
@@ -113,5 +173,9 @@ def build_lanes(k: Kernel, rng: random.Random,
             name=name, options=options, kinds=kinds, rate=rate, burst=burst,
             concurrency=max(1, int(str(options.get("concurrency", DEFAULT_CONCURRENCY)))),
             bucket=TokenBucket(rate, burst, k.clock), outcomes=outcomes,
-            _provider=(given or {}).get(name)))
+            circuit=Circuit(name), _provider=(given or {}).get(name)))
+    k.metrics.describe("segflow_provider_up", "gauge",
+                       "1 while the provider answers, 0 during an outage")
+    k.metrics.collect(lambda: [("segflow_provider_up", {"provider": lane.name},
+                                0.0 if lane.circuit.open else 1.0) for lane in lanes])
     return lanes

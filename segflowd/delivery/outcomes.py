@@ -64,6 +64,8 @@ class ProviderStatistics:
     in_flight: int
     rate: float
     concurrency: int
+    outage_since: dt.datetime | None = None  # the provider is down since (None: it is up)
+    outage_error: str = ""  # what it answered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +164,11 @@ class Outcomes:
             values.update(sent_at=now, provider_message_id=self._provider_id(p, res))
         elif res.maybe_sent:
             status, error = "unknown", _text(res.error) or "the provider may have sent it"
+        elif res.outage:
+            # The provider is down or refuses the account, not this message: queued again
+            # with its attempt given back; the lane's circuit decides when to try again.
+            status, error = "held", _text(res.error)
+            values.update(attempts=messages.c.attempts - 1, next_attempt_at=now)
         elif res.transient and row["attempts"] < ecfg.max_attempts:
             status, error = "queued", _text(res.error)
             delay = backoff(row["attempts"], ecfg.retry_base, ecfg.retry_max, self.rng)
@@ -171,7 +178,8 @@ class Outcomes:
             status, error = "failed", _text(res.error)
             if res.suppress and p.message is not None:
                 suppress = bare_address(p.message.to)
-        values.update(status=status, last_error=_clip(error))
+        values.update(status="queued" if status == "held" else status,
+                      last_error=_clip(error))
         kind = "retrying" if status == "queued" else status
         event = (f"message.{kind}", {**base, "error": error} if error else base)
         return _Decision(values, event, suppress)
@@ -261,8 +269,8 @@ class Outcomes:
             self.k.bus.publish(kind, **data)
 
     def count(self, kind: str, data: Mapping[str, object]) -> None:
-        if not kind.startswith("message."):
-            return
+        if not kind.startswith("message.") or kind == "message.held":
+            return  # a held message is the provider's outage, logged once by its lane
         status = kind.removeprefix("message.")
         self.k.metrics.inc("segflow_messages_total", status=status)
         key = {"retrying": "retried"}.get(status, status)
@@ -302,13 +310,15 @@ class Outcomes:
             providers=tuple(providers),
         )
 
-    def provider_statistics(self, *, plugin: str, rate: float, concurrency: int
+    def provider_statistics(self, *, plugin: str, rate: float, concurrency: int,
+                            outage_since: dt.datetime | None = None, outage_error: str = ""
                             ) -> ProviderStatistics:
         c = self.counters
         return ProviderStatistics(
             name=self.provider_name, plugin=plugin, sent=c.sent, failed=c.failed,
             transient_errors=c.transient, batches=c.batches, in_flight=c.in_flight,
-            rate=rate, concurrency=concurrency)
+            rate=rate, concurrency=concurrency, outage_since=outage_since,
+            outage_error=outage_error)
 
 
 class SendRate:

@@ -33,7 +33,8 @@ async def send_batch(provider: Provider, provider_name: str,
                     maybe_sent=exc.maybe_sent, messages=n)
         if exc.maybe_sent:
             return [SendResult(ok=False, error=err, maybe_sent=True)] * n
-        return [SendResult(ok=False, error=err, transient=exc.transient)] * n
+        return [SendResult(ok=False, error=err, transient=exc.transient,
+                           outage=exc.outage)] * n
     except Exception as exc:
         err = f"{type(exc).__name__}: {exc}"
         log.warning("provider.error", provider=provider_name, error=err, maybe_sent=True,

@@ -234,8 +234,10 @@ class DeliveryService:
         turn, without one); return how many were claimed."""
         if lane is None:
             return sum([await self.run_once(each) for each in self.lanes])
+        if lane.circuit.wait(self.k.clock.monotonic()) > 0:
+            return 0  # the provider is down: nothing is claimed until its next probe
         provider = lane.provider(self.k)
-        size = max(1, int(provider.max_batch))
+        size = lane.circuit.batch(max(1, int(provider.max_batch)))
         if lane.rate > 0:
             size = min(size, int(lane.bucket.burst))
         await lane.bucket.acquire(size)
@@ -261,6 +263,7 @@ class DeliveryService:
                 finally:
                     c.in_flight -= len(to_send)
                     c.batches += 1
+                lane.circuit.answered(results, self.k.clock.now(), self.k.clock.monotonic())
         except BaseException:
             # Cancelled (a drain cut short): what the provider had is `unknown` now, the
             # rest goes back to the queue, rather than all of it `unknown` at the next start.

@@ -328,3 +328,28 @@ async def test_marketing_mail_goes_to_the_broadcast_stream(
     assert [m["MessageStream"] for m in batch] == [expected, expected, "outbound"]
     assert {"Name": "Precedence", "Value": "bulk"} in batch[0]["Headers"]  # type: ignore[operator]
     assert {"Name": "Precedence", "Value": "bulk"} not in batch[2]["Headers"]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("mode", "token"), [("normal", "rotated-token"), ("500", TOKEN)])
+async def test_a_refused_account_or_a_down_postmark_is_an_outage(
+        postmark: FakePostmark, tmp_path: Path, mode: str, token: str) -> None:
+    """A rotated token (HTTP 401, ErrorCode 10) or a 5xx: no message is at fault, so
+    every one is an outage (held queued, no attempt spent), not a failure."""
+    postmark.mode = mode
+    p = PostmarkProvider(ProviderContext("pm", {"server_token": token,
+                                                "base_url": postmark.url}, tmp_path))
+    try:
+        results = await p.send([message(1, "a@example.org"), message(2, "b@example.org")])
+    finally:
+        await p.aclose()
+    assert [(r.ok, r.outage, r.maybe_sent) for r in results] == [(False, True, False)] * 2
+
+
+async def test_a_recipient_refusal_is_no_outage(postmark: FakePostmark,
+                                                tmp_path: Path) -> None:
+    p = provider(postmark.url, tmp_path)
+    try:
+        [inactive] = await p.send([message(1, "inactive@example.org")])
+    finally:
+        await p.aclose()
+    assert (inactive.ok, inactive.outage, inactive.suppress) == (False, False, True)

@@ -147,6 +147,12 @@ class _SesHandler(BaseHTTPRequestHandler):
         elif to.startswith("rejected@"):
             self._answer(400, b'{"message": "Email address is not verified."}',
                          "MessageRejected")
+        elif to.startswith("paused@"):
+            self._answer(400, b'{"message": "Sending is paused for this account."}',
+                         "SendingPausedException")
+        elif to.startswith("forbidden@"):
+            self._answer(403, b'{"message": "The security token included in the request '
+                              b'is invalid."}', "UnrecognizedClientException")
         elif to.startswith("throttled@"):
             self._answer(429, b'{"message": "Maximum sending rate exceeded."}',
                          "TooManyRequestsException")
@@ -260,3 +266,19 @@ async def test_marketing_mail_goes_through_its_own_configuration_set(
             for b in fake_ses.bodies}
     assert sets == {"a@example.org": expected, "b@example.org": expected,
                     "c@example.org": "tx"}
+
+
+async def test_account_and_credential_errors_are_outages(fake_ses: FakeSes,
+                                                         tmp_path: Path) -> None:
+    """SendingPaused and a refused key say nothing about the message: an outage (held,
+    no attempt spent); MessageRejected and throttling are not."""
+    p = ses_provider(fake_ses.url, tmp_path)
+    try:
+        paused, forbidden, rejected, throttled = await p.send([
+            outgoing(1, "paused@example.org"), outgoing(2, "forbidden@example.org"),
+            outgoing(3, "rejected@example.org"), outgoing(4, "throttled@example.org")])
+    finally:
+        await p.aclose()
+    assert [(r.ok, r.outage) for r in (paused, forbidden, rejected, throttled)] == [
+        (False, True), (False, True), (False, False), (False, False)]
+    assert "SendingPausedException" in (paused.error or "")

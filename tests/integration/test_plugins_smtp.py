@@ -203,6 +203,9 @@ async def test_wrong_password_is_not_a_silent_success(
         await p.aclose()
     assert not result.ok
     assert tls_server[0].received == []
+    # The account is refused, not the message (aiosmtpd then stalls: the answer to AUTH
+    # or the timeout after it): an outage, held without spending an attempt.
+    assert (result.outage, result.maybe_sent) == (True, False)
 
 
 async def test_delivery_through_smtp_end_to_end(
@@ -279,6 +282,9 @@ async def test_answered_refusals_and_no_server_are_certainly_not_sent(
     finally:
         await p.aclose()
     assert (refused.ok, refused.transient, refused.maybe_sent) == (False, True, False)
+    assert refused.outage  # no server: the provider is down, not the message
+    assert not busy.outage
+    assert not bounced.outage
 
 
 async def test_delivery_records_a_timeout_after_data_unknown_and_never_resends_it(
