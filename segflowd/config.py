@@ -27,7 +27,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import configenv
+from . import configcheck, configenv
 from .errors import ConfigError
 
 __all__ = [
@@ -82,6 +82,7 @@ class StoreConfig:
     pool_size: int = 10
     connect_timeout: float = 5.0  # seconds
     start_retry_max: float = DEFAULT_STORE_RETRY_MAX
+    timeout: float = 5.0  # seconds: a statement's answer or a group commit, at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,13 @@ class HttpConfig:
     max_event_bytes: int = DEFAULT_MAX_EVENT
     max_request_bytes: int = DEFAULT_MAX_REQUEST
     metrics_key: str = dataclasses.field(default="", repr=False)
+    # Slow and idle clients (see segflowd.httpguard): seconds and counts.
+    header_timeout: float = 10.0  # from connecting (or the request's first byte) to headers
+    body_timeout: float = 30.0  # from the headers to the body's last byte
+    keepalive_timeout: float = 5.0  # an idle kept-alive connection is closed after
+    max_connections: int = 1000  # open at once (lowered under the open-files limit)
+    max_header_bytes: int = 16 * 1024  # request line and headers (431 past it)
+    max_headers: int = 100  # header lines (431 past it)
 
     @property
     def host(self) -> str:
@@ -120,6 +128,8 @@ class EmailConfig:
     # delivery (segflowd/delivery.py): the HMAC key of unsubscribe/tracking tokens
     # (secret or secret_env), tracking for every template, retries and polling.
     secret: str = dataclasses.field(default="", repr=False)
+    # Older secrets: links they signed still verify (rotation); only ``secret`` signs.
+    secret_previous: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     track: bool = False
     max_attempts: int = 5  # sends of one message before a transient error fails it
     retry_base: float = 30.0  # seconds before the first retry; doubles each attempt
@@ -369,6 +379,8 @@ class _Parser:
         origin = typing.get_origin(hint)
         if origin is tuple:
             (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
+            if item is str:
+                return configenv.string_list(value, key, self.error)
             if not isinstance(value, list):
                 raise self.error(key, f"must be an array of tables, not {_tname(value)}")
             out = []
@@ -409,28 +421,8 @@ class _Parser:
             raise self.error("daemon.log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
         if c.daemon.drain_timeout <= 0:
             raise self.error("daemon.drain_timeout", "must be a positive number of seconds")
-        if not re.match(r"^(sqlite\+aiosqlite|mysql\+aiomysql|mysql\+asyncmy)://", c.store.url):
-            raise self.error(
-                "store.url",
-                "must start with sqlite+aiosqlite://, mysql+aiomysql:// or mysql+asyncmy://",
-            )
-        if c.store.pool_size < 1:
-            raise self.error("store.pool_size", "must be at least 1")
-        m = re.match(r"^(\[[0-9a-fA-F:]+\]|[^:\[\]]+):(\d{1,5})$", c.http.listen)
-        if not m or not 0 < int(m.group(2)) < 65536:
-            raise self.error("http.listen", f"must be HOST:PORT, got {c.http.listen!r}")
-        if c.http.public_url and not re.match(r"^https?://", c.http.public_url):
-            raise self.error("http.public_url", "must start with http:// or https://")
-        names = set()
-        for i, k in enumerate(c.http.keys):
-            if not k.name or not k.secret:
-                raise self.error(f"http.keys[{i}]", "needs a name and a non-empty secret")
-            if k.name in names:
-                raise self.error(f"http.keys[{i}].name", f"duplicate key name {k.name!r}")
-            names.add(k.name)
-        for limit in ("max_event_bytes", "max_request_bytes"):
-            if getattr(c.http, limit) < 1024:
-                raise self.error(f"http.{limit}", "must be at least 1024")
+        configcheck.check_store(c.store, self.error)
+        configcheck.check_http(c.http, self.error)
         for name, table in c.providers.items():
             plugin = table.options.get("plugin", name)
             if not isinstance(plugin, str) or not plugin:
@@ -440,6 +432,9 @@ class _Parser:
             raise self.error(
                 "email.provider", f"names no [providers.{c.email.provider}] table ({known})"
             )
+        if c.email.secret_previous and not c.email.secret:
+            raise self.error("email.secret_previous", "needs [email] secret too: only it signs, "
+                             "the previous secrets verify links already sent")
         marketing = c.email.provider_marketing
         if marketing and marketing not in c.providers:
             known = ", ".join(sorted(c.providers)) or "none configured"

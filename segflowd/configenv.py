@@ -13,6 +13,10 @@ Three ways, all applied by :func:`segflowd.config.load_config`:
 
 At most one of ``k``, ``k_env`` and ``k_file`` may be given. Errors name the key and the
 variable or path, never a value read from it.
+
+A key that takes a list of strings (``[email] secret_previous``) takes a TOML array in the
+file; from the environment or a file its value is one string per line, blank lines left
+out (:func:`string_list`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "MAX_SECRET_FILE", "named_overrides", "read_secret_file",
-           "resolve_indirections", "section_overrides"]
+           "resolve_indirections", "section_overrides", "string_list"]
 
 ENV_PREFIX = "SEGFLOW_"
 MAX_SECRET_FILE = 64 * 1024  # bytes: a secret file longer than this is a wrong path
@@ -120,3 +124,17 @@ def read_secret_file(value: object, key: str, base_dir: Path, error: ErrorFactor
     if text.endswith("\r\n"):
         return text[:-2]
     return text.removesuffix("\n")
+
+
+def string_list(value: object, key: str, error: ErrorFactory) -> tuple[str, ...]:
+    """A TOML array of non-empty strings; or a string (what ``SEGFLOW_*``, ``k_env`` and
+    ``k_file`` give) holding one per line, blank lines left out."""
+    if isinstance(value, str):
+        return tuple(line for line in value.splitlines() if line)
+    if not isinstance(value, list):
+        raise error(key, "must be an array of strings (from the environment or a file: "
+                         "one per line)")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise error(f"{key}[{i}]", "must be a non-empty string")
+    return tuple(value)

@@ -34,6 +34,7 @@ from .errors import ListenError, SegflowError
 from .flows.service import FlowService
 from .hooks import ContextProvider, IngestSink, MembershipSink, OutboxWaker
 from .http import Request, Response, Router, error_response, json_response
+from .httpguard import HttpLimits, connection_cap, guarded_protocol
 from .ingest.service import IngestService
 from .kernel import Kernel
 from .lock import DaemonLock
@@ -47,6 +48,7 @@ from .sources.broadcasts import BroadcastService
 from .sources.datasources import DataSources, PreloadContext
 from .sources.pools import SourceService
 from .store import Store
+from .storebounds import REQUEST_BOUND
 
 __all__ = ["Daemon", "DaemonStatistics", "Service", "build_services"]
 
@@ -146,7 +148,8 @@ class Daemon:
         self.clock: Clock = clock or SystemClock()
         self.notifier = notifier or Notifier()
         self.store = Store.open(config.store.url, pool_size=config.store.pool_size,
-                                connect_timeout=config.store.connect_timeout)
+                                connect_timeout=config.store.connect_timeout,
+                                timeout=config.store.timeout)
         self.lock = DaemonLock.for_store(self.store,
                                          connect_timeout=config.store.connect_timeout)
         self.metrics = Metrics()
@@ -273,13 +276,24 @@ class Daemon:
 
     async def _serve_http(self, sock: socket.socket, *,
                           task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        h = self.config.http
+        cap = connection_cap(h.max_connections)
+        if cap < h.max_connections:
+            log.warning("http.max_connections_lowered", configured=h.max_connections,
+                        max_connections=cap, reason="under the open-files limit (ulimit -n)")
+        limits = HttpLimits(header_timeout=h.header_timeout, body_timeout=h.body_timeout,
+                            keepalive_timeout=h.keepalive_timeout, max_connections=cap,
+                            max_header_bytes=h.max_header_bytes, max_headers=h.max_headers)
         config = uvicorn.Config(
             self.router, log_config=None, lifespan="off", access_log=False,
-            http="httptools", server_header=False, date_header=True,
+            http=guarded_protocol(limits), ws="none", server_header=False, date_header=True,
             timeout_graceful_shutdown=int(max(1, self.config.daemon.drain_timeout)),
         )
         server = _EmbeddedServer(config)
         self._server = server
+        # Every request handler inherits this context: its reads of the store wait
+        # [store] timeout at most (background services' reads are not bounded so).
+        REQUEST_BOUND.set(self.config.store.timeout)
         done = self._http_done = anyio.Event()
 
         async def serve() -> None:

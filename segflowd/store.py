@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from . import migrations, schema
 from .clock import utcnow
 from .errors import SchemaTooNew, StoreError, StoreUnavailable
+from .storebounds import bounded_connect, read_bound
 
 __all__ = ["Store", "StoreStatistics", "is_unavailable", "json_text"]
 
@@ -38,6 +39,7 @@ PING_TIMEOUT = 2.0  # seconds: a health check that takes longer counts as down
 SQLITE_BUSY_TIMEOUT = 10_000  # milliseconds
 PRIVATE_FILE_MODE = 0o600  # a new SQLite store file: its owner reads and writes it
 START_RETRY_FIRST = 0.5  # seconds before the second attempt to reach the store at start
+TIMEOUT = 5.0  # seconds: the longest wait for one answer of the server ([store] timeout)
 
 # MySQL client error codes that mean "the server is not there right now".
 _MYSQL_GONE = {2002, 2003, 2006, 2013, 2055, 1040, 1053, 1205, 1213}
@@ -73,19 +75,32 @@ class StoreStatistics:
 class Store:
     """The daemon's state. Create with :meth:`open`, then :meth:`migrate`."""
 
-    def __init__(self, engine: AsyncEngine, url: str) -> None:
+    def __init__(self, engine: AsyncEngine, url: str, *, timeout: float = TIMEOUT) -> None:
         self.engine = engine
         self.url = url
         self.dialect: str = engine.dialect.name  # "sqlite" | "mysql" | "mariadb"
+        # Seconds one wait for the server may last (MySQL/MariaDB: each statement's
+        # answer, the COMMIT's, a connection's handshake); callers bound whole
+        # operations with it too (the group commit).
+        self.timeout = timeout
         self.schema_version = 0
         self._healthy = False
         self._last_ping_ms: float | None = None
+        self._unavailable: str | None = None  # the cause, while the store is unavailable
 
     # -- lifecycle -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> Store:
-        """Make the engine; no connection is attempted until first use."""
+    def open(cls, url: str, *, pool_size: int = 10, connect_timeout: float = 5.0,
+             timeout: float = TIMEOUT) -> Store:
+        """Make the engine; no connection is attempted until first use.
+
+        On MySQL/MariaDB a connection must be made within ``connect_timeout`` plus
+        ``timeout`` seconds (TCP, then the server's handshake), and every answer of the
+        server must come within ``timeout`` seconds, or the connection is dropped and
+        the operation fails as unavailable (:func:`is_unavailable`): a server that
+        stopped answering (frozen, swapping) never hangs a caller.
+        """
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
@@ -105,7 +120,9 @@ class Store:
             sa.event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
         else:
             sa.event.listen(engine.sync_engine, "connect", _mysql_on_connect)
-        return cls(engine, url)
+            sa.event.listen(engine.sync_engine, "do_connect",
+                            bounded_connect(engine.dialect.driver, connect_timeout, timeout))
+        return cls(engine, url, timeout=timeout)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -151,8 +168,11 @@ class Store:
             raise
         except Exception as exc:
             if is_unavailable(exc):
+                self.note_unavailable(_short(exc))
                 raise StoreUnavailable(f"store unavailable: {_short(exc)}") from exc
             raise
+        if self._unavailable is not None:
+            self.note_available()
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
@@ -164,21 +184,44 @@ class Store:
             raise
         except Exception as exc:
             if is_unavailable(exc):
+                self.note_unavailable(_short(exc))
                 raise StoreUnavailable(f"store unavailable: {_short(exc)}") from exc
             raise
+        if self._unavailable is not None:
+            self.note_available()
+
+    def note_unavailable(self, cause: str) -> None:
+        """Record that an operation found the store unavailable; logged once per outage."""
+        self._healthy = False
+        if self._unavailable is None:
+            self._unavailable = cause
+            log.error("store.unavailable", cause=cause, store=self.safe_url,
+                      timeout_s=self.timeout)
+
+    def note_available(self) -> None:
+        """Record that an operation succeeded; ends an outage :meth:`note_unavailable` began."""
+        self._healthy = True
+        if self._unavailable is not None:
+            log.info("store.available", store=self.safe_url, after=self._unavailable)
+            self._unavailable = None
 
     async def ping(self, limit: float = PING_TIMEOUT) -> bool:
         """True when the store answers ``SELECT 1`` within ``limit`` seconds."""
         started = time.perf_counter()
         ok = False
+        cause = f"no answer to a health check within {limit:g} s"
         with anyio.move_on_after(limit):
             try:
                 async with self.engine.connect() as conn:
                     await conn.execute(sa.text("SELECT 1"))
                 ok = True
             except Exception as exc:
-                log.warning("store.ping_failed", error=_short(exc))
-        self._healthy = ok
+                cause = _short(exc)
+                log.warning("store.ping_failed", error=cause)
+        if ok:
+            self.note_available()
+        else:
+            self.note_unavailable(cause)
         self._last_ping_ms = (time.perf_counter() - started) * 1000 if ok else None
         return ok
 
@@ -201,22 +244,32 @@ class Store:
         the numbered steps in :mod:`segflowd.migrations`; a newer one is refused.
         """
         async with self.engine.begin() as conn:
-            if self.dialect != "sqlite":
-                lock = sa.text("SELECT GET_LOCK('segflow_migrate', 60)")
-                got = (await conn.execute(lock)).scalar()
-                if got != 1:
-                    raise StoreError("another segflowd holds the migration lock for 60 s")
+            # A schema step (an ALTER of a big table) may take long, and no request waits
+            # on it: this connection's reads are not bounded until it goes back.
+            driver = (await conn.get_raw_connection()).driver_connection
+            bound = read_bound(driver, None)
             try:
-                before = await conn.run_sync(_migrate_sync)
+                before = await self._migrate_locked(conn)
             finally:
-                if self.dialect != "sqlite":
-                    await conn.execute(sa.text("SELECT RELEASE_LOCK('segflow_migrate')"))
+                read_bound(driver, bound)
         self.schema_version = schema.SCHEMA_VERSION
         self._healthy = True
         if before != schema.SCHEMA_VERSION:
             log.info("store.migrated", from_version=before, to_version=schema.SCHEMA_VERSION,
                      store=self.safe_url)
         return before
+
+    async def _migrate_locked(self, conn: AsyncConnection) -> int:
+        if self.dialect != "sqlite":
+            lock = sa.text("SELECT GET_LOCK('segflow_migrate', 60)")
+            got = (await conn.execute(lock)).scalar()
+            if got != 1:
+                raise StoreError("another segflowd holds the migration lock for 60 s")
+        try:
+            return await conn.run_sync(_migrate_sync)
+        finally:
+            if self.dialect != "sqlite":
+                await conn.execute(sa.text("SELECT RELEASE_LOCK('segflow_migrate')"))
 
     async def read_schema_version(self) -> int | None:
         """The version recorded in the store, or None for an empty store."""

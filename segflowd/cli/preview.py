@@ -18,7 +18,13 @@ import sqlalchemy as sa
 
 from ..clock import utcnow
 from ..config import load_config
-from ..delivery.mime import InvalidAddress, MessageParts, build_message, domain_of, make_message_id
+from ..delivery.mime import (
+    InvalidMessage,
+    MessageParts,
+    build_message,
+    domain_of,
+    make_message_id,
+)
 from ..delivery.templates import Renderer
 from ..delivery.tokens import Signer, ephemeral_key
 from ..errors import AppError, ConfigError, SegflowError
@@ -120,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             message_id=make_message_id(0, domain_of(config.email.from_)), date=utcnow(),
             reply_to=config.email.reply_to, unsubscribe_url=unsub,
             unsubscribe_mailto=config.email.unsubscribe_mailto))
-    except (SegflowError, InvalidAddress) as exc:
+    except (SegflowError, InvalidMessage) as exc:
         print(f"segflowd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     out = Path(args.out)

@@ -41,6 +41,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        help="queue failed or unknown messages again (asks first)")
     p.add_argument("--status", required=True, choices=STATUSES,
                    help="the messages' status now")
+    _filters(p)
+    u = sub.add_parser("retry-unknown", parents=[common],
+                       help="queue unknown messages again: requeue --status unknown")
+    _filters(u)
+    u.set_defaults(handler=run, command="retry-unknown", status="unknown")
+
+
+def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", metavar="TIME",
                    help="only those that got it at or after TIME (ISO 8601; naive is UTC)")
     p.add_argument("--error-like", metavar="TEXT",

@@ -12,6 +12,17 @@ refuses any CR/LF that might be left, so no value can ever start a header of its
 Control characters (NUL, BEL, ESC, DEL, the C1 range) are dropped from the subject and
 display names, and a value that holds ``=?`` goes out as an RFC 2047 encoded-word
 itself, so a reader shows the text the data held instead of decoding it.
+
+Addresses: an internationalised domain (``x@bücher.example``) goes out in its ASCII form
+(IDNA 2008 with the UTS #46 mapping: ``x@xn--bcher-kva.example``). A non-ASCII local part
+would need SMTPUTF8, which Segflow does not use: such an address is refused with
+:class:`InvalidAddress`, so that one message fails and nothing else.
+
+Line lengths: no header line is longer than the 998 octets RFC 5322 2.1.1 allows. A
+header that would be is folded at its spaces into lines of at most 78 characters; a
+non-ASCII (or ``=?``) subject goes as RFC 2047 encoded-words of at most 66 characters
+each, so a long one folds too, and so does an ASCII one holding a word too long for a
+line.
 """
 
 from __future__ import annotations
@@ -27,16 +38,22 @@ import re
 import secrets
 from email.headerregistry import Address
 
+import idna
+
 from ..providers import MARKETING_KINDS, OutgoingMessage
 
 __all__ = [
-    "InvalidAddress", "MessageParts", "build_message", "header_text", "make_message_id",
-    "one_line", "parse_address",
+    "InvalidAddress", "InvalidMessage", "MessageParts", "ascii_domain", "build_message",
+    "header_text", "make_message_id", "one_line", "parse_address",
 ]
 
 
 
-class InvalidAddress(ValueError):
+class InvalidMessage(ValueError):
+    """A message cannot be built as it is (its text says why); that message alone fails."""
+
+
+class InvalidAddress(InvalidMessage):
     """An address (recipient, From, Reply-To) is not one valid email address."""
 
 
@@ -80,10 +97,31 @@ def parse_address(value: str, what: str) -> Address:
     local, _, domain = addr.rpartition("@")
     if not local or not domain or " " in addr or "," in addr:
         raise InvalidAddress(f"{what} {raw!r} is not one email address")
+    if not local.isascii():
+        raise InvalidAddress(
+            f"{what} {raw!r} has a non-ASCII local part (before the @), which needs SMTPUTF8;"
+            " Segflow sends only ASCII addresses")
     try:
-        return Address(display_name=header_text(name), addr_spec=addr)
+        parsed = Address(display_name=header_text(name), addr_spec=addr)
     except (ValueError, IndexError, email.errors.HeaderParseError) as exc:
         raise InvalidAddress(f"{what} {raw!r} is not valid: {exc}") from None
+    if parsed.domain.isascii():
+        return parsed
+    return Address(display_name=parsed.display_name, username=parsed.username,
+                   domain=ascii_domain(parsed.domain, f"{what} {raw!r}"))
+
+
+def ascii_domain(domain: str, where: str = "domain") -> str:
+    """``domain`` in ASCII: an internationalised name as IDNA A-labels
+    (``bücher.example`` → ``xn--bcher-kva.example``), or :class:`InvalidAddress`."""
+    if domain.isascii():
+        return domain
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:  # a UnicodeError: never let it escape as one
+        raise InvalidAddress(
+            f"{where}: the domain {domain!r} is not a valid internationalised domain name "
+            f"({exc})") from None
 
 
 def domain_of(sender: str) -> str:
@@ -116,6 +154,34 @@ class MessageParts:
     unsubscribe_mailto: str = ""  # an address; the token goes in its subject
 
 
+MAX_LINE = 998  # octets per line, CRLF excluded (RFC 5322 2.1.1)
+FOLD_AT = 78  # characters per header line where the value has spaces to fold at
+# Characters per RFC 2047 encoded-word (at most 75, RFC 2047 2): short enough that
+# "Subject: " and one word fit the 78 of a line.
+ENCODED_WORD = 66
+LONG_WORD = 900  # characters: an ASCII word longer than this goes as encoded-words
+
+
+def _encoded_words(value: str, width: int = ENCODED_WORD) -> str:
+    """``value`` as RFC 2047 encoded-words of at most ``width`` characters, one space
+    apart.
+
+    The stdlib splits a long value between characters, never inside one; the spaces
+    between encoded-words are where :func:`_fold` may break the line (a reader drops
+    them when decoding, RFC 2047 6.2).
+    """
+    encoded = email.header.Header(value, "utf-8", maxlinelen=width + 1).encode()
+    return " ".join(encoded.split())
+
+
+def _needs_encoding(value: str) -> bool:
+    """Whether a header value must go as encoded-words: not ASCII, holding ``=?``, or
+    holding a word no line could carry."""
+    if not value.isascii() or "=?" in value:
+        return True
+    return len(value) > LONG_WORD and max(map(len, value.split(" "))) > LONG_WORD
+
+
 def _header_value(value: str) -> str:
     """A one-line header value, RFC 2047-encoded when it is not ASCII.
 
@@ -124,19 +190,45 @@ def _header_value(value: str) -> str:
     template never rendered.
     """
     value = one_line(value)
-    if value.isascii() and "=?" not in value:
+    if not _needs_encoding(value):
         return value
-    return email.header.Header(value, "utf-8", maxlinelen=998).encode()
+    return _encoded_words(value)
 
 
 def _address(a: Address) -> str:
     name = a.display_name
-    if "=?" in name:  # written as an encoded-word, it reads back as the text it is
-        return f"{email.header.Header(name, 'utf-8', maxlinelen=998).encode()} <{a.addr_spec}>"
+    if name and _needs_encoding(name):  # encoded-words read back as the text they hold
+        # One word while it fits a line: in a display name (a phrase) the stdlib's parser
+        # keeps the space between two encoded-words that RFC 2047 says to drop.
+        return f"{_encoded_words(name, LONG_WORD)} <{a.addr_spec}>"
     return email.utils.formataddr((name, a.addr_spec), charset="utf-8")
 
 
-MAX_LINE = 998  # octets per line, CRLF excluded (RFC 5322 2.1.1)
+def _fold(name: str, value: str) -> str:
+    """``value`` (one line) as it goes after ``name:``: as it is when the line fits the
+    998 octets RFC 5322 allows, else folded at its spaces into lines of at most
+    :data:`FOLD_AT` characters where the words allow. Each fold is a CRLF put before a
+    space, which unfolding removes again (RFC 5322 2.2.3); no word is longer than
+    :data:`LONG_WORD` (longer ones went as encoded-words), so no line passes 998.
+
+    Headers that fit stay on one line, as every ordinary header does: a continuation
+    line is then never something a data value brought in.
+    """
+    if len(name) + 2 + len(value) <= MAX_LINE:
+        return value
+    lines: list[str] = []
+    line = ""
+    width = len(name) + 2
+    for word in value.split(" "):
+        if line and width + 1 + len(word) > FOLD_AT:
+            lines.append(line)
+            line, width = word, 1 + len(word)
+        elif line:
+            line, width = f"{line} {word}", width + 1 + len(word)
+        else:
+            line, width = word, width + len(word)
+    lines.append(line)
+    return "\r\n ".join(lines)
 
 
 def _body(text: str, boundary: str) -> tuple[str, bytes]:
@@ -156,11 +248,13 @@ def _body(text: str, boundary: str) -> tuple[str, bytes]:
 
 
 def build_message(p: MessageParts) -> OutgoingMessage:
-    """The MIME message and its parts; :class:`InvalidAddress` for a bad address.
+    """The MIME message and its parts; :class:`InvalidAddress` for a bad address and
+    :class:`InvalidMessage` for any other value that cannot go out.
 
     Written directly rather than through :class:`email.message.EmailMessage` (five times
-    faster at send rates); every header value is one line by construction and the
-    result parses back with the stdlib (the tests do).
+    faster at send rates); every header value is one line by construction (folded at
+    its spaces only past 998 octets, see :func:`_fold`) and the result parses back with
+    the stdlib (the tests do).
     """
     sender = parse_address(p.sender, "From")
     to = parse_address(p.to, "recipient")
@@ -193,7 +287,11 @@ def build_message(p: MessageParts) -> OutgoingMessage:
     for name, value in headers:
         if "\r" in value or "\n" in value:  # unreachable by construction; never emit it
             raise InvalidAddress(f"header {name} would span lines")
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("utf-8")
+        if not value.isascii():  # 8-bit headers need SMTPUTF8, which is not used
+            raise InvalidMessage(f"header {name} holds non-ASCII text that cannot be sent: "
+                                 f"{value[:80]!r}")
+    head = "".join(f"{name}: {_fold(name, value)}\r\n" for name, value in headers
+                   ).encode("ascii")
     b = boundary.encode()
     chunks = [head, b"\r\n"]
     for sub, content in (("plain", p.text or " "), ("html", p.html)):

@@ -4,8 +4,10 @@ Three queries read the batch's users, their marketing unsubscribes and the suppr
 addresses; context providers add their data; then every message still to send is rendered
 (in a worker thread, or by the render processes where there are some) and built into an
 :class:`~segflowd.providers.OutgoingMessage` with its tracking links and unsubscribe URL.
-A message that must not be sent gets its status here instead: ``failed`` (no or a bad
-address, a template error, or any other error rendering or building that one message),
+A message that must not be sent gets its status here instead: ``failed`` (no address, or
+one that is not valid or cannot be sent, checked before any work and without contacting
+the provider; a template error; a header that cannot go out; or any other error
+rendering or building that one message: the rest of the batch goes on),
 ``suppressed`` (the address or the user opted out) or ``retry`` (the store or a context
 provider failed).
 """
@@ -23,10 +25,18 @@ import structlog
 
 from ..errors import TemplateError
 from ..hooks import ContextProvider
+from ..ingest.users import check_email
 from ..kernel import Kernel
 from ..providers import MARKETING_KINDS, OutgoingMessage
 from ..schema import subscriptions, suppressions, users
-from .mime import InvalidAddress, MessageParts, build_message, make_message_id, parse_address
+from .mime import (
+    InvalidAddress,
+    InvalidMessage,
+    MessageParts,
+    build_message,
+    make_message_id,
+    parse_address,
+)
 from .renderpool import (
     RenderJob,
     RenderPool,
@@ -123,10 +133,9 @@ class BatchPreparer:
             if not p.address:
                 p.status, p.error = "failed", "no email address for this message's user"
                 continue
-            try:
-                parse_address(p.address, "recipient")  # before any work
-            except InvalidAddress as exc:
-                p.status, p.error = "failed", str(exc)
+            problem = _address_problem(p.address)  # before any work, and no send
+            if problem is not None:
+                p.status, p.error = "failed", problem
                 continue
             reason = suppressed.get(bare_address(p.address))
             if reason is not None:
@@ -175,7 +184,7 @@ class BatchPreparer:
                 continue
             try:
                 p.message = self._build(p, result, unsub)
-            except InvalidAddress as exc:
+            except InvalidMessage as exc:  # a bad address or header: this message alone
                 p.status, p.error = "failed", str(exc)
             except Exception as exc:  # e.g. a value that cannot be encoded: nothing went out
                 p.status, p.error = "failed", _unexpected("building the message", exc)
@@ -226,6 +235,20 @@ class BatchPreparer:
         if camp is not None and camp.track is not None:
             return camp.track
         return self.k.config.email.track
+
+
+def _address_problem(address: str) -> str | None:
+    """Why ``address`` cannot be mailed, or None: it must be one address Segflow can send
+    to (an ASCII local part; an internationalised domain goes as IDNA) and a valid one
+    (the check ingest makes, which ``GET /v1/users/{id}`` shows as ``email_error``)."""
+    problem = check_email(address.strip())[1]
+    if problem is not None:
+        return f"recipient {problem}"
+    try:
+        parse_address(address, "recipient")
+    except InvalidAddress as exc:
+        return str(exc)
+    return None
 
 
 def _unexpected(doing: str, exc: Exception) -> str:

@@ -84,7 +84,7 @@ class DeliveryService:
         self.rng = rng or random.Random()
         ecfg = k.config.email
         if ecfg.secret:
-            self.signer = Signer(ecfg.secret)
+            self.signer = Signer(ecfg.secret, previous=ecfg.secret_previous)
         else:
             log.warning("delivery.no_secret",
                         hint="set [email] secret, secret_env or secret_file: links die on restart")

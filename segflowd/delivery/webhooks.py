@@ -3,10 +3,18 @@
 ``POST /webhooks/postmark`` takes Postmark's Bounce and SpamComplaint webhooks, with
 HTTP Basic auth (``webhook_username`` / ``webhook_password`` in the ``[providers.X]``
 table whose plugin is ``postmark``). ``POST /webhooks/ses`` takes Amazon SNS
-notifications of SES bounces and complaints: the SNS signature is verified against the
-certificate at ``SigningCertURL``, which must be an https URL on an ``amazonaws.com``
-SNS host; a ``SubscriptionConfirmation`` is confirmed by fetching its ``SubscribeURL``
-(also checked). Optionally ``webhook_topic_arn`` in the ``ses`` table pins the topic.
+notifications of SES bounces and complaints, and only when a table whose plugin is
+``ses`` names the SNS topic they come from in ``webhook_topic_arn`` (404 otherwise): any
+AWS account can have SNS sign a message, so the topic is what says it is ours. A message
+is accepted when it comes from such a topic, its ``Timestamp`` is within
+:data:`SNS_MAX_AGE` of the kernel's clock, and its SNS signature verifies against the
+certificate at ``SigningCertURL``: an https URL of a ``.pem`` file on a regional SNS host
+(``sns.<region>.amazonaws.com``, ``sns.cn-<...>.amazonaws.com.cn``), whose subject is
+``sns.amazonaws.com`` or that host, and which is valid at the kernel's clock. A
+``SubscriptionConfirmation`` is confirmed by fetching its ``SubscribeURL`` (also on a
+regional SNS host). A ``webhook_topic_arn`` that is not an SNS topic ARN, or that is in a
+table of another plugin, is a :class:`~segflowd.errors.ConfigError` when the routes are
+registered at start.
 
 Only the recipient's fault suppresses: a complaint, or a bounce that says the address is
 dead. Postmark: ``HardBounce``, ``BadEmailAddress``, ``ManuallyDeactivated``, or any
@@ -38,18 +46,33 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
 
+from ..clock import utcnow
+from ..config import Config
+from ..errors import ConfigError
 from ..http import HTTPError, Request, Response, Router, json_response
 from ..kernel import Kernel
 from ..schema import suppressions
 
-__all__ = ["CERT_CACHE", "Fetch", "SnsVerifier", "Webhooks", "suppress"]
+__all__ = ["CERT_CACHE", "SNS_MAX_AGE", "Fetch", "SnsVerifier", "Webhooks", "is_sns_url",
+           "ses_topics", "suppress"]
 
 log = structlog.get_logger("segflowd.webhooks")
 
 FETCH_TIMEOUT = 10.0  # seconds to fetch an SNS certificate or confirm a subscription
 CERT_CACHE = 32  # SNS signing certificates kept (AWS uses a handful; the oldest goes first)
 WEBHOOK_BODY_LIMIT = 256 * 1024  # bytes
+# An SNS message older than this (by its signed Timestamp) is refused as a replay; one
+# this far in the future says the clock is wrong, and is refused too.
+SNS_MAX_AGE = 3600.0  # seconds
+# Common names an SNS signing certificate may have (besides its own regional host).
+SNS_CERT_NAMES = frozenset({"sns.amazonaws.com"})
+# Regional SNS hosts only: "sns.s3.amazonaws.com" is an S3 bucket anybody can own.
+_SNS_HOST = re.compile(r"sns\.(?:(?!cn-)[a-z]{2}(?:-[a-z]+)+-\d{1,2}\.amazonaws\.com"
+                       r"|cn-[a-z]+(?:-[a-z]+)*-\d{1,2}\.amazonaws\.com\.cn)")
+_TOPIC_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:sns:[a-z]{2}(?:-[a-z]+)+-\d{1,2}:\d{12}:"
+                        r"[A-Za-z0-9_-]{1,256}(?:\.fifo)?")
 REASON_MAX = 32  # characters: suppressions.reason's length
 # Postmark bounce types after which the address must not be mailed again.
 POSTMARK_HARD = frozenset({"HardBounce", "BadEmailAddress", "ManuallyDeactivated"})
@@ -74,15 +97,46 @@ async def _http_fetch(url: str) -> bytes:
 
 
 def is_sns_url(url: str) -> bool:
-    """An https URL on an Amazon SNS host (``sns.<region>.amazonaws.com[.cn]``)."""
+    """An https URL on a regional Amazon SNS host: ``sns.<region>.amazonaws.com``, or
+    ``sns.cn-<...>.amazonaws.com.cn`` (China), on the default port, without user info."""
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return False
-    host = (parts.hostname or "").lower()
-    return (parts.scheme == "https" and parts.port in (None, 443) and host.startswith("sns.")
-            and (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn"))
-            and not parts.username and not parts.password)
+    return (parts.scheme == "https" and port in (None, 443) and parts.username is None
+            and parts.password is None and _SNS_HOST.fullmatch(parts.hostname or "") is not None)
+
+
+def _is_cert_url(url: str) -> bool:
+    if not is_sns_url(url):
+        return False
+    parts = urlsplit(url)
+    return parts.path.endswith(".pem") and not parts.query and not parts.fragment
+
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    """``when`` as naive UTC (the kernel's clock is naive UTC)."""
+    return when if when.tzinfo is None else when.astimezone(dt.UTC).replace(tzinfo=None)
+
+
+def ses_topics(config: Config) -> frozenset[str]:
+    """The SNS topics ``POST /webhooks/ses`` accepts: each ``webhook_topic_arn`` of a table
+    whose plugin is ``ses``; :class:`ConfigError` naming the key for one that is wrong."""
+    topics = set()
+    for name, table in config.providers.items():
+        if "webhook_topic_arn" not in table.options:
+            continue
+        key, arn = f"providers.{name}.webhook_topic_arn", table.options["webhook_topic_arn"]
+        if str(table.options.get("plugin", name)) != "ses":
+            raise ConfigError("only a table whose plugin is ses takes webhook_topic_arn",
+                              file=str(config.path), key=key)
+        if not isinstance(arn, str) or not _TOPIC_ARN.fullmatch(arn):
+            raise ConfigError("must be the ARN of the SNS topic SES notifies, like "
+                              "arn:aws:sns:eu-west-1:123456789012:ses-events",
+                              file=str(config.path), key=key)
+        topics.add(arn)
+    return frozenset(topics)
 
 
 _SIGNED_FIELDS = {
@@ -102,8 +156,11 @@ class SnsVerifier:
         self.fetch: Fetch = fetch or _http_fetch
         self._certs: dict[str, x509.Certificate] = {}
 
-    async def verify(self, msg: Mapping[str, Any]) -> None:
-        """Return if ``msg`` is signed by SNS; raise ValueError saying why not otherwise."""
+    async def verify(self, msg: Mapping[str, Any], *, now: dt.datetime | None = None) -> None:
+        """Return if ``msg`` is signed by SNS with a certificate valid at ``now`` and its
+        Timestamp is within :data:`SNS_MAX_AGE` of ``now`` (naive UTC; the system clock
+        when not given); raise ValueError saying why not otherwise."""
+        now = utcnow() if now is None else now
         kind = msg.get("Type")
         fields = _SIGNED_FIELDS.get(str(kind))
         if fields is None:
@@ -112,8 +169,9 @@ class SnsVerifier:
         if version not in ("1", "2"):
             raise ValueError(f"unsupported SignatureVersion {version!r}")
         cert_url = str(msg.get("SigningCertURL") or msg.get("SigningCertUrl") or "")
-        if not is_sns_url(cert_url) or not cert_url.endswith(".pem"):
-            raise ValueError("SigningCertURL is not an https amazonaws.com SNS certificate URL")
+        if not _is_cert_url(cert_url):
+            raise ValueError("SigningCertURL is not the https URL of a .pem file on a "
+                             "regional SNS host (sns.<region>.amazonaws.com)")
         try:
             signature = base64.b64decode(str(msg.get("Signature", "")), validate=True)
         except (binascii.Error, ValueError):
@@ -125,9 +183,16 @@ class SnsVerifier:
                 cert = x509.load_pem_x509_certificate(await self.fetch(cert_url))
             except Exception as exc:
                 raise ValueError(f"cannot load the signing certificate: {exc}") from None
+            names = {str(a.value).lower()
+                     for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+            if not names & {*SNS_CERT_NAMES, str(urlsplit(cert_url).hostname)}:
+                raise ValueError("the signing certificate is not issued to SNS")
             while len(self._certs) >= CERT_CACHE:
                 del self._certs[next(iter(self._certs))]
             self._certs[cert_url] = cert
+        at = now.replace(tzinfo=dt.UTC)
+        if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+            raise ValueError("the signing certificate is not valid now")
         key = cert.public_key()
         if not isinstance(key, rsa.RSAPublicKey):
             raise ValueError("the signing certificate does not hold an RSA key")
@@ -136,6 +201,13 @@ class SnsVerifier:
             key.verify(signature, text.encode(), padding.PKCS1v15(), algo)
         except InvalidSignature:
             raise ValueError("the SNS signature does not verify") from None
+        try:  # signed, so SNS's own: a stale one is a replay
+            sent = _utc(dt.datetime.fromisoformat(str(msg.get("Timestamp", ""))))
+        except (ValueError, OverflowError):
+            raise ValueError("Timestamp is not an ISO 8601 time") from None
+        if abs((now - sent).total_seconds()) > SNS_MAX_AGE:
+            raise ValueError(f"Timestamp {msg['Timestamp']} is more than "
+                             f"{SNS_MAX_AGE:.0f} s from now")
 
 
 async def suppress(k: Kernel, address: str, reason: str, source: str, detail: str) -> bool:
@@ -163,6 +235,7 @@ class Webhooks:
     def __init__(self, k: Kernel, *, sns: SnsVerifier | None = None) -> None:
         self.k = k
         self.sns = sns or SnsVerifier()
+        self.topics = ses_topics(k.config)  # a wrong webhook_topic_arn fails the start
 
     def register_routes(self, router: Router) -> None:
         router.add("POST", "/webhooks/postmark", self.postmark)
@@ -205,6 +278,10 @@ class Webhooks:
         return json_response({"ok": True, "suppressed": added})
 
     async def ses(self, request: Request) -> Response:
+        if not self.topics:
+            log.warning("webhook.refused", provider="ses", reason="no webhook_topic_arn")
+            raise HTTPError(404, "not_found", "no provider table with plugin ses and "
+                                              "webhook_topic_arn is configured")
         raw = await request.body(WEBHOOK_BODY_LIMIT)
         try:
             msg = json.loads(raw)
@@ -213,13 +290,13 @@ class Webhooks:
         if not isinstance(msg, dict):
             raise HTTPError(400, "invalid_payload", "expected an SNS JSON message")
         try:
-            await self.sns.verify(msg)
+            topic = msg.get("TopicArn")  # checked before any certificate is fetched
+            if not isinstance(topic, str) or topic not in self.topics:
+                raise ValueError("it comes from an unexpected topic")
+            await self.sns.verify(msg, now=self.k.clock.now())
         except ValueError as exc:
             log.warning("webhook.refused", provider="ses", reason=str(exc))
             raise HTTPError(403, "forbidden", f"SNS message refused: {exc}") from None
-        pinned = str((self._table("ses") or {}).get("webhook_topic_arn", ""))
-        if pinned and msg.get("TopicArn") != pinned:
-            raise HTTPError(403, "forbidden", "SNS message from an unexpected topic")
         kind = msg["Type"]
         if kind == "SubscriptionConfirmation":
             url = str(msg.get("SubscribeURL", ""))

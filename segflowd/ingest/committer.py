@@ -206,6 +206,8 @@ class GroupCommitter:
             results, ingest = await self._commit([p.writes for p in batch])
         except Exception as exc:
             self._failed += 1
+            if is_unavailable(exc):
+                self.store.note_unavailable(str(exc).splitlines()[0][:300])
             if is_unavailable(exc) or len(batch) == 1:
                 err = _as_request_error(exc)
                 log.warning("ingest.flush_failed", rows=rows, requests=len(batch),
@@ -219,6 +221,7 @@ class GroupCommitter:
             return
         for p, r in zip(batch, results, strict=True):
             p.resolve(r)
+        self.store.note_available()
         elapsed = (time.perf_counter() - started) * 1000
         self._flushes += 1
         self._writes += rows
@@ -241,12 +244,25 @@ class GroupCommitter:
 
     async def _commit(self, groups: list[Sequence[Write]]
                       ) -> tuple[list[CommitResult], IngestBatch]:
+        # Bounded as a whole (connect, statements, COMMIT): a server that stopped
+        # answering fails the flush with 503s instead of holding every request. The
+        # cancelled transaction's connection is dropped (_commit_once), never reused.
+        # SQLite's waits are bounded by its busy timeout instead.
+        # asyncio's timeout, not anyio's: a third of the cost, paid on every flush.
+        bound = None if self.store.dialect == "sqlite" else self.store.timeout
         try:
-            return await self._commit_once(groups)
-        except IntegrityError:
-            # Another process stored a dedupe key between our check and our insert;
-            # the retry sees it and treats it as the duplicate it is.
-            return await self._commit_once(groups)
+            async with asyncio.timeout(bound):
+                try:
+                    return await self._commit_once(groups)
+                except IntegrityError:
+                    # Another process stored a dedupe key between our check and our
+                    # insert; the retry sees it and treats it as the duplicate it is.
+                    return await self._commit_once(groups)
+        except TimeoutError:
+            if bound is None:  # the driver's own (an OSError): is_unavailable() knows it
+                raise
+            raise StoreUnavailable(f"store unavailable: no answer to the commit within "
+                                   f"{bound:g} s") from None
 
     async def _commit_once(self, groups: list[Sequence[Write]]
                            ) -> tuple[list[CommitResult], IngestBatch]:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import email.utils
+import functools
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import email_validator
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -24,7 +27,9 @@ __all__ = [
     "TOMBSTONE_PREFIX",
     "Forgotten",
     "UserView",
+    "check_email",
     "clear_tombstones",
+    "email_error",
     "forget",
     "forget_user",
     "forgotten_among",
@@ -55,7 +60,9 @@ class UserView:
 
     def as_json(self) -> dict[str, object]:
         return {
-            "id": self.id, "email": self.email, "attributes": dict(self.attributes),
+            "id": self.id, "email": self.email,
+            "email_error": email_error(self.email, self.attributes),
+            "attributes": dict(self.attributes),
             "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at),
             "segments": [dict(s) for s in self.segments],
             "campaigns": [dict(c) for c in self.campaigns],
@@ -74,12 +81,55 @@ def merge_attributes(current: Mapping[str, object],
     return out
 
 
+EMAIL_CHECK_CACHE = 4096  # addresses: a delivery batch checks the same ones again
+
+
+@functools.lru_cache(maxsize=EMAIL_CHECK_CACHE)
+def check_email(value: str) -> tuple[str, str | None]:
+    """``(normalised address, None)`` for a valid email address, else ``(value, why)``.
+
+    Syntax only, never DNS (email-validator with ``check_deliverability=False``): the
+    domain is lower-cased and Unicode-normalised (an internationalised one stays in
+    Unicode; delivery sends it as IDNA), the local part is kept as written. A non-ASCII
+    local part is valid here (it needs SMTPUTF8 to be delivered, see delivery). A value
+    with a display name (``Ann Lee <ann@example.org>``) is kept as written when its
+    address is valid; a line break or other control character is never valid.
+    """
+    if any(not c.isprintable() for c in value):
+        return value, (f"{value!r} is not a valid email address: it contains a line break "
+                       "or another control character")
+    try:
+        valid = email_validator.validate_email(value, check_deliverability=False)
+    except email_validator.EmailNotValidError as exc:
+        pairs = email.utils.getaddresses([value])
+        addr = pairs[0][1] if len(pairs) == 1 else ""
+        if addr and value.endswith(f"<{addr}>") and addr != value:
+            problem = check_email(addr)[1]  # Name <address>: the address must be valid
+            return value, None if problem is None else problem
+        return value, f"{value!r} is not a valid email address: {exc}"
+    return valid.normalized, None
+
+
 def email_of(attributes: Mapping[str, object]) -> str | None:
-    """The value kept in ``users.email``: ``attributes["email"]`` when it is a string."""
+    """The value kept in ``users.email``: ``attributes["email"]`` when it is a string,
+    normalised when it is a valid address (:func:`check_email`) and kept as written (then
+    :func:`email_error` says why) when it is not: the user is stored either way."""
     value = attributes.get("email")
     if isinstance(value, str) and value.strip():
-        return value.strip()[:EMAIL_MAX]
+        return check_email(value.strip())[0][:EMAIL_MAX]
     return None
+
+
+def email_error(address: str | None, attributes: Mapping[str, object]) -> str | None:
+    """Why the user's address (``users.email``) is not a valid one, or None (also when
+    there is none): ``GET /v1/users/{id}`` shows it, and delivery fails the user's
+    messages with the same reason, without contacting the provider."""
+    if address is None:
+        value = attributes.get("email")
+        if value is not None and not (isinstance(value, str) and not value.strip()):
+            return "the email attribute is not a string"
+        return None
+    return check_email(address)[1]
 
 
 def _chunks(items: list[str]) -> Iterable[list[str]]:

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import SegflowError, SourceError
 from ..hooks import IngestBatch, IngestSink
-from ..ingest.users import forgotten_among, merge_attributes
+from ..ingest.users import check_email, forgotten_among, merge_attributes
 from ..schema import audience_members, users
 from ..store import Store
 from .datasources import DataSources
@@ -327,4 +327,5 @@ def _email(changes: Mapping[str, object], old: str | None) -> str | None:
     if "email" not in changes:
         return old
     value = changes["email"]
-    return str(value)[:EMAIL_LIMIT] if value else None
+    # Normalised as ingest does; an invalid one is kept as it is (delivery refuses it).
+    return check_email(str(value))[0][:EMAIL_LIMIT] if value else None

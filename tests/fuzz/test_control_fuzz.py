@@ -151,9 +151,11 @@ async def test_every_line_gets_one_documented_reply_and_the_connection_stays_usa
         assert hello["hello"] == "segflowd"
         for line in batch:
             await s.send(line + b"\n")
-            if not line.strip():
-                continue  # blank lines are skipped, not answered
             reply = await read_line(reader)
+            if not line.strip():  # a blank line is answered, the connection kept
+                assert reply == {"id": None, "ok": False, "error": {
+                    "code": "bad_request", "message": "empty request line"}}
+                continue
             assert_reply(reply, line)
             assert reply["id"] == expected_id(line), (line[:200], reply)
         await s.send(b'{"id": "check", "op": "hello"}\n')

@@ -40,12 +40,17 @@ HOOK_USER, HOOK_PASSWORD = "hook", "hook-secret"
 ENVIRON = {"SEGFLOW_HTTP_MAX_EVENT_BYTES": str(MAX_EVENT),
            "SEGFLOW_HTTP_MAX_REQUEST_BYTES": str(MAX_REQUEST),
            "SEGFLOW_EMAIL_SECRET": "fuzz-signing-key"}
-# A postmark provider table, so /webhooks/postmark checks credentials and reads bodies.
+# A postmark provider table, so /webhooks/postmark checks credentials and reads bodies,
+# and an ses table with a topic, so /webhooks/ses does too (without one it is off: 404).
 EXTRA = f"""
 [providers.pm]
 plugin = "postmark"
 webhook_username = "{HOOK_USER}"
 webhook_password = "{HOOK_PASSWORD}"
+[providers.ses]
+plugin = "ses"
+region = "eu-west-1"
+webhook_topic_arn = "arn:aws:sns:eu-west-1:123456789012:ses-events"
 """
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -125,9 +125,10 @@ async def test_a_message_refused_for_its_own_sake_closes_no_circuit_it_did_not_o
 
 # -- segflowd requeue -------------------------------------------------------------------
 
-def requeue(config: Path, *args: str, answer: str = "") -> subprocess.CompletedProcess[str]:
+def requeue(config: Path, *args: str, answer: str = "",
+            command: str = "requeue") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "segflowd.cli", "requeue", *args, "--config", str(config)],
+        [sys.executable, "-m", "segflowd.cli", command, *args, "--config", str(config)],
         input=answer, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -167,3 +168,10 @@ async def test_requeue_puts_matching_failed_messages_back_after_a_yes(
     bad = requeue(config, "--status", "failed", "--since", "yesterday", "--yes")
     assert bad.returncode == 2
     assert "--since: not an ISO 8601 time" in bad.stderr
+    asked = requeue(config, answer="yes\n", command="retry-unknown")
+    assert asked.returncode == 0, asked.stderr
+    assert "may arrive twice" in asked.stderr  # an unknown message may have gone out
+    assert asked.stdout.strip() == "queued 1 message again"
+    async with store.connect() as conn:
+        assert (await conn.execute(sa.select(messages.c.status).where(
+            messages.c.id == 4))).scalar() == "queued"

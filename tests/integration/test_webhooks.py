@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
-from delivery_harness import make_kernel
+from delivery_harness import NOW, make_kernel
 
 from segflowd.delivery.webhooks import SnsVerifier, Webhooks
 from segflowd.http import Router
@@ -32,7 +32,7 @@ TOPIC = "arn:aws:sns:eu-west-1:123456789012:ses-events"
 def make_cert() -> tuple[rsa.RSAPrivateKey, bytes]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
-    now = dt.datetime.now(dt.UTC)
+    now = NOW.replace(tzinfo=dt.UTC)  # the kernel's fake clock: validity is checked by it
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(days=1))
@@ -80,7 +80,8 @@ class Env:
 async def env(store: Store, tmp_path: Path) -> AsyncIterator[Env]:
     setup = make_kernel(store, tmp_path, provider="pm", options=(
         'plugin = "postmark"\nserver_token = "t"\nwebhook_username = "hook"\n'
-        'webhook_password = "s3cret"\n'))
+        'webhook_password = "s3cret"\n'
+        f'[providers.ses]\nplugin = "ses"\nregion = "eu-west-1"\nwebhook_topic_arn = "{TOPIC}"\n'))
     fetched: list[str] = []
 
     async def fetch(url: str) -> bytes:  # stands in for the HTTPS fetch from amazonaws.com

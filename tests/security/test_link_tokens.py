@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from asgi_daemon import asgi_call, assert_sane, running
+from asgi_daemon import asgi_call, assert_sane, running, signer_of
 from security_mail import OFFER, SIGNING_KEY, deliver, mail_app, put_user
 
 from segflowd.daemon import Daemon
@@ -148,3 +148,62 @@ async def test_every_tampered_or_forged_token_is_refused_on_every_token_route(
     counted = await rows(d, engagement)
     assert len(counted) == sum(1 for _m, p in accepted if p.startswith("/t/"))
     assert {(r.message_id, r.user_id) for r in counted} <= {(1, "u1")}
+
+
+def respellings(token: str) -> list[str]:
+    """Other spellings of ``token`` that lenient base64 decoding reads as the same signed
+    bytes: padding, junk it skips, the last character's spare bits set another way."""
+    payload, mac = token.split(".")
+    out = [token + "=", token + "==", f"{payload}=.{mac}", token + "!!", token + "~~~~",
+           token + "=A"]
+    for index, part in ((1, mac), (0, payload)):
+        spare = {2: 0b1111, 3: 0b11}.get(len(part) % 4, 0)
+        for bits in range(1, spare + 1):
+            pieces = [payload, mac]
+            pieces[index] = part[:-1] + B64[B64.index(part[-1]) ^ bits]
+            out.append(".".join(pieces))
+    return out
+
+
+async def test_a_token_has_one_spelling_on_its_own_route(
+        mailed: tuple[Daemon, dict[str, str]]) -> None:
+    """A genuine link respelt (same signed bytes) is refused too: no padding, no junk, no
+    spare bits, so a link cannot be varied to count an open twice or slip past a filter."""
+    d, tokens = mailed
+    for purpose, token in tokens.items():
+        candidates = respellings(token)
+        assert len(candidates) > 8
+        for candidate in candidates:
+            for method in ("GET", "POST") if purpose == "u" else ("GET",):
+                status = await get(d, method, ROUTE_OF[purpose] + candidate)
+                assert status == 404, (purpose, method, candidate, status)
+    [delivery] = [s for s in d.services if isinstance(s, DeliveryService)]
+    await delivery.engagement.flush()
+    assert await rows(d, engagement) == []
+    assert await rows(d, subscriptions) == []
+
+
+async def test_links_sent_before_a_secret_rotation_still_work(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """``[email] secret_previous`` keeps the links of mail already sent working after
+    ``secret`` changes; new links are signed with the new secret alone."""
+    app = mail_app(tmp_path)
+    async with running(tmp_path / "d", sqlite_url, app=app,
+                       environ={"SEGFLOW_EMAIL_SECRET": SIGNING_KEY}) as d:
+        await put_user(d, "u1", {"email": "ann@example.org", "name": "Ann"})
+        sent = await deliver(d, "u1", plan="pro")
+        assert sent.status == "sent", sent.last_error
+        header = sent.parsed()["List-Unsubscribe"]
+        token = re.search(r"/u/([A-Za-z0-9_.-]+)>", header).group(1)  # type: ignore[union-attr]
+    new = "security-signing-key-2"
+    async with running(tmp_path / "d", sqlite_url, app=app,
+                       environ={"SEGFLOW_EMAIL_SECRET": new}) as d:
+        assert await get(d, "POST", f"/u/{token}") == 404  # the control: rotated alone
+    async with running(tmp_path / "d", sqlite_url, app=app, environ={
+            "SEGFLOW_EMAIL_SECRET": new, "SEGFLOW_EMAIL_SECRET_PREVIOUS": SIGNING_KEY}) as d:
+        assert await get(d, "GET", f"/u/{token}") == 200
+        assert await get(d, "POST", f"/u/{token}") == 200
+        assert [(r.user_id, r.topic) for r in await rows(d, subscriptions)] == [
+            ("u1", "marketing")]
+        fresh = signer_of(d).sign("u", {"u": "u1", "m": 1})
+        assert Signer(new).verify("u", fresh) == {"u": "u1", "m": 1}
