@@ -6,8 +6,9 @@ for implicit TLS on 465, ``none``), ``username``/``password`` (or ``password_env
 
 5xx answers are permanent and 4xx answers transient, as are a refused or lost connection
 before DATA: nothing was sent. A refused or lost connection, and any answer before MAIL
-FROM (a 554 greeting, a 535/530 AUTH), are about the server or the account, never the
-message: a provider outage (the message stays queued, see ``SendResult.outage``).
+FROM (a 554 greeting, a 535/530 AUTH) or a 421 at any stage, are about the server or
+the account, never the message: a provider outage (the message stays queued, see
+``SendResult.outage``).
 Only the recipient's fault suppresses the address: a 5xx answer to RCPT TO whose
 enhanced status code says the mailbox is bad (5.1.x but for 5.1.7 and 5.1.8, which are
 about the sender; 5.2.1), or a 550/551/553 there without an enhanced code. An answer to
@@ -54,6 +55,7 @@ REPLY_LOGGED = 200  # characters of a server's reply kept in a log line
 # Answers before MAIL FROM (a 554 greeting, a refused EHLO, a 535/530 AUTH) refuse the
 # account or the connection, not a message: a provider outage.
 ACCOUNT_STAGES = frozenset({"connect", "helo", "auth"})
+SERVICE_UNAVAILABLE = 421  # at any stage: the server is closing the channel (RFC 5321)
 STAGES = {"connect": "the greeting", "helo": "EHLO/HELO", "auth": "AUTH",
           "mail": "MAIL FROM", "rcpt": "RCPT TO", "data": "DATA", "session": "the session"}
 _STATUS = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
@@ -199,7 +201,7 @@ def _classify(stage: str, code: int, text: str) -> tuple[SendResult, bool]:
     status, reply = _split_status(text)
     where = STAGES.get(stage, stage)
     error = f"smtp {code}{f' {status}' if status else ''} at {where}: {reply}"
-    if stage in ACCOUNT_STAGES:  # the server refuses us, whatever the message
+    if stage in ACCOUNT_STAGES or code == SERVICE_UNAVAILABLE:  # the server, not the mail
         return SendResult(ok=False, error=error, transient=code < 500, outage=True), False
     if 400 <= code < 500:
         return SendResult(ok=False, error=error, transient=True), False

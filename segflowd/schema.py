@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = sa.MetaData()
 
@@ -231,6 +231,9 @@ messages = sa.Table(
     # queued | sending | sent | failed | suppressed | unknown
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("provider", Name, nullable=True),
+    # The claim that made it `sending` (a token per claimed batch): an outcome is
+    # recorded only under the claim it belongs to, never over a later one.
+    sa.Column("claim", sa.String(32), nullable=True),
     sa.Column("provider_message_id", sa.String(255), nullable=True),
     sa.Column("message_id", sa.String(255), nullable=True),  # RFC 5322 Message-ID
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),

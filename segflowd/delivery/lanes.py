@@ -33,13 +33,17 @@ TRANSACTIONAL_KINDS = frozenset({"transaction", "test"})
 PROBE_FIRST = 5.0  # seconds from an outage to the first probe of the provider
 PROBE_MAX = 300.0  # seconds: the longest wait between two probes
 PROBE_BATCH = 1  # messages a probe sends (the rest stay queued)
+MAX_BATCH = 1 << 30  # a closed circuit admits the provider's own max_batch
 
 
 class Circuit:
     """A provider's outage: while it is open the lane claims nothing but, now and then,
-    one message to probe the provider with (after 5 s, doubling to 5 min); the first
-    send the provider answers (sent or refused for the message's own sake) closes it.
-    Each change is logged (``provider.outage``, ``provider.recovered``) and counted."""
+    one message to probe the provider with (after 5 s, doubling to 5 min; one probe at a
+    time, whatever the lane's concurrency); the first send the provider answers (sent,
+    or refused for the message's own sake) closes it. A batch opens it when every
+    message of it met an outage, or none got an answer at all (a provider that hangs:
+    those are ``unknown``, and no more batches are handed to it). Each change is logged
+    (``provider.outage``, ``provider.recovered``) and shown (:meth:`Lane.statistics`)."""
 
     def __init__(self, provider: str) -> None:
         self.provider = provider
@@ -49,40 +53,63 @@ class Circuit:
         self.outages = 0  # outages since start
         self._retry_at = 0.0  # monotonic seconds: the next probe
         self._delay = PROBE_FIRST
+        self._probing = False  # a probe is out: nobody else is let through
 
     @property
     def open(self) -> bool:
         return self.since is not None
 
     def wait(self, mono: float) -> float:
-        """Seconds until the lane may claim again (0: now)."""
+        """Seconds until the next probe may go (0: the provider is up, or it is due)."""
         return max(0.0, self._retry_at - mono) if self.open else 0.0
 
-    def batch(self, size: int) -> int:
-        """How many messages the lane claims: a probe's few while the circuit is open."""
-        return min(size, PROBE_BATCH) if self.open else size
+    def admit(self, mono: float) -> int | None:
+        """How many messages a batch may take now (None: none, the provider is down);
+        while the circuit is open, one caller at a time gets a probe's few."""
+        if not self.open:
+            return MAX_BATCH
+        if self._probing or mono < self._retry_at:
+            return None
+        self._probing = True
+        return PROBE_BATCH
 
-    def answered(self, results: Sequence[SendResult], now: dt.datetime, mono: float) -> None:
-        """Open, keep open or close the circuit on a batch's answers."""
+    def unanswered(self, mono: float) -> None:
+        """The probe admitted by :meth:`admit` sent nothing (no message was due, or the
+        batch failed before the provider): the next probe waits its turn again."""
+        if self._probing:
+            self._probing = False
+            self._retry_at = mono + self._delay
+
+    def answered(self, results: Sequence[SendResult], now: dt.datetime, mono: float) -> bool:
+        """Open, keep open or close the circuit on a batch's answers; whether the batch
+        met an outage as a whole (only then are its outage answers held)."""
+        probe, self._probing = self._probing, False
+        if not results:
+            return False
         down = [r for r in results if r.outage and not r.maybe_sent]
-        if down and len(down) == len(results):
-            self.error = down[0].error or "the provider is unavailable"
+        hung = all(r.maybe_sent for r in results)
+        if len(down) == len(results) or hung:
+            self.error = (down[0].error if down else results[0].error) or "no answer"
             if self.since is None:
                 self.since, self.outages, self._delay = now, self.outages + 1, PROBE_FIRST
                 log.warning("provider.outage", provider=self.provider, error=self.error,
-                            retry_in_s=self._delay,
-                            hint="messages stay queued; no attempt is spent")
-            else:
+                            retry_in_s=self._delay, hint="messages stay queued; no attempt "
+                            "is spent (a batch that got no answer is unknown)")
+                self._retry_at = mono + self._delay
+            elif probe:  # only a probe's answer pushes the next one further
                 self.probes += 1
                 self._delay = min(PROBE_MAX, self._delay * 2)
+                self._retry_at = mono + self._delay
                 log.info("provider.still_down", provider=self.provider, error=self.error,
                          retry_in_s=self._delay)
-            self._retry_at = mono + self._delay
-        elif results and self.since is not None:
+            return bool(down)
+        answered = any(r.ok or not (r.outage or r.maybe_sent) for r in results)
+        if answered and self.since is not None:
             log.warning("provider.recovered", provider=self.provider,
                         down_s=round((now - self.since).total_seconds(), 3),
                         probes=self.probes)
             self.since, self.error, self.probes = None, "", 0
+        return False
 
 
 class TokenBucket:

@@ -47,6 +47,15 @@ STOPPED_WHILE_SENDING = ("delivery stopped while the provider had the message: i
                          "may not have been delivered (not re-sent)")
 
 
+def _ours(row: Mapping[str, Any]) -> tuple[sa.ColumnElement[bool], ...]:
+    """Where a claimed row is still under the claim that gave it to this batch: a record
+    retried after a lost COMMIT reply must never touch a later claim of the row."""
+    ours = [messages.c.status == "sending"]
+    if row.get("claim") is not None:
+        ours.append(messages.c.claim == row["claim"])
+    return tuple(ours)
+
+
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Seconds before retry number ``attempt`` (1-based): capped doubling, half jittered."""
     delay = min(cap, base * (2.0 ** max(0, attempt - 1)))
@@ -207,7 +216,7 @@ class Outcomes:
             events.append(("address.suppressed", {"address": d.suppress, "reason": reason,
                                                   "source": self.provider_name}))
         done = await conn.execute(sa.update(messages).where(
-            messages.c.id == p.row["id"], messages.c.status == "sending").values(**d.values))
+            messages.c.id == p.row["id"], *_ours(p.row)).values(**d.values))
         return [*events, d.event] if done.rowcount else []
 
     async def _write_alone(self, p: Prepared, d: _Decision, now: dt.datetime) -> list[Event]:
@@ -224,13 +233,12 @@ class Outcomes:
         error = d.values["last_error"]
         note = f"the store refused this outcome's details: {refused}"
         bare = {k: v for k, v in d.values.items()
-                if k in ("status", "updated_at", "sent_at", "next_attempt_at")}
+                if k in ("status", "updated_at", "sent_at", "next_attempt_at", "attempts")}
         bare["last_error"] = _clip(f"{error}; {note}" if error else f"{status}; {note}")
         try:
             async with self.k.store.begin() as conn:
                 done = await conn.execute(sa.update(messages).where(
-                    messages.c.id == p.row["id"], messages.c.status == "sending")
-                    .values(**bare))
+                    messages.c.id == p.row["id"], *_ours(p.row)).values(**bare))
         except StoreUnavailable:
             raise
         except Exception as exc:  # left `sending`: the next start makes it `unknown`
@@ -249,14 +257,15 @@ class Outcomes:
         ids = [int(r["id"]) for r in rows]
         gone = [i for i in ids if i in handed]
         back = [i for i in ids if i not in handed]
+        ours = _ours(rows[0]) if rows else ()
         async with self.k.store.begin() as conn:
             if back:
                 await conn.execute(sa.update(messages).where(
-                    messages.c.id.in_(back), messages.c.status == "sending").values(
+                    messages.c.id.in_(back), *ours).values(
                     status="queued", attempts=messages.c.attempts - 1, updated_at=now))
             if gone:
                 await conn.execute(sa.update(messages).where(
-                    messages.c.id.in_(gone), messages.c.status == "sending").values(
+                    messages.c.id.in_(gone), *ours).values(
                     status="unknown", updated_at=now, last_error=STOPPED_WHILE_SENDING))
         self._publish([("message.unknown", {"message": r["id"], "user_id": r["user_id"],
                                             "template": r["template"],

@@ -28,8 +28,10 @@ recording its outcomes, and the counts behind :meth:`DeliveryService.statistics`
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -101,8 +103,8 @@ class DeliveryService:
         self._outcomes = primary.outcomes  # the outbox totals, shared by every lane
         self._wake = anyio.Event()
         self._claim_lock = anyio.Lock()
-        # (ids, claimed at, provider): see _release_unclaimed
-        self._unclaimed: list[tuple[list[int], dt.datetime, str]] = []
+        # (ids, claim token, provider): see _release_unclaimed
+        self._unclaimed: list[tuple[list[int], str, str]] = []
         self._stopping = False
         self._done = anyio.Event()
         self._sender_domain = domain_of(ecfg.from_)
@@ -234,10 +236,20 @@ class DeliveryService:
         turn, without one); return how many were claimed."""
         if lane is None:
             return sum([await self.run_once(each) for each in self.lanes])
-        if lane.circuit.wait(self.k.clock.monotonic()) > 0:
-            return 0  # the provider is down: nothing is claimed until its next probe
+        admitted = lane.circuit.admit(self.k.clock.monotonic())
+        if admitted is None:  # the provider is down: nothing is claimed but its probe
+            if self._unclaimed:
+                async with self._claim_lock:
+                    await self._release_unclaimed()
+            return 0
+        try:
+            return await self._run_batch(lane, admitted)
+        finally:
+            lane.circuit.unanswered(self.k.clock.monotonic())  # a probe that sent nothing
+
+    async def _run_batch(self, lane: Lane, admitted: int) -> int:
         provider = lane.provider(self.k)
-        size = lane.circuit.batch(max(1, int(provider.max_batch)))
+        size = min(admitted, max(1, int(provider.max_batch)))
         if lane.rate > 0:
             size = min(size, int(lane.bucket.burst))
         await lane.bucket.acquire(size)
@@ -259,11 +271,17 @@ class DeliveryService:
                 handed.update(int(p.row["id"]) for p in to_send)
                 try:
                     results = await send_batch(provider, lane.name,
-                                               [p.message for p in to_send if p.message])
+                                               [p.message for p in to_send if p.message],
+                                               metrics=self.k.metrics)
                 finally:
                     c.in_flight -= len(to_send)
                     c.batches += 1
-                lane.circuit.answered(results, self.k.clock.now(), self.k.clock.monotonic())
+                if not lane.circuit.answered(results, self.k.clock.now(),
+                                             self.k.clock.monotonic()):
+                    # Not the provider's outage as a whole: an outage answer among
+                    # others is a transient failure of that message, with its backoff.
+                    results = [dataclasses.replace(r, outage=False, transient=True)
+                               if r.outage else r for r in results]
         except BaseException:
             # Cancelled (a drain cut short): what the provider had is `unknown` now, the
             # rest goes back to the queue, rather than all of it `unknown` at the next start.
@@ -302,11 +320,11 @@ class DeliveryService:
         are ``sending`` under that claim, go back to ``queued`` (nothing was handed to the
         provider), rather than wait for the next start to call them ``unknown``."""
         while self._unclaimed:
-            ids, at, provider = self._unclaimed[0]
+            ids, claim, provider = self._unclaimed[0]
             m = messages.c
             async with self.k.store.begin() as conn:
                 await conn.execute(sa.update(messages).where(
-                    m.id.in_(ids), m.status == "sending", m.updated_at == at,
+                    m.id.in_(ids), m.status == "sending", m.claim == claim,
                     m.provider == provider).values(
                     status="queued", attempts=m.attempts - 1))
             self._unclaimed.pop(0)
@@ -314,15 +332,16 @@ class DeliveryService:
     async def _claim(self, size: int, lane: Lane) -> list[Mapping[str, Any]]:
         now = self.k.clock.now()
         picked: list[int] = []
+        claim = secrets.token_hex(16)  # this claim's rows, and only they, are ours
         try:
-            return await self._claim_at(size, now, picked, lane)
+            return await self._claim_at(size, now, picked, lane, claim)
         except BaseException:
             if picked:  # the claim's UPDATE was sent: it may have committed
-                self._unclaimed.append((picked, now, lane.name))
+                self._unclaimed.append((picked, claim, lane.name))
             raise
 
-    async def _claim_at(self, size: int, now: dt.datetime, picked: list[int], lane: Lane
-                        ) -> list[Mapping[str, Any]]:
+    async def _claim_at(self, size: int, now: dt.datetime, picked: list[int], lane: Lane,
+                        claim: str) -> list[Mapping[str, Any]]:
         due = sa.select(messages).where(messages.c.status == "queued",
                                         messages.c.next_attempt_at <= now)
         if lane.kinds is not None:  # the lane's own kinds of message only
@@ -338,7 +357,7 @@ class DeliveryService:
                 sa.update(messages).where(messages.c.id.in_([r["id"] for r in rows]),
                                           messages.c.status == "queued")
                 .values(status="sending", attempts=messages.c.attempts + 1,
-                        provider=lane.name, updated_at=now))
+                        provider=lane.name, claim=claim, updated_at=now))
             # The Message-ID is stored before any byte leaves: a send cut by a crash is
             # `unknown` and still names what the provider may have delivered.
             fresh = {int(r["id"]): make_message_id(int(r["id"]), self._sender_domain)
@@ -348,7 +367,7 @@ class DeliveryService:
                     sa.update(messages).where(messages.c.id == sa.bindparam("b_id"))
                     .values(message_id=sa.bindparam("b_mid")),
                     [{"b_id": i, "b_mid": mid} for i, mid in fresh.items()])
-        return [dict(r, attempts=r["attempts"] + 1,
+        return [dict(r, attempts=r["attempts"] + 1, claim=claim,
                      message_id=r["message_id"] or fresh[int(r["id"])]) for r in rows]
 
     # -- statistics and actions ------------------------------------------------------

@@ -26,6 +26,7 @@ from anyio.abc import TaskStatus
 from ..hooks import ConditionRunner, MembershipChange, OutboxWaker, StoredEvent
 from ..http import Router
 from ..kernel import Kernel
+from ..metrics import LATENESS_BUCKETS
 from ..schema import campaign_settings, flow_instances
 from ..store import is_unavailable
 from .admin import Admin
@@ -80,6 +81,9 @@ class FlowService(Timers, Wakes, Entries, Admin):
         self._far = 0
         self._sleep_target = float("inf")
         self._lateness: collections.deque[float] = collections.deque(maxlen=LATENESS_WINDOW)
+        self._lateness_seconds = k.metrics.histogram(
+            "segflow_flow_step_lateness_seconds",
+            "how late a wait's step was fired after its due time, in seconds", LATENESS_BUCKETS)
         self._fired = 0
         self._steps = 0
         self._step_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=120)

@@ -16,6 +16,7 @@ import anyio.lowlevel
 import sqlalchemy as sa
 import structlog
 
+from ..metrics import Histogram
 from ..schema import flow_instances
 from .wheel import TimerWheel, WheelStatistics
 from .work import CLOCK_STEP_TOLERANCE, EPOCH, LOAD_CHUNK, LOAD_RETRY, Work, secs
@@ -45,6 +46,7 @@ class Timers:
     _ticking: bool
     _started: bool
     _lateness: collections.deque[float]
+    _lateness_seconds: Histogram  # the same lateness, for /metrics
     _fired: int
 
     if TYPE_CHECKING:
@@ -136,7 +138,9 @@ class Timers:
         nows = secs(now)
         for key, deadline in self.wheel.advance(nows):
             self._fired += 1
-            self._lateness.append(max(0.0, nows - deadline))
+            late = max(0.0, nows - deadline)
+            self._lateness.append(late)
+            self._lateness_seconds.observe(late)
             self._push(Work(int(key), "timer"))  # type: ignore[call-overload]  # keys are ints
 
     def schedule(self, instance: int, wake_at: dt.datetime) -> None:

@@ -8,6 +8,7 @@ committed. The store being down is a 503 with ``Retry-After`` and nothing writte
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
@@ -18,6 +19,7 @@ from ..errors import IngestError, StoreUnavailable
 from ..hooks import IngestBatch, IngestSink
 from ..http import HTTPError, Request, Response, Router, json_response
 from ..kernel import Kernel
+from ..metrics import COMMIT_BUCKETS, INGEST_BUCKETS
 from . import cio_api, segment_api, users
 from .auth import Authenticator
 from .committer import CommitterStatistics, GroupCommitter
@@ -93,6 +95,14 @@ class IngestService:
         m.describe("segflow_ingest_flushes_total", "counter", "group commits")
         m.describe("segflow_ingest_forgotten_refused_total", "counter",
                    "requests refused (409) for writing to a recently forgotten user")
+        self._request_seconds = m.histogram(
+            "segflow_ingest_request_seconds", "ingest request latency by API, in seconds",
+            INGEST_BUCKETS)
+        self._commit_seconds = m.histogram(
+            "segflow_group_commit_seconds",
+            "a request's wait for its group commit (queue and flush), in seconds",
+            COMMIT_BUCKETS)
+        m.collect_process()  # the daemon always runs ingest: its registry gets process_*
         kernel.stats[self.name] = self.statistics
 
     def statistics(self) -> IngestStatistics:
@@ -134,9 +144,11 @@ class IngestService:
     def _counted(self, api: str, handler: Callable[[Request], Awaitable[Response]]
                  ) -> Callable[[Request], Awaitable[Response]]:
         metrics = self.kernel.metrics
+        observe = self._request_seconds.bind(api=api)
 
         async def counted(request: Request) -> Response:
             self._requests += 1
+            started = time.perf_counter()
             status = "500"
             try:
                 response = await handler(request)
@@ -156,6 +168,7 @@ class IngestService:
                 raise
             finally:
                 metrics.inc("segflow_ingest_requests_total", api=api, status=status)
+                observe(time.perf_counter() - started)
 
         return counted
 
@@ -165,7 +178,9 @@ class IngestService:
 
         With ``batch`` (a Segment ``/v1/batch`` body) the message names its items.
         """
+        started = time.perf_counter()
         result = await self.committer.submit(writes)
+        self._commit_seconds.observe(time.perf_counter() - started)
         if result.refused:
             where = "" if batch is None else segment_api.items_of(batch, result.refused)
             self._forgotten += 1

@@ -67,7 +67,7 @@ from ..http import Router
 from ..kernel import Kernel
 from ..schema import events, segment_state, users
 from ..store import is_unavailable
-from .outputs import SegmentState
+from .outputs import SegmentState, entry_seconds_histogram
 from .query import (
     CompiledSegment,
     apply_batch,
@@ -146,6 +146,8 @@ class SegmentService(ScheduledRefresh):
         m.describe("segflow_segment_changes_total", "counter", "entries and exits applied")
         m.describe("segflow_segment_broken", "gauge", "1 while the segment fails on the store")
         m.collect(self._collect)
+        self._received: dict[int, dt.datetime] = {}
+        self._entry_seconds = entry_seconds_histogram(m)
 
     # -- service ---------------------------------------------------------------------
 
@@ -247,6 +249,7 @@ class SegmentService(ScheduledRefresh):
         for e in batch.events:
             if e.user_id is not None:
                 self._causes[e.user_id] = e.id
+                self._received[e.id] = e.received_at
             self._seen_event_id = max(self._seen_event_id, e.id)
         self._dirty |= batch.users
         self._dirty |= {e.user_id for e in batch.events if e.user_id is not None}
@@ -320,6 +323,7 @@ class SegmentService(ScheduledRefresh):
                 self._causes.setdefault(uid, eid)
             raise
         self._last_mark = mark
+        self._received_done(causes)
         # A cursor saved past users deferred behind a refresh would lose them to a
         # restart: it stops at the oldest mark from before a deferral still waiting.
         safe = _earliest([mark, *self._deferred_since.values()])
@@ -445,6 +449,7 @@ class SegmentService(ScheduledRefresh):
                     await self._segment_failed(name, exc)
                     return
                 self._count(len(user_ids))
+                self._observe_entries(changes)
                 async with self._deliver_lock:
                     await self._deliver(name, changes)
                     self._changes_closed(floor, top)

@@ -17,7 +17,7 @@ import structlog
 
 from ..hooks import ChangeCursorSink, MembershipChange, MembershipSink
 from ..kernel import Kernel
-from ..metrics import Sample
+from ..metrics import SEGMENT_ENTRY_BUCKETS, Histogram, Metrics, Sample
 from .query import db_message, save_state
 
 __all__ = ["MembershipOutputs", "SegmentInfo", "SegmentState", "SegmentStatistics"]
@@ -26,6 +26,13 @@ log = structlog.get_logger("segflowd.segments")
 
 BUS_CHANGES_PER_CHUNK = 1000  # entered/exited bus events per chunk; beyond, one summary
 RATE_WINDOW = 10.0  # seconds of history behind evaluations_per_second
+
+
+def entry_seconds_histogram(metrics: Metrics) -> Histogram:
+    return metrics.histogram(
+        "segflow_segment_entry_seconds",
+        "from an event's receipt to the segment entry it caused being applied, in seconds",
+        SEGMENT_ENTRY_BUCKETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +88,23 @@ class MembershipOutputs:
     # their changes has an id above its floor, whatever order the commits land in).
     _ch_seen: int
     _ch_inflight: collections.Counter[int]
+    _received: dict[int, dt.datetime]  # ingested event id -> received_at, until its round
+    _entry_seconds: Histogram
+
+    def _observe_entries(self, changes: Sequence[MembershipChange]) -> None:
+        """Entries an ingested event caused, just applied: their latency from its receipt."""
+        applied, received = self.k.clock.now(), self._received
+        for c in changes:
+            if c.entered and c.event_id is not None and c.event_id in received:
+                seconds = (applied - received[c.event_id]).total_seconds()
+                self._entry_seconds.observe(max(0.0, seconds))
+
+    def _received_done(self, causes: dict[str, int]) -> None:
+        """A round evaluated ``causes``: forget the receipt times of those events and older
+        (ids grow in commit order; newer ones wait for the next round)."""
+        if self._received:
+            top = max(causes.values(), default=0)
+            self._received = {i: t for i, t in self._received.items() if i > top}
 
     def _changes_opening(self) -> int:
         """A writer of segment_changes begins: its floor (release with _changes_closed)."""

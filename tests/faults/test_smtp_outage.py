@@ -61,7 +61,8 @@ def test_smtp_down_for_20s_every_message_held_and_delivered_once(
     held = [m for m in during.messages if m["status"] == "queued" and m["last_error"]]
     assert held, "no message was held during the outage"
     assert all("smtp" in str(m["last_error"]) for m in held)
-    assert all(int(m["attempts"]) == 0 for m in held)
+    assert all(int(m["attempts"]) == 0 for m in held), [
+        (m["attempts"], m["last_error"]) for m in held]
     [outage] = log_events(out, "provider.outage")
     assert outage["provider"] == "sink"
     assert log_events(out, "provider.recovered")
