@@ -21,6 +21,7 @@ from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
 DEFAULT_PATH = "var/outbox"
 MAX_BATCH = 100
 FILE_MODE = 0o600  # an .eml file: readable by the daemon's user only
+GROUP_FILE_MODE = 0o640  # ... and by its group (group_readable = true)
 
 
 class OutboxProvider:
@@ -29,12 +30,18 @@ class OutboxProvider:
     max_batch = MAX_BATCH
 
     def __init__(self, ctx: ProviderContext) -> None:
-        unknown = set(ctx.options) - {"plugin", "path"}
+        unknown = set(ctx.options) - {"plugin", "path", "group_readable"}
         if unknown:
             raise ProviderError(f"[providers.{ctx.name}]: unknown option(s) "
-                                f"{', '.join(sorted(unknown))} (outbox takes: path)")
+                                f"{', '.join(sorted(unknown))} (outbox takes: path, "
+                                "group_readable)")
         path = Path(str(ctx.options.get("path", DEFAULT_PATH)))
         self.path = path if path.is_absolute() else ctx.base_dir / path
+        group = ctx.options.get("group_readable", False)
+        if not isinstance(group, bool):
+            raise ProviderError(f"[providers.{ctx.name}].group_readable: must be true or "
+                                f"false (a TOML boolean), not {group!r}")
+        self.mode = GROUP_FILE_MODE if group else FILE_MODE
 
     async def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         return await anyio.to_thread.run_sync(self._write_all, list(messages))
@@ -51,10 +58,10 @@ class OutboxProvider:
             final = self.path / f"{msg.id:08d}-{safe}.eml"
             tmp = final.with_suffix(".eml.tmp")
             try:
-                # 0600 whatever the umask: a message holds an address and personal data.
-                fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, FILE_MODE)
+                # 0600 (0640) whatever the umask: a message holds an address and data.
+                fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, self.mode)
                 with open(fd, "wb") as fh:
-                    os.fchmod(fh.fileno(), FILE_MODE)
+                    os.fchmod(fh.fileno(), self.mode)
                     fh.write(msg.mime)
                     fh.flush()
                     os.fsync(fh.fileno())

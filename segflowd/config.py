@@ -83,6 +83,7 @@ class StoreConfig:
     connect_timeout: float = 5.0  # seconds
     start_retry_max: float = DEFAULT_STORE_RETRY_MAX
     timeout: float = 5.0  # seconds: a statement's answer or a group commit, at most
+    group_readable: bool = False  # a new SQLite file is 0640 (its group reads it), not 0600
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,7 +149,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.store = Store.open(config.store.url, pool_size=config.store.pool_size,
                                 connect_timeout=config.store.connect_timeout,
-                                timeout=config.store.timeout)
+                                timeout=config.store.timeout,
+                                group_readable=config.store.group_readable)
         self.lock = DaemonLock.for_store(self.store,
                                          connect_timeout=config.store.connect_timeout)
         self.metrics = Metrics()

@@ -38,6 +38,7 @@ log = structlog.get_logger("segflowd.store")
 PING_TIMEOUT = 2.0  # seconds: a health check that takes longer counts as down
 SQLITE_BUSY_TIMEOUT = 10_000  # milliseconds
 PRIVATE_FILE_MODE = 0o600  # a new SQLite store file: its owner reads and writes it
+GROUP_FILE_MODE = 0o640  # ... and its group reads it ([store] group_readable: backups)
 START_RETRY_FIRST = 0.5  # seconds before the second attempt to reach the store at start
 TIMEOUT = 5.0  # seconds: the longest wait for one answer of the server ([store] timeout)
 
@@ -92,7 +93,7 @@ class Store:
 
     @classmethod
     def open(cls, url: str, *, pool_size: int = 10, connect_timeout: float = 5.0,
-             timeout: float = TIMEOUT) -> Store:
+             timeout: float = TIMEOUT, group_readable: bool = False) -> Store:
         """Make the engine; no connection is attempted until first use.
 
         On MySQL/MariaDB a connection must be made within ``connect_timeout`` plus
@@ -106,7 +107,8 @@ class Store:
             path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
             if path and not path.startswith(":memory:"):
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                _create_private(Path(path))
+                _create_private(Path(path),
+                                GROUP_FILE_MODE if group_readable else PRIVATE_FILE_MODE)
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT / 1000}
         else:
             kwargs.update(
@@ -308,16 +310,17 @@ def json_text(value: object) -> str:
         return json.dumps(value)
 
 
-def _create_private(path: Path) -> None:
-    """Create the SQLite file readable by its owner only (0600), whatever the umask: it
-    holds addresses and events. An existing file keeps the mode its operator gave it
-    (SQLite gives its -wal and -shm files the database file's mode)."""
+def _create_private(path: Path, mode: int) -> None:
+    """Create the SQLite file readable by its owner only (0600; 0640 when its group may
+    read it), whatever the umask: it holds addresses and events. An existing file keeps
+    the mode its operator gave it (SQLite gives its -wal and -shm files the database
+    file's mode)."""
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
     except FileExistsError:
         return
     try:
-        os.fchmod(fd, PRIVATE_FILE_MODE)
+        os.fchmod(fd, mode)
     finally:
         os.close(fd)
 

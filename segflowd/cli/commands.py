@@ -150,7 +150,8 @@ def cmd_migrate(config_path: str | None) -> int:
     configure_logging(config.daemon.log_format, config.daemon.log_level)
 
     async def main() -> None:
-        store = Store.open(config.store.url, connect_timeout=config.store.connect_timeout)
+        store = Store.open(config.store.url, connect_timeout=config.store.connect_timeout,
+                           group_readable=config.store.group_readable)
         try:
             before = await store.migrate()
             print(f"store {store.safe_url}: schema version {before} -> {store.schema_version}")

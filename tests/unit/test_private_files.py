@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from segflow_plugins.outbox import OutboxProvider
+from segflowd.errors import ProviderError
 from segflowd.providers import OutgoingMessage, ProviderContext
 from segflowd.store import Store
 
@@ -63,3 +64,27 @@ async def test_outbox_files_are_readable_by_their_owner_only(
     assert [r.ok for r in await provider.send([msg])] == [True]
     files = list((tmp_path / "outbox").iterdir())
     assert [mode(f) for f in files] == [0o600]
+
+
+async def test_group_readable_gives_the_group_read_access_and_no_more(
+        tmp_path: Path, open_umask: None) -> None:
+    """[store] group_readable and the outbox's group_readable: 0640 (a backup user in
+    the daemon's group reads them), still nothing for others whatever the umask."""
+    path = tmp_path / "segflow.db"
+    store = Store.open(f"sqlite+aiosqlite:///{path}", group_readable=True)
+    try:
+        await store.migrate()
+    finally:
+        await store.close()
+    assert mode(path) == 0o640
+    provider = OutboxProvider(ProviderContext(
+        "outbox", {"path": "outbox", "group_readable": True}, tmp_path))
+    msg = OutgoingMessage(id=8, message_id="8.x@mail.example.com", sender="a@example.com",
+                          to="ann@example.com", subject="Hi", mime=b"To: ann@example.com\r\n")
+    assert [r.ok for r in await provider.send([msg])] == [True]
+    assert [mode(f) for f in (tmp_path / "outbox").iterdir()] == [0o640]
+
+
+def test_group_readable_must_be_a_boolean(tmp_path: Path) -> None:
+    with pytest.raises(ProviderError, match=r"group_readable: must be true or false"):
+        OutboxProvider(ProviderContext("outbox", {"group_readable": "yes"}, tmp_path))

@@ -13,28 +13,15 @@ from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
+from test_simrefresh import core, raw
 
 import segflowd.simrefresh
 from segflowd import Segflow, ago
 from segflowd.schema import events, users
-from segflowd.segments.query import compile_segment
-from segflowd.simrefresh import TimeBind, time_binds
 from segflowd.testing import Simulation
 
 START = dt.datetime(2026, 3, 1, 9, 0)
 Changes = list[tuple[dt.datetime, str, str]]
-
-
-def raw(sql: str, **params: object) -> tuple[TimeBind, ...] | None:
-    app = Segflow()
-    app.segment("s", sql=sql, params=params)
-    return time_binds(compile_segment(app.segments["s"]))
-
-
-def core(query: sa.Select[tuple[str]]) -> tuple[TimeBind, ...] | None:
-    app = Segflow()
-    app.segment("s")(lambda: query)
-    return time_binds(compile_segment(app.segments["s"]))
 
 
 def raw_app(sql: str) -> Callable[[], Segflow]:
