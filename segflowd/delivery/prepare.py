@@ -40,8 +40,8 @@ from .mime import (
 from .renderpool import (
     RenderJob,
     RenderPool,
-    RenderPoolClosed,
     RenderPoolError,
+    RenderPoolRetry,
     RenderResult,
     render_jobs,
 )
@@ -170,7 +170,8 @@ class BatchPreparer:
             # the pool refuses a batch only when no message is at fault.
             try:
                 results = self.render_pool.render_many(jobs)
-            except RenderPoolClosed as exc:  # the daemon is stopping: queued again
+            except RenderPoolRetry as exc:  # stopping, or a batch no worker can finish:
+                # queued again, never rendered here (one of its messages may hang or kill)
                 for p in todo:
                     p.status, p.error = "retry", str(exc)
                 return

@@ -19,16 +19,16 @@ message by message, so the pool knows which message each worker is on:
   rendered in the daemon's own process.
 
 The rest of the batch renders either way. :meth:`RenderPool.render_many` raises
-:class:`RenderPoolError` only when nothing went wrong with a message: a context that cannot
-be pickled, or workers that cannot start; delivery then renders that batch itself.
+:class:`RenderPoolError` only when nothing went wrong with a message (a context that
+cannot be pickled, workers that cannot start): delivery renders that batch itself; but
+:class:`RenderPoolRetry` when a message of the batch had hung or killed a worker first:
+the batch is queued again, never rendered in the daemon. A worker that cannot be
+replaced (fork refused) leaves the pool short until a later batch starts one.
 
-The pool lives and dies with the delivery service (``start`` in ``run``, ``close`` in
-its ``finally``). Workers are started with ``spawn`` (a fresh interpreter, nothing
-inherited from a process that runs threads and an event loop), ignore SIGINT/SIGTERM
-(the daemon drains first, then stops them) and exit within ``PARENT_CHECK`` seconds of
-the daemon's death. :meth:`RenderPool.close` returns within ``CLOSE_GRACE`` seconds
-whatever the workers do: a worker still rendering is killed, and a batch still waiting on
-the pool gets :class:`RenderPoolClosed`.
+Workers are started with ``spawn`` (nothing inherited from a process that runs threads
+and an event loop), ignore SIGINT/SIGTERM and exit within ``PARENT_CHECK`` seconds of
+the daemon's death. :meth:`RenderPool.close` returns within ``CLOSE_GRACE`` seconds: a
+worker still rendering is killed, a batch still waiting gets :class:`RenderPoolClosed`.
 """
 
 from __future__ import annotations
@@ -37,48 +37,54 @@ import atexit
 import contextlib
 import dataclasses
 import multiprocessing
-import os
 import pickle
 import signal
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
 import structlog
 
 from ..app import Segflow, TemplateDef
 from ..errors import SegflowError, TemplateError
-from .templates import Rendered, Renderer
+from .renderworker import (
+    PARENT_CHECK,
+    RenderJob,
+    RenderResult,
+    _render_chunk,
+    _serve,
+    render_jobs,
+    worker_renderer,
+)
 
 __all__ = ["CLOSE_GRACE", "PARENT_CHECK", "RENDER_TIMEOUT", "RenderJob", "RenderPool",
-           "RenderPoolClosed", "RenderPoolError", "RenderPoolStatistics", "RenderResult",
-           "render_jobs", "worker_renderer"]
+           "RenderPoolClosed", "RenderPoolError", "RenderPoolRetry", "RenderPoolStatistics",
+           "RenderResult", "render_jobs", "worker_renderer"]
 
 log = structlog.get_logger("segflowd.delivery")
 
-RenderJob = tuple[str, Mapping[str, object]]  # template name, context
-RenderResult = Rendered | TemplateError
 CHUNK = 50  # jobs per task sent to a worker: big enough to amortise the round trips
-PARENT_CHECK = 1.0  # seconds between a worker's checks that its daemon still lives
 RENDER_TIMEOUT = 30.0  # seconds one message may render before it fails and its worker dies
 START_TIMEOUT = 60.0  # seconds a new worker may take to start (imports, the templates)
 START_RETRIES = 2  # workers a batch replaces when they die starting, before giving up
 CLOSE_GRACE = 5.0  # seconds close() gives idle workers to exit before it kills them
 KILL_WAIT = 5.0  # seconds to reap a killed worker (SIGKILL: at once in practice)
 
-_renderer: Renderer | None = None  # in a worker process: its own renderer
-
-
 class RenderPoolError(SegflowError):
     """The pool could not render a batch (a context did not pickle, workers did not start)."""
 
 
-class RenderPoolClosed(RenderPoolError):
+class RenderPoolRetry(RenderPoolError):
+    """The pool gave up on a batch that is no message's fault, after a message of it hung
+    or killed its worker: the batch goes back to the queue, and is never rendered in the
+    daemon's own process (that message may kill or hang it)."""
+
+
+class RenderPoolClosed(RenderPoolRetry):
     """The pool was closed before the batch was rendered (the daemon is stopping)."""
 
 
@@ -90,76 +96,6 @@ class RenderPoolStatistics:
     restarts: int  # workers replaced (died, killed on a timeout)
     timeouts: int  # messages failed for rendering longer than the timeout
     crashes: int  # messages failed for killing their worker twice
-
-
-def _start_worker(templates_dir: str, defs: list[TemplateDef]) -> None:
-    global _renderer
-    # Ctrl-C and systemd's SIGTERM reach the whole process group: the daemon drains and
-    # then stops its workers itself; a worker whose daemon was killed stops on its own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
-                     name="segflow-render-parent-watch").start()
-    app = Segflow(templates=Path(templates_dir))
-    app.templates.update({d.name: d for d in defs})
-    _renderer = Renderer(app)
-
-
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_CHECK)
-    os._exit(0)
-
-
-def _serve(conn: Connection, templates_dir: str, defs: list[TemplateDef]) -> None:
-    """A worker's life: start, say so, then answer each task's jobs one by one."""
-    try:
-        _start_worker(templates_dir, defs)
-    except Exception as exc:
-        conn.send(("broken", f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(("ready",))
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:  # the daemon is gone
-            return
-        if task is None:
-            return
-        fn, blobs = task
-        for blob in blobs:
-            # Each job is unpickled here, so a job whose data kills the process while
-            # being read is the job the daemon sees as the one in progress.
-            try:
-                reply: tuple[str, object] = ("done", fn([pickle.loads(blob)])[0])
-            except Exception as exc:
-                reply = ("error", f"{type(exc).__name__}: {exc}")
-            try:
-                conn.send(reply)
-            except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                conn.send(("error", f"the result cannot be returned: {exc}"))
-
-
-def worker_renderer() -> Renderer:
-    """In a worker process, its renderer (for a task given to :meth:`RenderPool.map`)."""
-    if _renderer is None:
-        raise RuntimeError("not in a render worker process")
-    return _renderer
-
-
-def _render_chunk(jobs: Sequence[RenderJob]) -> list[RenderResult]:
-    return render_jobs(worker_renderer(), jobs)
-
-
-def render_jobs(renderer: Renderer, jobs: Sequence[RenderJob]) -> list[RenderResult]:
-    """Each job rendered, or the :class:`TemplateError` it raised, in order."""
-    out: list[RenderResult] = []
-    for name, context in jobs:
-        try:
-            out.append(renderer.render(name, context))
-        except TemplateError as exc:
-            out.append(exc)
-    return out
 
 
 class _Worker:
@@ -263,9 +199,16 @@ class RenderPool:
             while True:
                 if self._closed:
                     raise RenderPoolClosed("render pool: closed")
-                if not self._workers:  # first use: start now
-                    while len(self._workers) < self.processes:
-                        self._spawn()
+                if len(self._workers) < self.processes:  # first use, or a spawn failed
+                    try:
+                        while len(self._workers) < self.processes:
+                            self._spawn()
+                    except OSError as exc:  # fork refused (EAGAIN, ENOMEM, EMFILE)
+                        if not self._workers:
+                            raise RenderPoolError(
+                                f"render pool: no worker can be started: {exc}") from exc
+                        log.warning("render_pool.spawn_failed", error=str(exc),
+                                    workers=len(self._workers))
                 if self._idle:
                     worker = self._idle.pop()
                     if worker.process.exitcode is None:
@@ -297,7 +240,11 @@ class RenderPool:
         self._workers.discard(worker)
         if not self._closed:
             self.restarts += 1
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as exc:  # the next checkout tries again; no batch fails for it
+                log.warning("render_pool.spawn_failed", error=str(exc),
+                            workers=len(self._workers))
 
     def map(self, fn: Callable[[Sequence[RenderJob]], list[RenderResult]],
             jobs: Sequence[RenderJob]) -> list[RenderResult]:
@@ -322,9 +269,14 @@ class RenderPool:
         batch = _Batch(self, fn, jobs, blobs, pending, results, active)
         try:
             batch.run()
-        except BaseException:
+        except BaseException as exc:
             for worker, _ in active.values():  # their answers would reach the next batch
-                self._retire(worker)
+                with contextlib.suppress(Exception):  # each one, whatever another does
+                    self._retire(worker)
+            if batch.tainted and isinstance(exc, RenderPoolError) and not isinstance(
+                    exc, RenderPoolRetry):
+                raise RenderPoolRetry(f"{exc} (after a message of the batch hung or killed "
+                                      "its worker: the batch is queued again)") from exc
             raise
         self.batches += 1
         done = [r for r in results if r is not None]
@@ -368,6 +320,7 @@ class _Batch:
         self.pool, self.fn, self.jobs, self.blobs = pool, fn, jobs, blobs
         self.pending, self.results, self.active = pending, results, active
         self.start_failures = 0
+        self.tainted = False  # a message hung or killed its worker: never render in-process
 
     def run(self) -> None:
         while self.pending or self.active:
@@ -457,6 +410,7 @@ class _Batch:
             self.pending.appendleft(task)
             self._start_failed(worker, f"one died starting: {how}")
             return
+        self.tainted = True
         self.pool._retire(worker)
         index = task.jobs[task.pos]
         self._rest(task)
@@ -474,6 +428,7 @@ class _Batch:
             self.pending.appendleft(task)
             self._start_failed(worker, f"one did not start within {START_TIMEOUT:g} s")
             return
+        self.tainted = True
         self.pool._retire(worker)
         index = task.jobs[task.pos]
         self._rest(task)

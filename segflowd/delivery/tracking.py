@@ -214,8 +214,11 @@ class EngagementRecorder:
         # (message, kind, url, machine): its hits in this batch
         groups: dict[tuple[int, str, str | None, bool], list[Hit]] = {}
         async with self.k.store.begin() as conn:
+            # Locked (MariaDB) until the hits are written: a forget or a prune of these
+            # messages waits for them and then clears them, instead of missing them.
             found = {int(r.id): r for r in await conn.execute(sa.select(
-                m.id, m.user_id, m.to_address, m.template, m.campaign).where(m.id.in_(ids)))}
+                m.id, m.user_id, m.to_address, m.template, m.campaign).where(m.id.in_(ids))
+                .order_by(m.id).with_for_update())}
             for h in batch:
                 row = found.get(h.message_id)
                 if row is None:  # pruned since it was sent: nothing to count it on
