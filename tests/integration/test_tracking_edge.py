@@ -17,6 +17,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from delivery_harness import ScriptedProvider, Setup, add_user, make_kernel, parse, service
+from test_ingest import TcpProxy
 
 from segflowd import schema
 from segflowd.delivery.outbox import enqueue
@@ -258,42 +259,6 @@ async def test_a_version_5_store_counts_its_old_rows_as_one_reader_hit_each(
         assert (await env.http.get(click)).status_code == 302
         assert [(r["hits"], bool(r["machine"])) for r in await env.rows()] == [
             (2, False), (1, False)]
-
-
-class TcpProxy:
-    """Forwards a local port to the MariaDB server; ``cut()`` drops it like an outage."""
-
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream = (upstream_host, upstream_port)
-        self.port = 0
-        self._scope: anyio.CancelScope | None = None
-
-    async def _pipe(self, src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> None:
-        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
-                                 anyio.ClosedResourceError):
-            while True:
-                await dst.send(await src.receive())
-
-    async def _handle(self, client: anyio.abc.SocketStream) -> None:
-        async with client, await anyio.connect_tcp(*self.upstream) as server, \
-                anyio.create_task_group() as tg:
-            tg.start_soon(self._pipe, client, server)
-            await self._pipe(server, client)
-            tg.cancel_scope.cancel()
-
-    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1",
-                                                   local_port=self.port, reuse_port=False)
-        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        with anyio.CancelScope() as scope:
-            self._scope = scope
-            task_status.started()
-            await listener.serve(self._handle)
-        await listener.aclose()
-
-    def cut(self) -> None:
-        assert self._scope is not None
-        self._scope.cancel()
 
 
 @pytest.mark.mariadb
