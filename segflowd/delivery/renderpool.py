@@ -401,19 +401,28 @@ class _Batch:
             self.pool.fallbacks += 1
             raise RenderPoolError(f"render pool: workers do not start ({what})")
 
+    def _lost(self, worker: _Worker, task: _Task, starting: str) -> int | None:
+        """A worker that died or overran on ``task``: retired, the rest of the task queued
+        again; the job it was on, or None when it never started (``starting`` says how:
+        the whole task waits for another worker)."""
+        if not worker.ready:
+            self.pending.appendleft(task)
+            self._start_failed(worker, starting)
+            return None
+        self.tainted = True
+        self.pool._retire(worker)
+        index = task.jobs[task.pos]
+        self._rest(task)
+        return index
+
     def _died(self, worker: _Worker, task: _Task) -> None:
         how = worker.death()
         if self.pool._closed:
             self.pool._retire(worker)
             raise RenderPoolClosed("render pool: closed while rendering")
-        if not worker.ready:
-            self.pending.appendleft(task)
-            self._start_failed(worker, f"one died starting: {how}")
+        index = self._lost(worker, task, f"one died starting: {how}")
+        if index is None:
             return
-        self.tainted = True
-        self.pool._retire(worker)
-        index = task.jobs[task.pos]
-        self._rest(task)
         if not task.alone:  # maybe not this message's doing (the OOM killer, an operator)
             log.warning("render_pool.worker_died", template=self.jobs[index][0], death=how)
             self.pending.appendleft(_Task([index], alone=True))
@@ -424,14 +433,9 @@ class _Batch:
             f"{self._where(index)}: the render worker died rendering this message ({how})")
 
     def _timed_out(self, worker: _Worker, task: _Task) -> None:
-        if not worker.ready:
-            self.pending.appendleft(task)
-            self._start_failed(worker, f"one did not start within {START_TIMEOUT:g} s")
+        index = self._lost(worker, task, f"one did not start within {START_TIMEOUT:g} s")
+        if index is None:
             return
-        self.tainted = True
-        self.pool._retire(worker)
-        index = task.jobs[task.pos]
-        self._rest(task)
         self.pool.timeouts += 1
         log.warning("render_pool.message_timeout", template=self.jobs[index][0],
                     timeout=self.pool.render_timeout)
