@@ -95,8 +95,7 @@ class DeliveryService:
         # Transactional mail's provider first, then marketing mail's when it has its own.
         self.lanes: list[Lane] = build_lanes(k, self.rng, providers)
         primary = self.lanes[0]
-        self.provider_name, self.options = primary.name, primary.options
-        self.rate, self.concurrency = primary.rate, primary.concurrency
+        self.options = primary.options
         # One pool for every lane, sized by the transactional provider's option.
         processes = int(str(self.options.get("render_processes", DEFAULT_RENDER_PROCESSES)))
         self.render_pool = RenderPool(k.app, processes) if processes > 0 else None
