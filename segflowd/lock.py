@@ -198,6 +198,10 @@ class _ServerLock(DaemonLock):
         self._engine: AsyncEngine = create_async_engine(
             store.engine.url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT",
             connect_args={"connect_timeout": int(max(1, connect_timeout))})
+        # A frozen server (SIGSTOP: connections accepted, nothing answered) must not hang
+        # the start or the watch: taking the lock is bounded as a whole, and a take that
+        # ran out is retried like an unreachable server.
+        self._take_timeout = connect_timeout + CHECK_TIMEOUT
         self._conn: AsyncConnection | None = None
         self._id: int | None = None  # our connection's id while it holds the lock
         self._previous: int | None = None  # the id of the connection that held it last
@@ -249,7 +253,11 @@ class _ServerLock(DaemonLock):
 
     async def _take(self) -> tuple[str, int | None] | None:
         """Connect and GET_LOCK: None once it is ours, else who holds it (a description
-        and the holder's connection id)."""
+        and the holder's connection id). TimeoutError when the server does not answer."""
+        with anyio.fail_after(self._take_timeout):
+            return await self._take_unbounded()
+
+    async def _take_unbounded(self) -> tuple[str, int | None] | None:
         conn = await self._engine.connect()
         try:
             got, me = (await conn.execute(_TAKE, {"name": self.name})).one()

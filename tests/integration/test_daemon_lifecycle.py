@@ -21,6 +21,7 @@ from segflowd.config import Config, load_config
 from segflowd.daemon import Daemon, Service
 from segflowd.errors import ListenError, StoreLocked
 from segflowd.http import Request, Response, Router, json_response
+from segflowd.store import Store
 
 pytestmark = pytest.mark.anyio
 
@@ -251,3 +252,33 @@ async def test_a_lock_taken_by_another_while_dropped_drains_and_stops_the_daemon
     assert f"server connection {other} from " in str(raised[0])
     assert log[-1] == "drain a"  # a graceful stop, not a crash
     assert daemon.statistics().stopping is True
+
+
+async def test_taking_the_lock_on_a_server_that_never_answers_is_retried_not_hung(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen MySQL server (SIGSTOP) accepts connections and says nothing: the lock's
+    connect and GET_LOCK must give up and retry, not hang the daemon's start."""
+    monkeypatch.setattr(daemon_lock, "CHECK_TIMEOUT", 0.3)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepted by the kernel, never answered: no greeting comes
+    port = silent.getsockname()[1]
+    store = Store.open(f"mysql+aiomysql://root@127.0.0.1:{port}/test", connect_timeout=0.3)
+    lock = daemon_lock.DaemonLock.for_store(store, connect_timeout=0.3)
+    retries: list[str] = []
+    scope = anyio.CancelScope()
+
+    def on_retry(attempt: int, delay: float, error: str) -> None:
+        retries.append(error)
+        if len(retries) == 2:  # it gave up twice and goes on trying: enough
+            scope.cancel()
+
+    try:
+        with anyio.move_on_after(10), scope:
+            await lock.acquire(retry_max=0.05, on_retry=on_retry)
+    finally:
+        await lock.release()
+        await store.close()
+        silent.close()
+    assert len(retries) >= 2, retries
+    assert lock.statistics().held is False
