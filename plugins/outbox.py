@@ -28,6 +28,7 @@ class OutboxProvider:
     """Writes ``<outbox row id>-<message id>.eml`` files into ``path``."""
 
     max_batch = MAX_BATCH
+    parallel_calls = 1  # one file per send() call, each row marked `sending` just before
 
     def __init__(self, ctx: ProviderContext) -> None:
         unknown = set(ctx.options) - {"plugin", "path", "group_readable"}

@@ -68,6 +68,9 @@ class SesProvider:
         self._client = httpx.AsyncClient(base_url=self.endpoint, auth=auth,
                                          timeout=o.number("timeout", DEFAULT_TIMEOUT))
         self._limit = anyio.Semaphore(PARALLEL_CALLS)
+        # Delivery hands one message per send() call, this many at once, each marked
+        # `sending` just before its call (a crash leaves those in flight `unknown`).
+        self.parallel_calls = PARALLEL_CALLS
 
     async def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         results: list[SendResult | None] = [None] * len(messages)

@@ -46,6 +46,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds per SMTP command
 # one per call a crash leaves at most one message per delivery worker `unknown` (a larger
 # batch would leave all of it). The connection is kept across calls either way.
 MAX_BATCH = 1
+PARALLEL_CALLS = 1  # one connection, one message at a time: each marked `sending` alone
 ABORT_TURNS = 3  # event-loop turns an aborted transport needs to close its socket
 SUPPRESS_CODES = frozenset({550, 551, 553})  # mailbox unavailable / not local / bad name
 # Enhanced status codes (RFC 3463, subject.detail) of a RCPT answer that name the sender's
@@ -99,6 +100,7 @@ class SmtpProvider:
                         hint="the SMTP password crosses the network unencrypted")
         self.name = ctx.name
         self.max_batch = max(1, o.integer("max_batch", MAX_BATCH))
+        self.parallel_calls = PARALLEL_CALLS
         self._client: _Client | None = None
         self._lock = anyio.Lock()
         self.connections = 0  # connections opened so far (connection reuse is visible)

@@ -42,7 +42,7 @@ __all__ = [
 INSTANCE_STATUSES = ("running", "waiting", "completed", "exited", "failed", "diverged",
                      "terminated")
 LIVE_STATUSES = ("running", "waiting")
-PENDING_MESSAGE_STATUSES = ("queued", "sending")
+PENDING_MESSAGE_STATUSES = ("queued", "claimed", "sending")
 FAILED_MESSAGE_STATUSES = ("failed", "unknown")
 USER_LIMIT = 50  # instances, messages and events shown for one user
 JOURNAL_LIMIT = 200  # journal entries shown per instance
@@ -243,7 +243,7 @@ async def messages_page(store: Store, *, limit: int = 100, failures: bool = Fals
 
 
 async def outbox_depth(store: Store) -> dict[str, int]:
-    """Messages waiting in the outbox, by status (queued, sending)."""
+    """Messages waiting in the outbox, by status (queued, claimed, sending)."""
     q = (sa.select(messages.c.status, sa.func.count().label("n"))
          .where(messages.c.status.in_(PENDING_MESSAGE_STATUSES))
          .group_by(messages.c.status))

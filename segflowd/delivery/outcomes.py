@@ -4,10 +4,12 @@ A send result (or the status decided while preparing) becomes the row's new stat
 transaction: ``sent``; ``unknown`` when the provider may have sent it (never retried by
 itself); ``queued`` again after a :func:`backoff` delay for a transient error below
 ``[email] max_attempts``; ``failed`` otherwise, suppressing the address where the provider
-says so (a bounce); or the ``failed`` / ``suppressed`` decided without sending. Each
-outcome is then published as ``message.<status>`` (``message.retrying`` for a retry),
-logged and counted; the counts make the :class:`DeliveryStatistics`. Nothing here grows
-with the number of messages sent (:class:`SendRate`).
+says so (a bounce); or the ``failed`` / ``suppressed`` decided without sending. A claimed
+message never handed over (its mark ``sending`` failed: status ``unsent``) is ``queued``
+again after the first retry's delay, its attempt given back (``message.held``, not
+counted). Each outcome is then published as ``message.<status>`` (``message.retrying``
+for a retry), logged and counted; the counts make the :class:`DeliveryStatistics`.
+Nothing here grows with the number of messages sent (:class:`SendRate`).
 """
 
 from __future__ import annotations
@@ -47,10 +49,13 @@ STOPPED_WHILE_SENDING = ("delivery stopped while the provider had the message: i
                          "may not have been delivered (not re-sent)")
 
 
+HELD = ("claimed", "sending")  # a worker's rows: not handed over yet, or handed over
+
+
 def _ours(row: Mapping[str, Any]) -> tuple[sa.ColumnElement[bool], ...]:
     """Where a claimed row is still under the claim that gave it to this batch: a record
     retried after a lost COMMIT reply must never touch a later claim of the row."""
-    ours = [messages.c.status == "sending"]
+    ours = [messages.c.status.in_(HELD)]
     if row.get("claim") is not None:
         ours.append(messages.c.claim == row["claim"])
     return tuple(ours)
@@ -166,7 +171,14 @@ class Outcomes:
             values["message_id"] = p.message.message_id
         if res is None and p.status == "retry":
             res = SendResult(ok=False, error=p.error, transient=True)
-        if res is None:
+        if res is None and p.status == "unsent":
+            # Claimed, but never handed to the provider (its mark failed): queued again
+            # with its attempt given back, after the first retry's delay.
+            status, error = "held", p.error
+            delay = backoff(1, ecfg.retry_base, ecfg.retry_max, self.rng)
+            values.update(attempts=messages.c.attempts - 1,
+                          next_attempt_at=now + _seconds(delay))
+        elif res is None:
             status, error = p.status or "failed", p.error
         elif res.ok:
             status, error = "sent", None
@@ -249,28 +261,46 @@ class Outcomes:
                   error=refused)
         return [d.event] if done.rowcount else []
 
+    async def mark_sending(self, ids: Sequence[int], claim: str) -> set[int]:
+        """Mark these rows of ``claim`` ``sending`` (committed before their send call);
+        return the ids marked: a row no longer claimed by it is not to be sent."""
+        m = messages.c
+        async with self.k.store.begin() as conn:
+            done = await conn.execute(sa.update(messages).where(
+                m.id.in_(ids), m.status == "claimed", m.claim == claim).values(
+                status="sending", updated_at=self.k.clock.now()))
+            if done.rowcount == len(ids):
+                return set(ids)
+            return {int(i) for (i,) in await conn.execute(sa.select(m.id).where(
+                m.id.in_(ids), m.status == "sending", m.claim == claim))}
+
     async def release(self, rows: Sequence[Mapping[str, Any]], handed: Collection[int]) -> None:
         """Resolve a batch whose worker was cancelled (a drain cut short) before it recorded
         anything: rows ``handed`` to the provider become ``unknown``, the rest (nothing of
-        them went out) are ``queued`` again, their attempt not counted."""
+        them went out) are ``queued`` again, their attempt not counted. A row no longer its
+        own (recorded, or settled by a restart's recovery) is neither changed nor counted."""
         now = self.k.clock.now()
         ids = [int(r["id"]) for r in rows]
         gone = [i for i in ids if i in handed]
         back = [i for i in ids if i not in handed]
         ours = _ours(rows[0]) if rows else ()
+        mine: set[int] = set()  # handed rows still ours (not settled by anyone else)
         async with self.k.store.begin() as conn:
             if back:
                 await conn.execute(sa.update(messages).where(
                     messages.c.id.in_(back), *ours).values(
                     status="queued", attempts=messages.c.attempts - 1, updated_at=now))
             if gone:
+                mine = {int(i) for (i,) in await conn.execute(sa.select(messages.c.id).where(
+                    messages.c.id.in_(gone), *ours).with_for_update())}
+            if mine:
                 await conn.execute(sa.update(messages).where(
-                    messages.c.id.in_(gone), *ours).values(
+                    messages.c.id.in_(sorted(mine)), *ours).values(
                     status="unknown", updated_at=now, last_error=STOPPED_WHILE_SENDING))
         self._publish([("message.unknown", {"message": r["id"], "user_id": r["user_id"],
                                             "template": r["template"],
                                             "error": STOPPED_WHILE_SENDING})
-                       for r in rows if int(r["id"]) in handed])
+                       for r in rows if int(r["id"]) in mine])
 
     def _publish(self, events: Sequence[Event]) -> None:
         for kind, data in events:

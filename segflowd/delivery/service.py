@@ -1,17 +1,21 @@
 """Delivery: outbox workers that render, check, send and record each queued message.
 
-A message row goes ``queued → sending → sent | failed | suppressed | unknown``. A worker
-claims due rows (``next_attempt_at <= now``) in one short transaction, renders and sends
-with no transaction open, then records every outcome in a second one. Delivery is
-at-most-once: a message that may have reached the provider is never re-sent by itself
-(``message.retry`` re-queues it on purpose). So a provider's answer that leaves the
-outcome open (see :mod:`segflowd.providers`) makes the message ``unknown`` at once, and
-so does a cancelled worker for the batch its provider had; a row found ``sending`` when
-the service starts was being sent when the process died, and becomes ``unknown`` then.
-A row is never left ``sending`` by an error in the process: one that certainly did not
-go out fails (an error preparing it) or is queued again (a cancelled worker). Transient
-errors retry with exponential backoff and jitter up to ``[email] max_attempts``;
-permanent ones fail the message and, where the provider says so, suppress the address.
+A message row goes ``queued → claimed → sending → sent | failed | suppressed | unknown``. A
+worker claims due rows (``next_attempt_at <= now``) in one short transaction, renders with
+no transaction open, marks each message ``sending`` in a commit right before the call that
+hands it to the provider (:func:`~segflowd.delivery.sending.hand_over`), and records each
+call's outcomes as soon as it returns (an outage's with the batch, once the provider's
+circuit has judged it); a row whose mark failed is queued again, its attempt given back.
+Delivery is at-most-once: a message that may have reached the provider is never re-sent by
+itself (``message.retry`` re-queues it on purpose). So a provider's answer that leaves the
+outcome open (see :mod:`segflowd.providers`) makes the message ``unknown`` at once, and so
+does a cancelled worker for the batch its provider had; a row found ``sending`` when the
+service starts was being sent when the process died, and becomes ``unknown`` then, while
+one found ``claimed`` never reached the provider and is ``queued`` again. A row is never
+left ``sending`` by an error in the process: one that certainly did not go out fails (an
+error preparing it) or is queued again (a cancelled worker). Transient errors retry with
+exponential backoff and jitter up to ``[email] max_attempts``; permanent ones fail the
+message and, where the provider says so, suppress the address.
 
 Marketing mail may go through a provider of its own (``[email] provider_marketing``):
 each provider is a lane (:mod:`segflowd.delivery.lanes`) that claims only its kinds of
@@ -54,7 +58,7 @@ from .outbox import MessageKind, enqueue
 from .outcomes import DeliveryStatistics
 from .prepare import BatchPreparer, Prepared
 from .renderpool import RenderPool
-from .sending import send_batch
+from .sending import hand_over
 from .templates import Renderer
 from .tokens import Signer, ephemeral_key
 from .tracking import EngagementRecorder
@@ -205,9 +209,13 @@ class DeliveryService:
     # -- recovery --------------------------------------------------------------------
 
     async def recover(self) -> list[int]:
-        """Mark rows left ``sending`` by a crash ``unknown`` (not re-sent); return their ids."""
+        """Mark rows left ``sending`` by a crash ``unknown`` (not re-sent) and queue those
+        left ``claimed`` again (the provider never had them); return the unknown ids."""
         now = self.k.clock.now()
         async with self.k.store.begin() as conn:
+            await conn.execute(sa.update(messages).where(messages.c.status == "claimed")
+                               .values(status="queued", attempts=messages.c.attempts - 1,
+                                       updated_at=now))
             rows = (await conn.execute(
                 sa.select(messages.c.id, messages.c.user_id, messages.c.template,
                           messages.c.message_id)
@@ -260,38 +268,38 @@ class DeliveryService:
             return 0
         outcomes = lane.outcomes
         handed: set[int] = set()  # rows whose message the provider has been given
+        claim = str(rows[0]["claim"])
+        answers: dict[int, SendResult] = {}
         try:
             prepared = await self._prepare(rows)
             to_send = [p for p in prepared if p.message is not None]
-            results: list[SendResult] = []
             if to_send:
-                c = outcomes.counters
-                c.in_flight += len(to_send)
-                handed.update(int(p.row["id"]) for p in to_send)
-                try:
-                    results = await send_batch(provider, lane.name,
-                                               [p.message for p in to_send if p.message],
-                                               metrics=self.k.metrics)
-                finally:
-                    c.in_flight -= len(to_send)
-                    c.batches += 1
-                if not lane.circuit.answered(results, self.k.clock.now(),
-                                             self.k.clock.monotonic()):
+                out = await hand_over(
+                    provider, lane.name, to_send,
+                    mark=lambda ids: outcomes.mark_sending(ids, claim), handed=handed,
+                    record=outcomes.record, counters=outcomes.counters,
+                    metrics=self.k.metrics)
+                answers = out.results
+                if out.answered and not lane.circuit.answered(
+                        out.answered, self.k.clock.now(), self.k.clock.monotonic()):
                     # Not the provider's outage as a whole: an outage answer among
                     # others is a transient failure of that message, with its backoff.
-                    results = [dataclasses.replace(r, outage=False, transient=True)
-                               if r.outage else r for r in results]
+                    answers = {k: dataclasses.replace(r, outage=False, transient=True)
+                               if r.outage else r for k, r in answers.items()}
+                # Not handed over after all: queued again, the attempt given back.
+                back = {id(p): dataclasses.replace(p, status="unsent", error=error)
+                        for p, error in out.unsent}
+                prepared = [back.get(id(p), p) for p in prepared if id(p) not in out.recorded]
         except BaseException:
             # Cancelled (a drain cut short): what the provider had is `unknown` now, the
             # rest goes back to the queue, rather than all of it `unknown` at the next start.
             with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT):
                 try:
                     await outcomes.release(rows, handed)
-                except Exception as exc:  # left `sending`: the next start settles them
+                except Exception as exc:  # left claimed: the next start settles them
                     log.warning("delivery.release_failed", messages=len(rows),
                                 error=f"{type(exc).__name__}: {exc}")
             raise
-        answers = dict(zip([id(p) for p in to_send], results, strict=True))
         while True:
             try:
                 await outcomes.record(prepared, answers)
@@ -316,14 +324,14 @@ class DeliveryService:
 
     async def _release_unclaimed(self) -> None:
         """Claims whose COMMIT was reported failed may have applied: their rows, if they
-        are ``sending`` under that claim, go back to ``queued`` (nothing was handed to the
-        provider), rather than wait for the next start to call them ``unknown``."""
+        are ``claimed`` under that claim, go back to ``queued`` (nothing was handed to the
+        provider), rather than wait for the next start."""
         while self._unclaimed:
             ids, claim, provider = self._unclaimed[0]
             m = messages.c
             async with self.k.store.begin() as conn:
                 await conn.execute(sa.update(messages).where(
-                    m.id.in_(ids), m.status == "sending", m.claim == claim,
+                    m.id.in_(ids), m.status == "claimed", m.claim == claim,
                     m.provider == provider).values(
                     status="queued", attempts=m.attempts - 1))
             self._unclaimed.pop(0)
@@ -355,7 +363,7 @@ class DeliveryService:
             await conn.execute(
                 sa.update(messages).where(messages.c.id.in_([r["id"] for r in rows]),
                                           messages.c.status == "queued")
-                .values(status="sending", attempts=messages.c.attempts + 1,
+                .values(status="claimed", attempts=messages.c.attempts + 1,
                         provider=lane.name, claim=claim, updated_at=now))
             # The Message-ID is stored before any byte leaves: a send cut by a crash is
             # `unknown` and still names what the provider may have delivered.

@@ -426,7 +426,7 @@ def settled(url: str) -> bool:
     s = snapshot(url)
     return (bool(s.instances)
             and all(i["status"] not in ("running", "waiting") for i in s.instances)
-            and not any(m["status"] in ("queued", "sending") for m in s.messages))
+            and not any(m["status"] in ("queued", "claimed", "sending") for m in s.messages))
 
 
 def missing_acknowledged(load: Load, snap: Snapshot) -> list[str]:

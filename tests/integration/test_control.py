@@ -89,7 +89,7 @@ async def test_status_rates_outbox_and_history_are_sampled_on_the_daemons_clock(
                 await anyio.sleep(0.02)
     assert isinstance(st, dict)
     assert st["rates"] == {"ingest_per_s": 12.0, "sent_per_s": 30.0, "failed_per_s": 1.0}
-    assert st["outbox"] == {"queued": 1, "sending": 0}
+    assert st["outbox"] == {"queued": 1, "claimed": 0, "sending": 0}
     assert st["history"] == [{"ingest_per_s": 12.0, "sent_per_s": 30.0, "failed_per_s": 1.0,
                               "outbox": 1, "lateness_s": 0.0}]
     assert st["uptime_s"] == 1.0

@@ -146,12 +146,31 @@ async def test_permanent_error_fails_and_suppresses_when_the_provider_says_so(
     assert (await message_row(setup.kernel.store, second))["status"] == "suppressed"
 
 
-async def test_crash_while_sending_becomes_unknown_and_is_not_resent(setup: Setup) -> None:
+async def test_crash_after_claiming_queues_the_message_again(setup: Setup) -> None:
+    """A claimed row never reached the provider: a restart sends it, once."""
     await add_user(setup.kernel.store, "u1", "ann@example.org", name="Ann")
     mid = await queue(setup)
     crashed = service(setup, ScriptedProvider())
     claimed = await crashed._claim(10, crashed.lanes[0])  # the process dies right after claiming
     assert [r["id"] for r in claimed] == [mid]
+    assert (await message_row(setup.kernel.store, mid))["status"] == "claimed"
+    provider = ScriptedProvider()
+    restarted = service(setup, provider)
+    assert await restarted.recover() == []
+    row = await message_row(setup.kernel.store, mid)
+    assert (row["status"], row["attempts"]) == ("queued", 0)
+    assert await restarted.run_once() == 1
+    assert (await message_row(setup.kernel.store, mid))["status"] == "sent"
+    assert len(provider.sent) == 1
+
+
+async def test_crash_while_sending_becomes_unknown_and_is_not_resent(setup: Setup) -> None:
+    await add_user(setup.kernel.store, "u1", "ann@example.org", name="Ann")
+    mid = await queue(setup)
+    crashed = service(setup, ScriptedProvider())
+    claimed = await crashed._claim(10, crashed.lanes[0])
+    # ... marked `sending` right before the provider call, and the process dies there
+    assert await crashed.lanes[0].outcomes.mark_sending([mid], claimed[0]["claim"]) == {mid}
     provider = ScriptedProvider()
     restarted = service(setup, provider)
     sub = setup.kernel.bus.subscribe()

@@ -337,9 +337,9 @@ async def test_unknown_messages_keep_their_message_id_for_the_providers_logs(
 
 async def test_a_claim_whose_commit_reply_is_lost_is_queued_again_and_sent_once(
         setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Review round 3: the claim's UPDATE to `sending` committed but the worker heard
+    """Review round 3: the claim's UPDATE to `claimed` committed but the worker heard
     'lost connection'; nothing went to the provider, so the rows go back to `queued` (not
-    left `sending` until a restart calls them `unknown`) and are sent once."""
+    left claimed until a restart) and are sent once."""
     await users(setup, "ann")
     provider = ScriptedProvider()
     svc = DeliveryService(setup.kernel, providers={"scripted": provider})
@@ -360,7 +360,7 @@ async def test_a_claim_whose_commit_reply_is_lost_is_queued_again_and_sent_once(
     monkeypatch.setattr(store, "begin", begin)
     with pytest.raises(OperationalError):
         await svc.run_once()
-    assert await statuses(setup, [mid]) == ["sending"]
+    assert await statuses(setup, [mid]) == ["claimed"]
     await svc.run_once()  # the worker polls again
     assert await statuses(setup, [mid]) == ["sent"]
     assert len(provider.sent) == 1
