@@ -14,6 +14,10 @@ For each store (SQLite file, fresh MariaDB database) it measures, in one run:
   against the rows/s of a raw bulk insert into the same store's events table
   (target ≥ 0.5x).
 * ``acked_events_stored``: every event acknowledged with a 2xx is in the store (1.0x).
+* ``browser_server_cpu_us``: server CPU per single Segment track as analytics.js sends it
+  (``POST /v1/t``, ``Origin``, ``text/plain``, ``writeKey`` in the body, CORS headers in
+  the answer), against ``POST /v1/track`` with Basic auth and JSON in the same daemon,
+  their phases alternated (target ≤ 1.05x: the browser path costs at most 5% more).
 * ``single_rps_no_store`` / ``single_server_cpu_us_no_store`` (with ``--ingest-only``,
   once, before the stores):
   the same single-event requests through segflowd's ingest with a committer that answers
@@ -58,6 +62,7 @@ SECRET = "bench-secret"
 MARIADB = os.environ.get("SEGFLOW_TEST_MARIADB", "mysql+aiomysql://root@127.0.0.1:3306")
 BATCH_SIZE = 100  # events per /v1/batch request
 RAW_CHUNK = 1000  # rows per transaction in the raw bulk insert baseline
+BROWSER_ROUNDS = 2  # alternations of /v1/track and /v1/t phases
 START_TIMEOUT = 30.0  # seconds
 
 
@@ -215,6 +220,42 @@ def single_event(run_id: str) -> Callable[[int], tuple[bytes, int]]:
         return _request("POST", f"/v1/users/user-{i % 5000}/events", body, auth), 1
 
     return make
+
+
+def segment_single(run_id: str, *, browser: bool) -> Callable[[int], tuple[bytes, int]]:
+    """One Segment track per request: server-side (``/v1/track``) or as a browser sends it."""
+    import base64
+
+    basic = {"Authorization": "Basic " + base64.b64encode(f"{SECRET}:".encode()).decode()}
+    path, headers = (("/v1/t", {"Origin": "https://shop.example"}) if browser
+                     else ("/v1/track", basic))
+    kind = "text/plain" if browser else "application/json"
+
+    def make(i: int) -> tuple[bytes, int]:
+        body: dict[str, object] = {"userId": f"user-{i % 5000}", "event": "bench.segment",
+                                   "messageId": f"{run_id}-{path}-{i}",
+                                   "properties": {"amount": i % 100, "plan": "pro"}}
+        if browser:
+            body["writeKey"] = SECRET
+        request = _request("POST", path, json.dumps(body).encode(), headers)
+        return request.replace(b"Content-Type: application/json", f"Content-Type: {kind}"
+                               .encode(), 1), 1
+
+    return make
+
+
+def browser_vs_server(port: int, pid: int, run_id: str, seconds: float,
+                      connections: int) -> tuple[Load, Load]:
+    """``/v1/track`` and ``/v1/t`` in alternating phases (two each, ``seconds`` in all per
+    route), so drift in the machine's load hits both alike."""
+    server, browser = Load(), Load()
+    for _ in range(BROWSER_ROUNDS):
+        for total, as_browser in ((server, False), (browser, True)):
+            load, _s = run_load(port, segment_single(run_id, browser=as_browser),
+                                seconds / BROWSER_ROUNDS, connections, pid)
+            total.ok, total.failed = total.ok + load.ok, total.failed + load.failed
+            total.server_cpu = (total.server_cpu or 0.0) + (load.server_cpu or 0.0)
+    return server, browser
 
 
 def batch_events(run_id: str) -> Callable[[int], tuple[bytes, int]]:
@@ -409,6 +450,8 @@ def bench_store(kind: str, store_url: str, seconds: float, connections: int,
                                         pid)
             batch, batch_s = run_load(port, batch_events(run_id), seconds,
                                       max(4, connections // 4), pid)
+            server_path, browser_path = browser_vs_server(port, pid, run_id, seconds,
+                                                          connections)
         tags = {"store": kind, "daemon": "ingest-only" if ingest_only else "full",
                 "connections": connections, "seconds": seconds}
         emit("single_rps", single.ok / single_s, "req/s", baseline_rps, 0.6,
@@ -431,6 +474,13 @@ def bench_store(kind: str, store_url: str, seconds: float, connections: int,
                  "us/event", None, None, batch_size=BATCH_SIZE, **tags)
         emit("batch_p50", _pct(batch.latencies, 0.5), "ms", None, None, **tags)
         emit("batch_p99", _pct(batch.latencies, 0.99), "ms", None, None, **tags)
+        on_server, on_browser = (server_path.cpu_us_per_request(),
+                                 browser_path.cpu_us_per_request())
+        if on_server is not None and on_browser is not None:
+            emit("browser_server_cpu_us", on_browser, "us/req", on_server, 1.05,
+                 route="/v1/t", baseline_route="/v1/track", requests=browser_path.ok,
+                 baseline_requests=server_path.ok,
+                 failed=browser_path.failed + server_path.failed, **tags)
         acked = single.acked_events + batch.acked_events
         kept = stored(store_url, "bench.single") + stored(store_url, "bench.batch")
         emit("acked_events_stored", kept, "events", acked, 1.0, **tags)

@@ -3,6 +3,7 @@
     async with SegflowClient("http://127.0.0.1:8787", api_key="...") as sf:
         await sf.create_user("u1", {"email": "ann@example.com", "name": "Ann"})
         await sf.emit("u1", "purchase", {"amount": 42}, id="order-17")
+        await sf.send("receipt", user_id="u1", data={"amount": 42})
 
 ``SyncSegflowClient`` offers the same methods for code without an event loop. A call
 returns only once segflowd has committed the data; an error answer raises
@@ -71,6 +72,22 @@ class _Requests:
 
     def user(self, user_id: str) -> str:
         return f"/v1/users/{quote(user_id, safe='')}"
+
+    def send(self, template: str, user_id: str | None, to: str | None,
+             data: Mapping[str, object] | None, idempotency_key: str | None
+             ) -> tuple[str, dict[str, str], dict[str, object]]:
+        """Path, headers and body of ``POST /v1/send/{template}``."""
+        if user_id is None and to is None:
+            raise ValueError("send() needs user_id or to")
+        body: dict[str, object] = {"data": dict(data or {})}
+        if user_id is not None:
+            body["user_id"] = user_id
+        if to is not None:
+            body["to"] = to
+        headers = dict(self.bearer)
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        return f"/v1/send/{quote(template, safe='')}", headers, body
 
     def event(self, name: str, attributes: Mapping[str, object] | None,
               timestamp: dt.datetime | None, id: str | None) -> dict[str, object]:
@@ -153,6 +170,16 @@ class SegflowClient:
         _check(await self._http.post("/v1/batch", headers=self._r.basic,
                                      json={"batch": [i.as_segment() for i in items]}))
 
+    async def send(self, template: str, *, user_id: str | None = None, to: str | None = None,
+                   data: Mapping[str, object] | None = None,
+                   idempotency_key: str | None = None) -> int:
+        """Queue a transactional email of ``template`` (or of a transaction) to the user
+        and/or the address ``to``, with ``data`` as its template context; returns the
+        message id. The key needs scope ``app`` or ``all``. A repeated ``idempotency_key``
+        queues nothing and returns the first message's id."""
+        path, headers, body = self._r.send(template, user_id, to, data, idempotency_key)
+        return int(_check(await self._http.post(path, headers=headers, json=body))["message"])
+
 
 class SyncSegflowClient:
     """The same calls without an event loop (httpx's blocking client)."""
@@ -198,3 +225,9 @@ class SyncSegflowClient:
     def batch(self, items: Sequence[BatchItem]) -> None:
         _check(self._http.post("/v1/batch", headers=self._r.basic,
                                json={"batch": [i.as_segment() for i in items]}))
+
+    def send(self, template: str, *, user_id: str | None = None, to: str | None = None,
+             data: Mapping[str, object] | None = None,
+             idempotency_key: str | None = None) -> int:
+        path, headers, body = self._r.send(template, user_id, to, data, idempotency_key)
+        return int(_check(self._http.post(path, headers=headers, json=body))["message"])

@@ -56,6 +56,7 @@ MIN_RETENTION = DAY  # seconds: nothing younger is ever pruned (see RetentionCon
 MIN_RETENTION_INTERVAL = 60.0  # seconds between the starts of two prune passes, at least
 MAX_RETENTION_BATCH = 10_000  # rows per prune statement, at most
 FOREVER = "forever"  # the one spelling of "keep this kind of data for good"
+KEY_SCOPES = ("all", "track", "app")  # [[http.keys]] scope (segflowd.ingest.auth)
 
 _LOG_FORMATS = ("auto", "json", "console")
 _TRUE = ("1", "true", "yes", "on")
@@ -90,6 +91,9 @@ class StoreConfig:
 class HttpKey:
     name: str
     secret: str = dataclasses.field(repr=False)
+    # What the key may do (segflowd.ingest.auth): "all", "track" (a browser's public
+    # write key: tracking writes only) or "app" (the App API's send routes only).
+    scope: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +111,8 @@ class HttpConfig:
     max_connections: int = 1000  # open at once (lowered under the open-files limit)
     max_header_bytes: int = 16 * 1024  # request line and headers (431 past it)
     max_headers: int = 100  # header lines (431 past it)
+    # Origins whose browsers may call the tracking routes (CORS); "*": any (ingest/cors.py).
+    cors_origins: tuple[str, ...] = ("*",)
 
     @property
     def host(self) -> str:
@@ -424,6 +430,11 @@ class _Parser:
             raise self.error("daemon.drain_timeout", "must be a positive number of seconds")
         configcheck.check_store(c.store, self.error)
         configcheck.check_http(c.http, self.error)
+        configcheck.check_cors_origins(c.http.cors_origins, self.error)
+        for i, key in enumerate(c.http.keys):
+            if key.scope not in KEY_SCOPES:
+                raise self.error(f"http.keys[{i}].scope", f"key {key.name!r}: scope must be "
+                                 f"one of {', '.join(KEY_SCOPES)}, not {key.scope!r}")
         for name, table in c.providers.items():
             plugin = table.options.get("plugin", name)
             if not isinstance(plugin, str) or not plugin:

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from .errors import ConfigError
 
-__all__ = ["check_http", "check_store"]
+__all__ = ["check_cors_origins", "check_http", "check_store"]
 
 MIN_HEADER_BYTES = 1024  # bytes: a request line and a few headers always fit
 MIN_HEADERS = 8  # headers: what any HTTP client sends at least
@@ -102,3 +102,19 @@ def check_http(h: _Http, error: ErrorFactory) -> None:
         raise error("http.max_header_bytes", f"must be at least {MIN_HEADER_BYTES}")
     if h.max_headers < MIN_HEADERS:
         raise error("http.max_headers", f"must be at least {MIN_HEADERS}")
+
+
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#\s@]+$")  # scheme://host[:port], nothing after
+
+
+def check_cors_origins(origins: Sequence[str], error: ErrorFactory) -> None:
+    """``[http] cors_origins``: ``["*"]`` alone, or origins as a browser sends them."""
+    for i, origin in enumerate(origins):
+        if origin == "*":
+            if len(origins) > 1:
+                raise error(f"http.cors_origins[{i}]", '"*" allows every origin: list it '
+                            "alone, or list the origins without it")
+        elif not _ORIGIN.match(origin) or origin != origin.lower():
+            raise error(f"http.cors_origins[{i}]", f"{origin[:100]!r} is not an origin: "
+                        "write scheme://host[:port] in lower case, with no path or "
+                        'trailing slash (e.g. "https://www.example.com")')

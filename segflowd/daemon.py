@@ -104,7 +104,7 @@ def build_services(k: Kernel) -> list[Service]:
     services += [segment_service, transaction_service]
     ingest_sinks += [segment_service, transaction_service]
     # -- ingest (HTTP APIs) --
-    services.append(IngestService(k, sinks=ingest_sinks))
+    services.append(IngestService(k, sinks=ingest_sinks, wakers=wakers))
     # -- data sources, audiences and broadcasts --
     source_service = SourceService(k)
     data_sources = DataSources(source_service, k.app.data_sources, k.app.audiences)

@@ -1,7 +1,10 @@
 """A small raw-ASGI toolkit: request, response, router, JSON errors. No framework.
 
-Errors a handler raises become ``{"error": {"code", "message"}}`` with the right status;
-an unexpected exception is logged with its traceback and answered 500 without one.
+Errors a handler raises become ``{"code", "message", "error": {"code", "message"}}``
+with the right status: the nested object is the daemon's own shape, the top-level pair
+is what Segment's SDKs read (they drop a 4xx only when they find ``code``). An
+unexpected exception is logged with its traceback and answered 500 without one. A
+request no route answers (404, 405) is reported to :attr:`Router.on_unrouted`.
 Every response carries ``X-Content-Type-Options: nosniff``; an HTML one also carries the
 headers of :data:`HTML_HEADERS` (no framing, no referrer, a CSP that allows only inline
 styles and a form posting back to the daemon), unless its handler set them itself.
@@ -31,6 +34,7 @@ __all__ = [
     "Request",
     "Response",
     "Router",
+    "answer_error",
     "inflate",
     "json_response",
 ]
@@ -42,6 +46,7 @@ DEFAULT_BODY_LIMIT = 500 * 1024  # bytes
 INFLATE_FIRST = 256  # bytes of a gzip member's input fed to zlib first; doubles from there
 INFLATE_CHUNK = 64 * 1024  # bytes: the most compressed input fed to zlib at a time
 INFLATE_YIELD_EVERY = 16  # inflate steps (chunks or gzip members) between event-loop turns
+GZIP_MAGIC = b"\x1f\x8b"  # the first two bytes of every gzip member (RFC 1952)
 
 # Every response: a browser never guesses another type than the one declared.
 _ALL_HEADERS = {"X-Content-Type-Options": "nosniff"}
@@ -106,7 +111,19 @@ def json_response(
 
 def error_response(status: int, code: str, message: str,
                    headers: Mapping[str, str] | None = None) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status, headers)
+    return json_response({"code": code, "message": message,
+                          "error": {"code": code, "message": message}}, status, headers)
+
+
+def answer_error(exc: Exception, method: str, path: str) -> Response:
+    """The error response for what a handler raised (logged if it was unexpected)."""
+    if isinstance(exc, HTTPError):
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    if isinstance(exc, StoreUnavailable):
+        return error_response(503, "store_unavailable", "the store is unavailable; retry later",
+                              {"Retry-After": str(RETRY_AFTER)})
+    log.error("http.unhandled", method=method, path=path, exc_info=exc)
+    return error_response(500, "internal", "internal error; see the daemon's log")
 
 
 class Request:
@@ -132,8 +149,13 @@ class Request:
         c = self.scope.get("client")
         return str(c[0]) if c else ""
 
-    async def body(self, limit: int = DEFAULT_BODY_LIMIT) -> bytes:
-        """The body, decompressed if gzip/deflate; 413 past ``limit`` bytes either way."""
+    async def body(self, limit: int = DEFAULT_BODY_LIMIT, *, sniff_gzip: bool = False) -> bytes:
+        """The body, decompressed if gzip/deflate; 413 past ``limit`` bytes either way.
+
+        With ``sniff_gzip`` a body that starts with gzip's magic bytes is inflated even
+        without ``Content-Encoding`` (RudderStack's Node SDK sends it so). JSON never
+        starts with those bytes, so nothing else is mistaken for gzip.
+        """
         if self._body is not None:
             return self._body
         declared = self.headers.get("content-length")
@@ -157,20 +179,28 @@ class Request:
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "deflate", "x-gzip"):
             raw = await inflate(raw, limit, gzip=encoding != "deflate")
+        elif sniff_gzip and raw.startswith(GZIP_MAGIC) and encoding in ("identity", ""):
+            raw = await inflate(raw, limit, gzip=True)
         elif encoding not in ("identity", ""):
             raise HTTPError(415, "unsupported_encoding",
                             f"Content-Encoding {encoding!r} is not supported (use gzip)")
         self._body = raw
         return raw
 
-    async def json(self, limit: int = DEFAULT_BODY_LIMIT) -> Any:
-        """The body parsed as JSON; 400 naming the problem if it is not."""
+    async def json(self, limit: int = DEFAULT_BODY_LIMIT, *, any_type: bool = False) -> Any:
+        """The body parsed as JSON; 400 naming the problem if it is not.
+
+        Without ``any_type`` a Content-Type other than JSON or text/plain is a 415; with
+        it (the Segment routes, whose SDKs label JSON in many ways) the body is read as
+        JSON whatever its label, and gzip is recognised by its magic bytes too.
+        """
         ctype = self.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype and ctype not in ("application/json", "text/plain", "application/x-json") \
+        if not any_type and ctype and ctype not in (
+                "application/json", "text/plain", "application/x-json") \
                 and not ctype.endswith("+json"):
             raise HTTPError(415, "unsupported_media_type",
                             f"Content-Type {ctype!r} is not supported: send application/json")
-        raw = await self.body(limit)
+        raw = await self.body(limit, sniff_gzip=any_type)
         if not raw.strip():
             raise HTTPError(400, "invalid_json", "request body is empty: expected a JSON object")
         try:
@@ -248,6 +278,8 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: list[_Route] = []
+        # Called with (path, status) for a request no route answers (404 or 405).
+        self.on_unrouted: Callable[[str, int], None] | None = None
 
     def add(self, method: str, template: str, handler: Handler) -> None:
         for route in self._routes:
@@ -294,17 +326,15 @@ class Router:
             # inside its path parameter instead of splitting it.
             raw_path = scope.get("raw_path")
             path = raw_path.decode("latin-1") if raw_path else scope["path"]
-            handler, params = self.resolve(scope["method"], path)
+            try:
+                handler, params = self.resolve(scope["method"], path)
+            except HTTPError as exc:
+                if self.on_unrouted is not None:
+                    self.on_unrouted(path, exc.status)
+                raise
             response = await handler(Request(scope, receive, params))
-        except HTTPError as exc:
-            response = error_response(exc.status, exc.code, exc.message, exc.headers)
-        except StoreUnavailable:
-            response = error_response(503, "store_unavailable",
-                                      "the store is unavailable; retry later",
-                                      {"Retry-After": str(RETRY_AFTER)})
-        except Exception:
-            log.exception("http.unhandled", method=scope.get("method"), path=scope.get("path"))
-            response = error_response(500, "internal", "internal error; see the daemon's log")
+        except Exception as exc:
+            response = answer_error(exc, scope.get("method", ""), scope.get("path", ""))
         await response.send(send)
 
 

@@ -20,7 +20,8 @@ three bounds, and the number of connections under one cap:
 * ``max_header_bytes`` and ``max_headers``: request line and headers past either are
   answered 431 and the connection closed, before any handler runs.
 
-Rejections are the daemon's JSON errors (``{"error": {"code", "message"}}``).
+Rejections are the daemon's JSON errors (``{"code", "message", "error": {"code",
+"message"}}``).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True  # the handler's answer, if any, goes nowhere
         if not self.transport.is_closing():
-            body = json.dumps({"error": {"code": code, "message": message}}).encode()
+            body = json.dumps({"code": code, "message": message,
+                               "error": {"code": code, "message": message}}).encode()
             head = [f"HTTP/1.1 {status} {_REASONS[status]}", "content-type: application/json",
                     f"content-length: {len(body)}", "connection: close",
                     *(f"{k}: {v}" for k, v in (headers or {}).items())]

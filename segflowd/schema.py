@@ -21,6 +21,7 @@ __all__ = [
     "broadcasts",
     "campaign_settings",
     "campaign_versions",
+    "devices",
     "engagement",
     "engine_cursors",
     "events",
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 metadata = sa.MetaData()
 
@@ -228,7 +229,7 @@ messages = sa.Table(
     sa.Column("template", Name, nullable=False),
     sa.Column("to_address", sa.String(320), nullable=True),
     sa.Column("data", Json, nullable=True),  # template context beyond the user
-    # queued | sending | sent | failed | suppressed | unknown
+    # queued | claimed | sending | sent | failed | suppressed | unknown
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("provider", Name, nullable=True),
     # The claim that made it `sending` (a token per claimed batch): an outcome is
@@ -314,6 +315,22 @@ forgotten = sa.Table(
     # queued event does not bring them back. ``PUT /v1/users/{id}`` deletes the row.
     sa.Column("id_hash", sa.String(64), primary_key=True),
     sa.Column("forgotten_at", Time, nullable=False),
+    **_mysql,
+)
+
+devices = sa.Table(
+    "devices",
+    metadata,
+    # Push device tokens (Customer.io ``PUT /api/v1/customers/{id}/devices``): a token
+    # belongs to one user; adding it to another moves it. Forgetting the user deletes them.
+    sa.Column("token", sa.String(255), primary_key=True),
+    sa.Column("user_id", Id, nullable=False),
+    sa.Column("platform", sa.String(16), nullable=False),  # ios | android
+    sa.Column("last_used", Time, nullable=True),  # as the client said, else None
+    sa.Column("attributes", Json, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("updated_at", Time, nullable=False),
+    sa.Index("ix_devices_user", "user_id"),  # a user's devices (user view, forget, merge)
     **_mysql,
 )
 

@@ -22,6 +22,9 @@ __all__ = ["MessageKind", "Queued", "enqueue", "enqueue_many"]
 
 MessageKind = Literal["campaign", "transaction", "test", "broadcast"]
 DEDUPE_CHUNK = 500  # dedupe keys looked up per query in enqueue_many
+# The dedupe key of a message queued by the send routes (segflowd.ingest.sendapi): only such
+# a row's data may carry its own subject and body (templates.OVERRIDES).
+SEND_KEY_PREFIX = "send:"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ from .mime import (
     make_message_id,
     parse_address,
 )
+from .outbox import SEND_KEY_PREFIX
 from .renderpool import (
     RenderJob,
     RenderPool,
@@ -45,7 +46,7 @@ from .renderpool import (
     RenderResult,
     render_jobs,
 )
-from .templates import Rendered, Renderer, add_tracking, sample_user
+from .templates import OVERRIDES, Rendered, Renderer, add_tracking, sample_user
 from .tokens import Signer
 
 __all__ = ["BatchPreparer", "Prepared", "bare_address"]
@@ -205,10 +206,18 @@ class BatchPreparer:
             sample = sample_user()
             sample.update(user or {"email": address})
             user = sample
+        overrides = data.get(OVERRIDES)
+        if overrides is not None:  # a send's own subject/body; data from elsewhere (an
+            # event's attributes) never gets to replace what the app's template says
+            data = {k: v for k, v in data.items() if k != OVERRIDES}
+            if not str(row["dedupe_key"] or "").startswith(SEND_KEY_PREFIX):
+                overrides = None
         context = {**data, "data": data, "user": user,
                    "message": {"id": row["id"], "kind": row["kind"],
                                "campaign": row["campaign"], "template": row["template"]},
                    "unsubscribe_url": unsub}
+        if overrides is not None:
+            context[OVERRIDES] = overrides
         return (str(row["template"]), context), unsub
 
     def _build(self, p: Prepared, rendered: Rendered, unsub: str) -> OutgoingMessage:

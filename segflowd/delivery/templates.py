@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import css_inline
 import jinja2
+import jinja2.sandbox
 from lxml import etree
 
 from ..app import Segflow, TemplateDef
@@ -38,6 +39,21 @@ NO_TRACK_ATTR = "data-segflow-notrack"  # an <a> with it keeps its own href (uns
 _WEB_SCHEMES = frozenset({"http", "https"})  # the only links ever signed for tracking
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")  # in a link: never signed, never redirected to
 PIXEL_STYLE = "display:block;border:0;width:1px;height:1px"
+# The context key of a send's own subject and body ({"subject": ..., "body": ...}): the App
+# API's overrides (segflowd.ingest.sendapi), rendered in a sandbox (see Renderer.render).
+OVERRIDES = "$overrides"
+
+
+def override_problem(source: str) -> str | None:
+    """Why ``source`` cannot be an override's Jinja2 template (its syntax error), or None."""
+    try:
+        _SANDBOX.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"line {exc.lineno}: {exc.message}"
+    return None
+
+
+_SANDBOX = jinja2.sandbox.ImmutableSandboxedEnvironment()  # parsing only
 # A whole start tag, attribute values may hold ">"; only such tags are touched.
 _START_TAG = re.compile(r"""<[A-Za-z][^\s/>"']*(?:\s+[^\s=/>"']+(?:\s*=\s*(?:"[^"]*"|'[^']*'"""
                         r"""|[^\s>"']+))?)*\s*/?>""")
@@ -120,6 +136,13 @@ class Renderer:
         # Subjects are text: no HTML escaping of "Tom & Jerry".
         self.text_env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
         self._subjects: dict[str, jinja2.Template] = {}
+        # A send's own subject and body come over HTTP, not from the app's files: they are
+        # rendered sandboxed (no attribute of a Python object beyond plain data), with the
+        # app's templates and the components still there to extend, import or include.
+        self.sandbox = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            loader=self.env.loader, autoescape=True, undefined=jinja2.StrictUndefined)
+        self.text_sandbox = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            undefined=jinja2.StrictUndefined, autoescape=False)
         self.inliner = css_inline.CSSInliner(load_remote_stylesheets=False, keep_at_rules=True)
 
     def _subject(self, source: str) -> jinja2.Template:
@@ -132,6 +155,9 @@ class Renderer:
         """The message of template ``name``; TemplateError saying what went wrong.
 
         An ``event`` in the context shows its attributes directly (:func:`event_context`).
+        A context holding :data:`OVERRIDES` (a send's own ``subject`` and/or ``body``, both
+        Jinja2 source) renders those instead of the template's, sandboxed; a body given
+        makes the text part from its HTML.
         """
         tpl = self.app.templates.get(name)
         if tpl is None:
@@ -139,15 +165,28 @@ class Renderer:
         event = context.get("event")
         if isinstance(event, dict) and not isinstance(event, SampleData):
             context = {**context, "event": event_context(event)}
-        return self._render(tpl, context)
+        overrides: Mapping[str, object] = {}
+        if OVERRIDES in context:
+            given = context[OVERRIDES]
+            overrides = given if isinstance(given, Mapping) else {}
+            context = {k: v for k, v in context.items() if k != OVERRIDES}
+        return self._render(tpl, context, overrides)
 
-    def _render(self, tpl: TemplateDef, context: Mapping[str, object]) -> Rendered:
+    def _render(self, tpl: TemplateDef, context: Mapping[str, object],
+                overrides: Mapping[str, object]) -> Rendered:
         where = f"template {tpl.name!r}"
+        subject_source, body_source = overrides.get("subject"), overrides.get("body")
         try:
-            subject = self._subject(tpl.subject).render(context)
-            html = self.env.get_template(tpl.html).render(context)
-            text = (self.plain_env.get_template(tpl.text).render(context) if tpl.text
-                    else html_to_text(html))
+            subject = (self.text_sandbox.from_string(subject_source).render(context)
+                       if isinstance(subject_source, str)
+                       else self._subject(tpl.subject).render(context))
+            if isinstance(body_source, str):
+                html = self.sandbox.from_string(body_source).render(context)
+                text = html_to_text(html)
+            else:
+                html = self.env.get_template(tpl.html).render(context)
+                text = (self.plain_env.get_template(tpl.text).render(context) if tpl.text
+                        else html_to_text(html))
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"{where}: {exc.filename or tpl.html}:{exc.lineno}: "
                                 f"{exc.message}") from None
@@ -156,6 +195,9 @@ class Renderer:
                                 f"{self.app.templates_dir}") from None
         except jinja2.UndefinedError as exc:
             raise TemplateError(f"{where}: {exc.message}") from None
+        except jinja2.exceptions.SecurityError as exc:
+            raise TemplateError(f"{where}: the send's subject or body is not allowed: "
+                                f"{exc}") from None
         except Exception as exc:
             raise TemplateError(f"{where}: {type(exc).__name__}: {exc}") from None
         try:

@@ -234,13 +234,24 @@ class GroupCommitter:
         self._last_rows, self._last_ms = rows, elapsed
         self._max_rows = max(self._max_rows, rows)
         if ingest.events or ingest.users or ingest.deleted:
-            for sink in list(self.sinks):
-                try:
-                    sink.ingested(ingest)
-                except Exception:
-                    log.exception("ingest.sink_failed", sink=type(sink).__name__)
-            for hook in list(self.on_commit):
-                hook(ingest)
+            self.announce(ingest)
+
+    def unknown(self, user_id: str) -> None:
+        """Stop taking ``user_id`` for an existing user: its next write makes the user
+        again if need be (a merge is about to delete it)."""
+        self._known.discard(user_id)
+
+    def announce(self, ingest: IngestBatch) -> None:
+        """Tell the sinks and hooks what a commit wrote (a write made beside the
+        committer, such as a merge of two people, announces itself through this too)."""
+        self._known.difference_update(ingest.deleted)  # its cache of existing users
+        for sink in list(self.sinks):
+            try:
+                sink.ingested(ingest)
+            except Exception:
+                log.exception("ingest.sink_failed", sink=type(sink).__name__)
+        for hook in list(self.on_commit):
+            hook(ingest)
 
     async def _commit(self, groups: list[Sequence[Write]]
                       ) -> tuple[list[CommitResult], IngestBatch]:

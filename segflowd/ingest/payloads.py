@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 
 from ..http import HTTPError
 
@@ -26,6 +27,8 @@ __all__ = [
     "require_id",
     "require_name",
     "require_object",
+    "signup_time",
+    "time_in_range",
 ]
 
 ID_MAX = 191  # characters: users.id / events.anonymous_id width
@@ -136,6 +139,24 @@ def opt_time(value: object, field: str) -> dt.datetime | None:
     if not _YEAR_MIN <= parsed.year <= _YEAR_MAX:
         raise field_error(field, f"is out of range ({parsed.year})")
     return parsed
+
+
+def time_in_range(value: dt.datetime) -> bool:
+    """Whether ``value`` is within the years the store keeps (as :func:`opt_time` checks)."""
+    return _YEAR_MIN <= value.year <= _YEAR_MAX
+
+
+SIGNUP_KEYS = ("createdAt", "created_at")  # traits / attributes holding a signup time
+
+
+def signup_time(attributes: Mapping[str, object], field: str) -> dt.datetime | None:
+    """The signup time in ``attributes`` (``createdAt``, else ``created_at``; ISO 8601 or
+    Unix seconds), which becomes users.created_at; 400 naming ``field.key`` if invalid."""
+    for key in SIGNUP_KEYS:
+        value = attributes.get(key)
+        if value is not None:
+            return opt_time(value, f"{field}.{key}")
+    return None
 
 
 def check_size(obj: object, limit: int | None, field: str) -> None:

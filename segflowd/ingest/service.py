@@ -16,13 +16,15 @@ import structlog
 from anyio.abc import TaskStatus
 
 from ..errors import IngestError, StoreUnavailable
-from ..hooks import IngestBatch, IngestSink
+from ..hooks import IngestBatch, IngestSink, OutboxWaker
 from ..http import HTTPError, Request, Response, Router, json_response
 from ..kernel import Kernel
 from ..metrics import COMMIT_BUCKETS, INGEST_BUCKETS
-from . import cio_api, segment_api, users
+from . import cio_api, segment_api, unrouted, users
 from .auth import Authenticator
+from .cio_track import CustomerioTrack
 from .committer import CommitterStatistics, GroupCommitter
+from .cors import CorsPolicy
 from .payloads import (
     check_size,
     dedupe_key,
@@ -32,7 +34,9 @@ from .payloads import (
     require_id,
     require_name,
     require_object,
+    signup_time,
 )
+from .sendapi import SendAPI
 from .writes import CommitResult, EventWrite, ForgetWrite, UserWrite, Write
 
 __all__ = ["IngestService", "IngestStatistics"]
@@ -76,12 +80,15 @@ class IngestService:
     name = "ingest"
 
     def __init__(self, kernel: Kernel, *, sinks: Sequence[IngestSink] = (),
-                 committer: GroupCommitter | None = None) -> None:
+                 committer: GroupCommitter | None = None,
+                 wakers: Sequence[OutboxWaker] = ()) -> None:
         self.kernel = kernel
         http = kernel.config.http
         self.max_event = http.max_event_bytes
         self.max_request = http.max_request_bytes
         self.auth = Authenticator(http.keys)
+        self.send = SendAPI(kernel, self.auth, max_request=self.max_request,
+                            max_event=self.max_event, wakers=wakers)  # /v1/send/...
         self.forget_window = kernel.config.retention.forget_window
         window = FOREVER if self.forget_window is None else float(self.forget_window)
         self.committer = committer or GroupCommitter(kernel.store, kernel.clock, sinks,
@@ -117,19 +124,35 @@ class IngestService:
         add("GET", "/v1/users/{id}", self._counted("native", self.get_user))
         add("DELETE", "/v1/users/{id}", self._counted("native", self.delete_user))
         add("POST", "/v1/users/{id}/events", self._counted("native", self.post_event))
-        for kind in segment_api.TYPES:
-            add("POST", f"/v1/{kind}", self._counted("segment", self._segment_single(kind)))
-        add("POST", "/v1/batch", self._counted("segment", self.segment_batch))
-        add("PUT", "/api/v1/customers/{id}", self._counted("customerio", self.cio_customer))
+        # Tracking routes (cors.add): browsers may call them, from [http] cors_origins.
+        cors = CorsPolicy(self.kernel.config.http.cors_origins)
+        router.on_unrouted = unrouted.counter(self.kernel.metrics)
+        for route, kind in (*zip(segment_api.TYPES, segment_api.TYPES, strict=True),
+                            *segment_api.SHORT_ROUTES.items()):
+            cors.add(router, "POST", f"/v1/{route}",
+                     self._counted("segment", self._segment_single(kind)))
+        for route in segment_api.BATCH_ROUTES:
+            cors.add(router, "POST", f"/v1/{route}",
+                     self._counted("segment", self.segment_batch))
+        cors.add(router, "POST", "/v1/m", self._counted("segment", self.segment_metrics))
+        cors.add(router, "PUT", "/api/v1/customers/{id}",
+                 self._counted("customerio", self.cio_customer))
         add("DELETE", "/api/v1/customers/{id}", self._counted("customerio", self.cio_delete))
-        add("POST", "/api/v1/customers/{id}/events",
-            self._counted("customerio", self.cio_event))
-        add("POST", "/api/v1/events", self._counted("customerio", self.cio_anonymous_event))
+        cors.add(router, "POST", "/api/v1/customers/{id}/events",
+                 self._counted("customerio", self.cio_event))
+        cors.add(router, "POST", "/api/v1/events",
+                 self._counted("customerio", self.cio_anonymous_event))
+        # devices, suppress, merge, v2, push: those that only write with CORS too
+        CustomerioTrack(self).register_routes(router, cors)
+        cors.add_preflights(router)
+        add("POST", "/v1/send/email", self._counted("app", self.send.cio_send_email))
+        add("POST", "/v1/send/{template}", self._counted("native", self.send.native_send))
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.committer.run)
+                tg.start_soon(self.send.forget_data)
                 task_status.started()
         finally:
             self._done.set()
@@ -137,6 +160,7 @@ class IngestService:
     async def drain(self) -> None:
         """Commit what is queued, then stop the committer."""
         await self.committer.close()
+        self.send.close()
         await self._done.wait()
 
     # -- plumbing --------------------------------------------------------------------
@@ -207,8 +231,8 @@ class IngestService:
         for uid in batch.deleted:
             bus.publish("user.deleted", user_id=uid)
 
-    async def _body(self, request: Request) -> dict[str, object]:
-        return require_object(await request.json(self.max_request), "body")
+    async def _body(self, request: Request, *, any_type: bool = False) -> dict[str, object]:
+        return require_object(await request.json(self.max_request, any_type=any_type), "body")
 
     async def _event_limit(self, request: Request) -> int | None:
         """The per-event limit to check, or None when the whole body is within it."""
@@ -219,8 +243,8 @@ class IngestService:
         """The body of an authenticated Segment request (Basic is checked before reading)."""
         if request.headers.get("authorization"):
             self.auth.segment(request, None)
-            return await self._body(request)
-        body = await self._body(request)
+            return await self._body(request, any_type=True)  # JSON whatever its label
+        body = await self._body(request, any_type=True)
         self.auth.segment(request, body.get("writeKey"))
         return body
 
@@ -272,8 +296,9 @@ class IngestService:
 
     def _segment_single(self, kind: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
+            received = self.kernel.clock.now()
             body = await self._segment_body(request)
-            writes = segment_api.parse_message(body, kind, field="body",
+            writes = segment_api.parse_message(body, kind, field="body", received=received,
                                                max_event=await self._event_limit(request))
             await self._commit(writes)
             return Response(200, _SUCCESS)
@@ -281,12 +306,19 @@ class IngestService:
         return handler
 
     async def segment_batch(self, request: Request) -> Response:
+        received = self.kernel.clock.now()
         body = await self._segment_body(request)
-        writes = segment_api.parse_batch(body, max_event=await self._event_limit(request))
+        writes = segment_api.parse_batch(body, max_event=await self._event_limit(request),
+                                         received=received)
         if writes:
             # Segment's API answers a batch as a whole: one item for a forgotten user
             # refuses the batch (409 naming the items); the client drops or fixes it.
             await self._commit(writes, batch=body)
+        return Response(200, _SUCCESS)
+
+    async def segment_metrics(self, request: Request) -> Response:
+        """``/v1/m``: analytics.js's own metrics, read (within the limit) and dropped."""
+        await request.body(self.max_request)
         return Response(200, _SUCCESS)
 
     # -- Customer.io -----------------------------------------------------------------
@@ -296,11 +328,15 @@ class IngestService:
         uid = require_id(request.params["id"], "id")
         body = await self._body(request)
         limit = await self._event_limit(request)
-        await self._commit(cio_api.parse_customer(uid, body, max_event=limit))
+        writes = cio_api.parse_customer(uid, body, max_event=limit)
+        if (signup := signup_time(body, "body")) is not None:  # created_at: users.created_at
+            writes = [dataclasses.replace(w, created_at=signup)
+                      if isinstance(w, UserWrite) else w for w in writes]
+        await self._commit(writes)
         return json_response({})
 
     async def cio_delete(self, request: Request) -> Response:
-        self.auth.customerio(request)
+        self.auth.customerio(request, need="all")  # a forget: never with a public key
         uid = require_id(request.params["id"], "id")
         await self._commit([ForgetWrite(uid)])
         return json_response({})

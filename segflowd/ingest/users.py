@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import schema
 from ..store import Store
+from .devices import devices_of
 
 __all__ = [
     "FORGOTTEN",
@@ -57,6 +58,7 @@ class UserView:
     updated_at: dt.datetime
     segments: tuple[Mapping[str, object], ...]
     campaigns: tuple[Mapping[str, object], ...]
+    devices: tuple[Mapping[str, object], ...] = ()  # push tokens (segflowd.ingest.devices)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -66,6 +68,7 @@ class UserView:
             "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at),
             "segments": [dict(s) for s in self.segments],
             "campaigns": [dict(c) for c in self.campaigns],
+            "devices": [dict(d) for d in self.devices],
         }
 
 
@@ -139,8 +142,12 @@ def _chunks(items: list[str]) -> Iterable[list[str]]:
 
 async def upsert_users(store: Store, conn: AsyncConnection,
                        changes: Mapping[str, list[Mapping[str, object]]],
-                       now: dt.datetime) -> None:
+                       now: dt.datetime,
+                       signups: Mapping[str, dt.datetime] | None = None) -> None:
     """Create or update each user in ``changes`` (user id → attribute changes, in order).
+
+    ``signups`` (user id → signup time) sets ``users.created_at`` of those users, new or
+    known; any other new user's is ``now``.
 
     An empty list of changes only makes sure the user exists (one INSERT IGNORE, no
     read). Changed users are read and written back in this transaction; the caller (the
@@ -151,12 +158,13 @@ async def upsert_users(store: Store, conn: AsyncConnection,
         return
     u = schema.users
     # In id order, as share-locking readers take them (segflowd.userlocks): fewer deadlocks.
-    ensure = sorted(uid for uid, c in changes.items() if not c)
+    signups = signups or {}
+    ensure = sorted(uid for uid, c in changes.items() if not c and uid not in signups)
     if ensure:
         await conn.execute(store.insert_ignore(u), [
             {"id": uid, "email": None, "attributes": {}, "created_at": now, "updated_at": now}
             for uid in ensure])
-    ids = sorted(uid for uid, c in changes.items() if c)
+    ids = sorted(uid for uid, c in changes.items() if c or uid in signups)
     existing: dict[str, dict[str, object]] = {}
     for chunk in _chunks(ids):
         rows = await conn.execute(sa.select(u.c.id, u.c.attributes).where(u.c.id.in_(chunk)))
@@ -172,7 +180,7 @@ async def upsert_users(store: Store, conn: AsyncConnection,
         if uid in existing:
             updates.append({"b_id": uid, **row})
         else:
-            inserts.append({"id": uid, "created_at": now, **row})
+            inserts.append({"id": uid, "created_at": signups.get(uid, now), **row})
     if inserts:
         await conn.execute(sa.insert(u), inserts)
     if updates:
@@ -182,6 +190,11 @@ async def upsert_users(store: Store, conn: AsyncConnection,
                     updated_at=sa.bindparam("updated_at")),
             updates,
         )
+    dated = [{"b_id": uid, "b_created": signups[uid]} for uid in ids
+             if uid in existing and uid in signups]
+    if dated:
+        await conn.execute(sa.update(u).where(u.c.id == sa.bindparam("b_id"))
+                           .values(created_at=sa.bindparam("b_created")), dated)
 
 
 async def link_anonymous(conn: AsyncConnection, links: Mapping[str, str],
@@ -238,6 +251,7 @@ async def read_user(conn: AsyncConnection, user_id: str) -> UserView | None:
              "started_at": _iso(f.created_at), "updated_at": _iso(f.updated_at),
              "ended_at": _iso(f.ended_at), "wake_at": _iso(f.wake_at)}
             for f in flows),
+        devices=tuple(await devices_of(conn, user_id)),
     )
 
 
@@ -261,14 +275,16 @@ async def forget(conn: AsyncConnection, user_id: str, now: dt.datetime) -> Forgo
 
     Deleted: the user, their events and those still anonymous under an id linked to them
     (an event another user owns stays theirs), anonymous links, segment memberships and
-    history, audience memberships, subscriptions and the journals of their flows.
+    history, audience memberships, subscriptions, push devices and the journals of their
+    flows.
 
     Kept, without what is personal, so campaign counts stay true: their flow instances
     (ended as ``exited`` if live; ``start_data`` and ``error`` cleared; the user id
     replaced by one random :func:`tombstone`, so a new user of the same id starts afresh)
-    and their messages (user, address, data and error cleared; a queued one is ``failed``
-    with :data:`FORGOTTEN` instead of being sent). Clicks lose their URL. Suppressions are
-    kept: they are by address, so a bounced or complaining address is never mailed again.
+    and their messages (user, address, data and error cleared; a queued or claimed one is
+    ``failed`` with :data:`FORGOTTEN` instead of being sent). Clicks lose their URL.
+    Suppressions are kept: they are by address, so a bounced or complaining address is
+    never mailed again.
     """
     s = schema
     tomb = tombstone()
@@ -291,7 +307,7 @@ async def forget(conn: AsyncConnection, user_id: str, now: dt.datetime) -> Forgo
         sa.select(s.segment_members.c.segment).where(s.segment_members.c.user_id == user_id)
         .with_for_update())}))
     for table in (s.anonymous_links, s.segment_members, s.segment_changes, s.subscriptions,
-                  s.audience_members):
+                  s.audience_members, s.devices):
         await conn.execute(sa.delete(table).where(table.c.user_id == user_id))
     await _forget_instances(conn, user_id, tomb, now)
     sent = await _forget_messages(conn, user_id, tomb, now)
@@ -393,8 +409,10 @@ async def _forget_messages(conn: AsyncConnection, user_id: str, tomb: str,
         await conn.execute(sa.update(m).where(m.c.id == sa.bindparam("b_id"))
                            .values(dedupe_key=sa.bindparam("b_key")), keyed)
     cleared = {"user_id": None, "to_address": None, "data": None, "updated_at": now}
-    # Not yet claimed by delivery: never sent. A row being sent finishes as it goes.
-    await conn.execute(sa.update(m).where(m.c.user_id == user_id, m.c.status == "queued")
+    # Not yet handed to the provider: never sent (delivery sends a claimed row only if it
+    # is still claimed when marked `sending`). A row being sent finishes as it goes.
+    await conn.execute(sa.update(m).where(m.c.user_id == user_id,
+                                          m.c.status.in_(("queued", "claimed")))
                        .values(status="failed", next_attempt_at=None, last_error=FORGOTTEN,
                                **cleared))
     # Provider errors quote the address ("550 <ann@example.com>: no such user").

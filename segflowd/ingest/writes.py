@@ -51,6 +51,10 @@ class UserWrite:
     user_id: str
     attributes: Mapping[str, object]
     recreate: bool = False
+    # The signup time a client gave (a createdAt / created_at trait, naive UTC): it
+    # becomes users.created_at. None: a new user's is the time received, a known one's
+    # stays.
+    created_at: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +133,7 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
     touched: set[str] = set()
     deleted: set[str] = set()
     user_changes: dict[str, list[Mapping[str, object]]] = {}
+    signups: dict[str, dt.datetime] = {}  # user id -> the latest signup time given
     links: dict[str, str] = {}
     events: list[EventWrite] = []
     forget = [w.user_id for writes in groups for w in writes if isinstance(w, ForgetWrite)]
@@ -153,6 +158,8 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
         for w in writes:
             if isinstance(w, UserWrite):
                 user_changes.setdefault(w.user_id, []).append(w.attributes)
+                if w.created_at is not None:
+                    signups[w.user_id] = w.created_at
             elif isinstance(w, EventWrite):
                 events.append(w)
             elif isinstance(w, LinkWrite):
@@ -176,7 +183,7 @@ async def apply_writes(store: Store, conn: AsyncConnection, groups: list[Sequenc
             touched.add(who)
             if who not in exists:
                 user_changes.setdefault(who, [])
-    await users.upsert_users(store, conn, user_changes, now)
+    await users.upsert_users(store, conn, user_changes, now, signups)
     touched.update(user_changes)
 
     # Repeats inside this flush are dropped here; keys already stored are skipped by the

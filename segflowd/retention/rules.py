@@ -25,14 +25,15 @@ cannot let a send happen twice. The rules, each enforced by :mod:`.prune`:
    holds for a campaign the app no longer defines (what it was is not known), and
    for an instance whose ``start_key`` a running broadcast may still try again.
 6. **Messages.** Only finished ones go (delivery's final statuses: ``sent``, ``failed``,
-   ``suppressed``, ``unknown``; never ``queued`` or ``sending``), untouched for the whole
-   age, with their opens and clicks. A dedupe key is what makes "never twice" hold, so
+   ``suppressed``, ``unknown``; never ``queued``, ``claimed`` or ``sending``), untouched
+   for the whole age, with their opens and clicks. A dedupe key is what makes "never twice" hold, so
    the message goes only when its key can never be enqueued again:
    ``flow:<instance>:<seq>`` once the instance is not live (no step of it will run
    again; a message of a live instance is kept also because ``opened()`` reads it);
    ``tx:<event>:<transaction>`` once the event is at or below the ``transactions``
    cursor (it is never processed again); ``bc:<broadcast>:<user>`` once the broadcast
-   is not running; no key at all (test sends) at once; any other key never.
+   is not running; no key at all (test sends) and ``send:<key>`` (the send routes: an
+   ``Idempotency-Key`` holds for the retention age) at once; any other key never.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..app import Segflow
 from ..cursors import max_change_id, max_event_id
+from ..delivery.outbox import SEND_KEY_PREFIX
 from ..flows.entries import CHANGES_CURSOR
 from ..flows.wakes import CURSOR_NAME as FLOW_EVENTS_CURSOR
 from ..flows.work import CATCH_UP_CHANGES
@@ -141,7 +143,7 @@ def flow_instance_of(key: str | None) -> int | None:
 
 def message_key_may_go(key: str | None, g: Guards) -> bool:
     """Rule 6 short of the instance's liveness (the caller asks the store about that)."""
-    if key is None or flow_instance_of(key) is not None:
+    if key is None or key.startswith(SEND_KEY_PREFIX) or flow_instance_of(key) is not None:
         return True
     event = _key_id(key, "tx")
     if event is not None:

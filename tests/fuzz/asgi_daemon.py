@@ -127,7 +127,8 @@ def assert_sane(reply: Reply, what: object = "") -> None:
     if reply.status >= 400:
         assert reply.headers["content-type"] == "application/json", what
         body = reply.json()
-        assert set(body) == {"error"}, what
+        assert set(body) == {"code", "message", "error"}, what
+        assert (body["code"], body["message"]) == tuple(body["error"].values()), what
         assert set(body["error"]) == {"code", "message"}, what
         assert isinstance(body["error"]["code"], str), what
         assert isinstance(body["error"]["message"], str), what

@@ -116,7 +116,8 @@ def basic(user: str, password: str = "") -> dict[str, str]:
 
 def error_of(response: httpx.Response) -> dict[str, str]:
     body = response.json()
-    assert set(body) == {"error"}
+    assert set(body) == {"code", "message", "error"}  # top level: what Segment's SDKs read
+    assert (body["code"], body["message"]) == (body["error"]["code"], body["error"]["message"])
     return dict(body["error"])
 
 
@@ -413,7 +414,7 @@ async def test_unknown_route_is_404_and_wrong_method_is_405(h: Harness) -> None:
     assert error_of(missing)["code"] == "not_found"
     assert wrong.status_code == 405
     assert error_of(wrong)["code"] == "method_not_allowed"
-    assert wrong.headers["allow"] == "POST"
+    assert wrong.headers["allow"] == "OPTIONS, POST"  # OPTIONS: the CORS preflight
 
 
 async def test_store_down_is_503_with_retry_after_and_ingest_recovers(h: Harness) -> None:

@@ -304,10 +304,10 @@ async def test_finished_messages_go_with_their_engagement_and_unfinished_ones_ne
     finished = [await h.message(s) for s in ("sent", "failed", "suppressed", "unknown")]
     for m in finished:
         await h.opened(m)
-    pending = [await h.message(s) for s in ("queued", "sending")]
+    pending = [await h.message(s) for s in ("queued", "claimed", "sending")]
     newest = await h.message("sent", at=T0 + DAY)
     await h.prune_at(T0 + 59 * DAY)
-    assert len(await h.ids(messages)) == 7
+    assert len(await h.ids(messages)) == 8
     await h.prune_at(T0 + 365 * DAY)
     assert await h.ids(messages) == [*pending, newest]
     assert await h.count(engagement) == 0
@@ -335,11 +335,12 @@ async def test_a_message_goes_only_once_its_dedupe_key_cannot_be_enqueued_again(
     gone = [await h.message(key=f"flow:{ended}:0", instance=ended),
             await h.message(key="tx:100:receipt"),
             await h.message(key=f"bc:{done}:ann"),
-            await h.message(key=None)]
+            await h.message(key=None),
+            await h.message(key="send:order-77")]  # an Idempotency-Key holds for the age
     newest = await h.message(at=T0 + DAY)
     await h.prune_at(T0 + 100 * DAY)
     assert await h.ids(messages) == [*kept, newest]
-    assert len(gone) == 4
+    assert len(gone) == 5
 
 
 # -- segment changes and events ----------------------------------------------------------

@@ -19,8 +19,9 @@ import sqlalchemy as sa
 from asgi_daemon import Reply, asgi_call, assert_sane, running
 from daemon_harness import API_SECRET
 
-from segflowd import schema
+from segflowd import Segflow, schema
 from segflowd.daemon import Daemon
+from segflowd.delivery.templates import COMPONENTS_DIR
 
 pytestmark = pytest.mark.anyio
 
@@ -45,12 +46,24 @@ PUBLIC_PREFIXES = ("/healthz", "/t/", "/u/", "/webhooks/")
 BODY = json.dumps({
     "attributes": {"plan": "pro"}, "name": "signed_up", "userId": "sec-user",
     "event": "signed_up", "traits": {"plan": "pro"}, "previousId": "anon-1", "groupId": "g1",
-    "batch": [{"type": "track", "userId": "sec-user", "event": "signed_up"}],
-    "anonymous_id": "anon-2",
+    "batch": [{"type": "track", "userId": "sec-user", "event": "signed_up"},
+              {"type": "identify", "userId": "sec-other", "traits": {"plan": "free"}}],
+    "anonymous_id": "anon-2", "email": "sec@example.com",
 }).encode()
 # The native API refuses fields it does not read: its routes get only theirs.
 NATIVE_USER = json.dumps({"attributes": {"plan": "pro"}}).encode()
 NATIVE_EVENT = json.dumps({"attributes": {"plan": "pro"}, "name": "signed_up"}).encode()
+# The send routes (native Bearer auth): a template of the daemon's app, to an address.
+SEND = json.dumps({"to": "sec@example.com", "transactional_message_id": "welcome"}).encode()
+NATIVE_SEND = json.dumps({"to": "sec@example.com"}).encode()
+DEVICE = json.dumps({"device": {"id": "tok-1", "platform": "ios"}}).encode()
+# A merge of a user into itself is refused (409): another one, created by the batch.
+PUSH = json.dumps({"delivery_id": "999", "event": "opened", "device_id": "tok-1",
+                   "timestamp": 1700000000}).encode()
+ENTITY = {"type": "person", "action": "event", "identifiers": {"id": "sec-user"},
+          "name": "signed_up"}
+MERGE = json.dumps({"primary": {"id": "sec-user"}, "secondary": {"id": "sec-other"}}).encode()
+NATIVE_PREFIXES = ("/v1/users", "/v1/send/")
 
 
 def basic(user: str, password: str) -> bytes:
@@ -61,9 +74,9 @@ def good(template: str) -> bytes:
     """The valid credentials of the API the route belongs to."""
     if template == "/metrics":
         return f"Bearer {METRICS_KEY}".encode()
-    if template.startswith("/v1/users"):
+    if template.startswith(NATIVE_PREFIXES):
         return f"Bearer {API_SECRET}".encode()
-    if template.startswith("/api/v1"):
+    if template.startswith("/api/"):
         return basic("default", API_SECRET)
     return basic(API_SECRET, "")  # Segment: the secret as user name
 
@@ -84,9 +97,9 @@ def wrong_scheme(template: str) -> list[bytes]:
     if template == "/metrics":
         return [f"Bearer {API_SECRET}".encode(), basic(METRICS_KEY, "")]
     bare = b"Basic " + base64.b64encode(API_SECRET.encode())  # Segment's, without ":"
-    if template.startswith("/v1/users"):
+    if template.startswith(NATIVE_PREFIXES):
         return [basic(API_SECRET, ""), basic("default", API_SECRET), bare]
-    if template.startswith("/api/v1"):
+    if template.startswith("/api/"):
         return [f"Bearer {API_SECRET}".encode(), basic(API_SECRET, ""), bare]
     return [f"Bearer {API_SECRET}".encode(), basic("default", "")]
 
@@ -95,18 +108,37 @@ def is_public(template: str) -> bool:
     return template.startswith(PUBLIC_PREFIXES)
 
 
+def is_browser_open(method: str, template: str) -> bool:
+    """CORS preflights and analytics.js's own metrics (``/v1/m``): public by design (a
+    browser sends no key with them), and they write nothing."""
+    return method == "OPTIONS" or template == "/v1/m"
+
+
+def protected_routes(d: Daemon) -> list[tuple[str, str]]:
+    return [(m, t) for m, t in d.router.routes()
+            if not is_public(t) and not is_browser_open(m, t)]
+
+
 @pytest.fixture
 async def daemon(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Daemon]:
-    async with running(tmp_path / "d", sqlite_url, extra=EXTRA, environ=ENVIRON) as d:
+    app = Segflow(templates=COMPONENTS_DIR)
+    app.template("welcome", subject="Welcome", html="layout.html")
+    async with running(tmp_path / "d", sqlite_url, app=app, extra=EXTRA,
+                       environ=ENVIRON) as d:
         yield d
 
 
 async def request(d: Daemon, method: str, template: str, auth: bytes | None,
                   body: bytes | None = None) -> Reply:
     if body is None:
-        body = (NATIVE_EVENT if template == "/v1/users/{id}/events"
-                else NATIVE_USER if template == "/v1/users/{id}" else BODY)
-    path = template.replace("{id}", "sec-user").replace("{token}", "not-a-token")
+        body = {"/v1/users/{id}/events": NATIVE_EVENT, "/v1/users/{id}": NATIVE_USER,
+                "/v1/send/email": SEND, "/v1/send/{template}": NATIVE_SEND,
+                "/api/v1/customers/{id}/devices": DEVICE,
+                "/api/v1/merge_customers": MERGE,
+                "/api/v1/push/events": PUSH, "/api/v2/entity": json.dumps(ENTITY).encode(),
+                "/api/v2/batch": json.dumps({"batch": [ENTITY]}).encode()}.get(template, BODY)
+    path = (template.replace("{id}", "sec-user").replace("{token}", "not-a-token")
+            .replace("{template}", "welcome"))
     headers = [(b"content-type", b"application/json")]
     if auth is not None:
         headers.append((b"authorization", auth))
@@ -121,7 +153,7 @@ async def count(d: Daemon, table: sa.Table) -> int:
 async def test_the_route_table_has_the_api_routes_and_only_the_known_public_ones(
         daemon: Daemon) -> None:
     routes = daemon.router.routes()
-    protected = {(m, t) for m, t in routes if not is_public(t)}
+    protected = set(protected_routes(daemon))
     assert {("PUT", "/v1/users/{id}"), ("GET", "/v1/users/{id}"),
             ("DELETE", "/v1/users/{id}"), ("POST", "/v1/users/{id}/events"),
             ("POST", "/v1/batch"), ("POST", "/v1/track"), ("PUT", "/api/v1/customers/{id}"),
@@ -134,7 +166,7 @@ async def test_the_route_table_has_the_api_routes_and_only_the_known_public_ones
 
 async def test_every_protected_route_refuses_missing_wrong_and_misplaced_keys(
         daemon: Daemon) -> None:
-    protected = [(m, t) for m, t in daemon.router.routes() if not is_public(t)]
+    protected = protected_routes(daemon)
     for method, template in protected:
         for auth in [*BAD, *wrong_scheme(template)]:
             reply = await request(daemon, method, template, auth)
@@ -145,7 +177,7 @@ async def test_every_protected_route_refuses_missing_wrong_and_misplaced_keys(
     # A Segment request may carry its key as "writeKey" in the body instead: a wrong one
     # is refused the same way.
     for method, template in protected:
-        if template.startswith("/v1/") and not template.startswith("/v1/users"):
+        if template.startswith("/v1/") and not template.startswith(NATIVE_PREFIXES):
             body = json.dumps({**json.loads(BODY), "writeKey": "wrong-secret"}).encode()
             reply = await request(daemon, method, template, None, body)
             assert reply.status == 401, (template, reply.body)
@@ -155,7 +187,7 @@ async def test_every_protected_route_refuses_missing_wrong_and_misplaced_keys(
 
 async def test_each_protected_route_takes_its_valid_key(daemon: Daemon) -> None:
     """The control for the refusals above: with the right key, the same requests pass."""
-    protected = [(m, t) for m, t in daemon.router.routes() if not is_public(t)]
+    protected = protected_routes(daemon)
     segment_track = await request(daemon, "POST", "/v1/track", None, json.dumps(
         {**json.loads(BODY), "writeKey": OTHER_SECRET}).encode())
     assert segment_track.status == 200  # any configured key is a valid write key
@@ -176,6 +208,13 @@ async def test_public_routes_give_nothing_away_without_credentials(daemon: Daemo
             assert_sane(reply, (method, template))
             # Links with no valid token are "not found"; webhooks want their own proof.
             assert reply.status in (401, 403, 404), (method, template, reply.status)
+    for method, template in daemon.router.routes():
+        if is_browser_open(method, template):
+            reply = await request(daemon, method, template, None)
+            assert_sane(reply, (method, template))
+            assert reply.status in (200, 204), (method, template, reply.status)
+    for table in (schema.users, schema.events):
+        assert await count(daemon, table) == 0, table.name
     health = await request(daemon, "GET", "/healthz", None)
     assert health.status == 200
     assert set(health.json()) == {"status", "store", "version", "uptime_s", "stopping"}
