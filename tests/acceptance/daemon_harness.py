@@ -13,12 +13,19 @@ helpers import as ``from daemon_harness import spawn, stop, ...``. Reuse it::
 ``SEGFLOW_HTTP_LISTEN`` so the same mechanism an operator uses is exercised), waits for
 ``GET /healthz`` to answer 200, and returns a :class:`RunningDaemon`. At teardown every
 daemon still running gets SIGTERM (then SIGKILL after ``STOP_TIMEOUT``).
+
+A module whose tests share one daemon (they use distinct user ids) starts it in a
+module-scoped fixture with ``with running_daemon(folder, store_url=...) as d: yield d``;
+``store_rows`` reads what it stored and ``require_program`` finds node or chromium (a
+missing one skips, but fails under ``CI=true``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,9 +33,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, NoReturn
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 START_TIMEOUT = 30.0  # seconds for the daemon to answer /healthz with 200
 STOP_TIMEOUT = 10.0  # seconds for the daemon to exit after SIGTERM
@@ -131,6 +140,7 @@ class RunningDaemon:
     base_url: str
     process: subprocess.Popen[str]
     config_path: Path
+    store_url: str = ""  # set by launch()
 
     def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str, str]:
         return stop(self.process, sig)
@@ -163,6 +173,82 @@ def wait_healthy(base_url: str, process: subprocess.Popen[str],
     pytest.fail(f"segflowd not healthy within {timeout} s (last: {last!r}):\n{out}\n{err}")
 
 
+def launch(folder: Path, *, store_url: str, app: str = EMPTY_APP, extra: str = "",
+           env: Mapping[str, str] | None = None, files: Mapping[str, str] | None = None,
+           started: list[RunningDaemon] | None = None) -> RunningDaemon:
+    """Write the config (and ``files``: relative path -> text) into ``folder``, start
+    segflowd on a free port and wait until it is healthy. ``started`` gets the daemon
+    appended before the wait (the ``start_daemon`` fixture's list, which it stops)."""
+    port = free_port()
+    config = write_config(folder, store_url=store_url, app=app, extra=extra)
+    for name, text in (files or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
+    process = spawn(config, env={"SEGFLOW_HTTP_LISTEN": f"127.0.0.1:{port}",
+                                 "SEGFLOW_HTTP_PUBLIC_URL": f"http://127.0.0.1:{port}",
+                                 **(env or {})})
+    d = RunningDaemon(f"http://127.0.0.1:{port}", process, config, store_url)
+    if started is not None:
+        started.append(d)
+    wait_healthy(d.base_url, process)  # kills the process when it fails
+    return d
+
+
+@contextlib.contextmanager
+def running_daemon(folder: Path, **kwargs: Any) -> Iterator[RunningDaemon]:
+    """:func:`launch` as a context manager, for module-scoped fixtures (one daemon shared
+    by a module's tests): stopped with SIGTERM on exit, which must end it with status 0."""
+    d = launch(folder, **kwargs)
+    try:
+        yield d
+    finally:
+        status, out, err = stop(d.process)
+        assert status == 0, f"segflowd exited with {status}:\n{out[-3000:]}\n{err[-3000:]}"
+
+
+def store_rows(store_url: str, statement: sa.Executable) -> list[sa.RowMapping]:
+    """Run ``statement`` on the store behind ``store_url`` (SQLite or MariaDB) with a
+    synchronous driver, so a plain test reads what the daemon wrote."""
+    url = sa.engine.make_url(store_url)
+    sync = url.set(drivername="sqlite" if url.drivername.startswith("sqlite")
+                   else "mysql+pymysql")
+    engine = sa.create_engine(sync, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(statement).mappings())
+    finally:
+        engine.dispose()
+
+
+def _missing(message: str) -> NoReturn:
+    """Skip with ``message``; under ``CI=true`` fail instead (CI installs what is missing)."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{message}, and CI=true requires it")
+    pytest.skip(message)
+
+
+def require_program(name: str, *candidates: str) -> str:
+    """The path of the first of ``candidates`` (default: ``name``) found on PATH."""
+    for candidate in candidates or (name,):
+        found = shutil.which(candidate)
+        if found:
+            return found
+    _missing(f"{name} is not installed ({' or '.join(candidates or (name,))} not on PATH); "
+             ".ci/run installs it")
+
+
+CLIENTS_DIR = Path(__file__).resolve().parents[1] / "clients"  # the npm clients' folder
+
+
+def require_npm_clients() -> str:
+    """node's path, once tests/clients has its npm packages (``npm ci`` there)."""
+    node = require_program("node", "node", "nodejs")
+    if not (CLIENTS_DIR / "node_modules" / ".package-lock.json").is_file():
+        _missing(f"the npm packages of {CLIENTS_DIR} are not installed: run `npm ci` there "
+                 "(.ci/run does)")
+    return node
+
+
 StartDaemon = Callable[..., RunningDaemon]
 
 
@@ -173,16 +259,8 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
 
     def start(*, store_url: str, app: str = EMPTY_APP, extra: str = "",
               env: Mapping[str, str] | None = None) -> RunningDaemon:
-        port = free_port()
-        config = write_config(tmp_path / f"d{len(running)}", store_url=store_url, app=app,
-                              extra=extra)
-        process = spawn(config, env={"SEGFLOW_HTTP_LISTEN": f"127.0.0.1:{port}",
-                                     "SEGFLOW_HTTP_PUBLIC_URL": f"http://127.0.0.1:{port}",
-                                     **(env or {})})
-        d = RunningDaemon(f"http://127.0.0.1:{port}", process, config)
-        running.append(d)
-        wait_healthy(d.base_url, process)
-        return d
+        return launch(tmp_path / f"d{len(running)}", store_url=store_url, app=app,
+                      extra=extra, env=env, started=running)
 
     yield start
     for d in running:

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from customerio import CustomerIO
+from customerio.track import CustomerIO  # not `customerio`: see test_clients_python.py
+from daemon_harness import store_rows
 from segment.analytics.client import Client as SegmentClient
 from segment.analytics.request import APIError
 
@@ -91,15 +92,8 @@ path = "outbox"
 
 
 def _count(store_url: str, sql: str, **params: object) -> int:
-    url = sa.engine.make_url(store_url)
-    sync = url.set(drivername="sqlite" if url.drivername.startswith("sqlite")
-                   else "mysql+pymysql")
-    engine = sa.create_engine(sync, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(sa.text(sql), params).scalar_one())
-    finally:
-        engine.dispose()
+    (row,) = store_rows(store_url, sa.text(sql).bindparams(**params))
+    return int(next(iter(row.values())))
 
 
 def test_official_segment_library_sends_gzip_batches_that_are_stored(
