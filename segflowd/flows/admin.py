@@ -1,6 +1,14 @@
-"""The flow service's control actions: pause and resume a campaign, terminate and restart
-an instance (``campaign.pause``, ``campaign.resume``, ``instance.terminate``,
-``instance.restart`` on the control socket).
+"""The flow service's control actions: pause and resume a campaign, terminate, restart
+and wake an instance (``campaign.pause``, ``campaign.resume``, ``instance.terminate``,
+``instance.restart``, ``instance.wake`` on the control socket).
+
+Pausing writes the campaign's hold marker and resuming lets in the entries it held
+(:mod:`.held`). Waking an instance is its timer firing brought forward: its ``wake_at``
+becomes now in the store (conditional on the wait it was asked about) and the timer
+path steps it, so the wait resolves as a timeout would (``None`` for a
+``wait_for_event``) and is journaled as one; a crash before the step leaves a due wait
+that the loader fires at start. A ``wait_for_event`` with no timeout is not woken: its
+flow never expects ``None``.
 
 A mixin of :class:`~segflowd.flows.service.FlowService`, which owns the state it reads.
 """
@@ -16,9 +24,11 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.exc import IntegrityError
 
+from ..app import CampaignDef
 from ..errors import FlowError
 from ..ingest.users import TOMBSTONE_PREFIX
 from ..schema import campaign_settings, flow_instances
+from ..store import is_unavailable
 from .wheel import TimerWheel
 from .work import Work, secs
 
@@ -52,6 +62,14 @@ class Admin:
 
         def _release_paused(self, campaign: str) -> None: ...
 
+        async def _mark_held(self, conn: Any, c: CampaignDef) -> None: ...
+
+        async def _release_held(self, c: CampaignDef) -> int: ...
+
+        async def _count_waiting(self) -> None: ...
+
+        def _store_failed(self, exc: BaseException) -> None: ...
+
     def _campaign_arg(self, args: Mapping[str, object]) -> str:
         name = args.get("campaign")
         if not isinstance(name, str) or name not in self.k.app.campaigns:
@@ -67,6 +85,8 @@ class Admin:
             if res.rowcount == 0:
                 await conn.execute(sa.insert(campaign_settings).values(
                     campaign=name, paused=paused, updated_at=now))
+            if paused:  # with the flag, so a paused campaign always holds from here
+                await self._mark_held(conn, self.k.app.campaigns[name])
 
     async def _act_pause(self, args: Mapping[str, object]) -> object:
         """campaign.pause {"campaign"}: no new entries, no steps; waits are kept."""
@@ -75,6 +95,10 @@ class Admin:
         self.paused.add(name)
         log.info("campaign.paused", campaign=name)
         self.k.bus.publish("campaign.paused", campaign=name)
+        try:
+            await self._count_waiting()
+        except Exception as exc:  # only a statistic: the pause is committed; recounted later
+            log.warning("flow.recount_failed", error=str(exc)[:300])
         return {"campaign": name, "paused": True}
 
     async def _act_resume(self, args: Mapping[str, object]) -> object:
@@ -97,9 +121,15 @@ class Admin:
         await self._match_campaign(name)
         self._release_paused(name)  # the wakes just matched hold the cursor now
         self._kick.set()
-        log.info("campaign.resumed", campaign=name)
-        self.k.bus.publish("campaign.resumed", campaign=name)
-        return {"campaign": name, "paused": False}
+        try:
+            entered = await self._release_held(self.k.app.campaigns[name])
+        except Exception as exc:
+            if is_unavailable(exc):  # resumed; the resync lets the held in once it is back
+                self._store_failed(exc)
+            raise
+        log.info("campaign.resumed", campaign=name, held_entered=entered)
+        self.k.bus.publish("campaign.resumed", campaign=name, held_entered=entered)
+        return {"campaign": name, "paused": False, "held_entered": entered}
 
     async def _instance_arg(self, args: Mapping[str, object]) -> Any:
         raw = args.get("instance")
@@ -170,3 +200,35 @@ class Admin:
                            instance=new, restarted_from=inst.id)
         self._push(Work(new, "run"))
         return {"instance": new, "restarted_from": inst.id}
+
+    async def _act_wake(self, args: Mapping[str, object]) -> object:
+        """instance.wake {"instance"}: fire a waiting instance's wait now, as its timer
+        would (a ``wait_for_event`` gets ``None``, as on its timeout)."""
+        inst = await self._instance_arg(args)
+        if inst.status != "waiting" or inst.live != 1:
+            raise FlowError(f"instance {inst.id} is {inst.status}, not waiting: there is "
+                            "no wait to wake")
+        if inst.campaign in self.paused:
+            raise FlowError(f"instance {inst.id}: campaign {inst.campaign!r} is paused; "
+                            "resume it first")
+        if inst.campaign not in self.k.app.campaigns:
+            raise FlowError(f"campaign {inst.campaign!r} is no longer in the app")
+        if inst.wake_at is None:  # its flow was promised the event, never a None
+            raise FlowError(f"instance {inst.id} waits for event {inst.wait_event!r} with "
+                            "no timeout: there is no timer to bring forward")
+        now = self.k.clock.now()
+        fi = flow_instances.c
+        async with self.k.store.begin() as conn:
+            # Conditional on the wait that was read: a step may have moved it on since.
+            done = await conn.execute(sa.update(flow_instances).where(
+                fi.id == inst.id, fi.seq == inst.seq, fi.status == "waiting",
+                fi.live == 1).values(wake_at=now, updated_at=now))
+        if done.rowcount != 1:
+            raise FlowError(f"instance {inst.id} moved on meanwhile; nothing was woken")
+        self._cancel_timer(int(inst.id), inst.wake_at)
+        self._push(Work(int(inst.id), "timer"))
+        wait = f"event {inst.wait_event}" if inst.wait_event is not None else "timer"
+        log.info("flow.woken", campaign=inst.campaign, instance=inst.id, wait=wait)
+        self.k.bus.publish("flow.woken", campaign=inst.campaign, user_id=inst.user_id,
+                           instance=inst.id)
+        return {"instance": inst.id, "woken": True, "wait": wait}

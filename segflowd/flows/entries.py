@@ -47,6 +47,10 @@ class Entries:
     _ch_through: int  # every segment change up to this id was handed to flows
     _ch_frozen: int | None  # while changes are held (an outage): the cursor stops here
     _ch_saved: int  # the changes cursor as stored
+    # campaign -> the time of the newest change its last resume's sweep read: an entry
+    # by a change up to then that reaches the live path late (a refresh committed it
+    # before the resume, handed it over after) may already have its instance
+    _swept_at: dict[str, dt.datetime]
 
     if TYPE_CHECKING:
         def _push(self, work: Work) -> None: ...
@@ -189,22 +193,26 @@ class Entries:
             entering = any((ch.entered and ch.segment in c.segments)
                            or (not ch.entered and ch.segment in c.exclude) for ch in chs)
             if holds and entering:
+                latest = max(ch.at for ch in chs if (ch.entered and ch.segment in c.segments)
+                             or (not ch.entered and ch.segment in c.exclude))
                 if self._started_since is not None:  # catching up: was it entered since?
-                    latest = max(ch.at for ch in chs if (ch.entered and ch.segment in c.segments)
-                                 or (not ch.entered and ch.segment in c.exclude))
                     last_start = self._started_since.get((c.name, user_id))
                     if last_start is not None and last_start >= latest:
                         continue
                 event_id = next((ch.event_id for ch in reversed(chs)
                                  if ch.event_id is not None), None)
-                await self.enter(c, user_id, event_id)
+                swept = self._swept_at.get(c.name)
+                await self.enter(c, user_id, event_id, since=(
+                    latest if swept is not None and latest <= swept else None))
             elif not holds and c.behavior == "dynamic" and (
                     self._started_since is None or (c.name, user_id) in self._live_pairs):
                 await self.exit_user(c.name, user_id)
 
-    async def enter(self, c: CampaignDef, user_id: str, event_id: int | None = None
-                    ) -> int | None:
-        """Start an instance of ``c`` for the user; None when it may not (or already runs)."""
+    async def enter(self, c: CampaignDef, user_id: str, event_id: int | None = None, *,
+                    since: dt.datetime | None = None) -> int | None:
+        """Start an instance of ``c`` for the user; None when it may not (or already runs).
+        With ``since`` (an entry at that time a resume's sweep may have made already),
+        also None where an instance of ``c`` started at or after it."""
         if c.name in self.paused:
             return None
         now = self.k.clock.now()
@@ -213,10 +221,12 @@ class Entries:
             async with self.k.store.begin() as conn:
                 if not await existing_users(conn, [user_id]):
                     return None  # forgotten since the membership was read
-                if c.behavior == "static" and not c.reentry:
-                    seen = (await conn.execute(sa.select(fi.id).where(
-                        fi.campaign == c.name, fi.user_id == user_id).limit(1))).first()
-                    if seen is not None:
+                once = c.behavior == "static" and not c.reentry
+                if once or since is not None:
+                    q = sa.select(fi.id).where(fi.campaign == c.name, fi.user_id == user_id)
+                    if not once:
+                        q = q.where(fi.created_at >= since)
+                    if (await conn.execute(q.limit(1))).first() is not None:
                         return None
                 res = await conn.execute(sa.insert(flow_instances).values(
                     campaign=c.name, user_id=user_id, version=c.version, status="running",

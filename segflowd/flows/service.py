@@ -31,6 +31,7 @@ from ..schema import campaign_settings, flow_instances
 from ..store import is_unavailable
 from .admin import Admin
 from .entries import Entries
+from .held import Held
 from .steps import Stepper
 from .timers import Timers
 from .versions import reconcile_versions, record_versions
@@ -52,7 +53,7 @@ __all__ = ["FlowService", "FlowStatistics"]
 
 log = structlog.get_logger("segflowd.flows")
 
-class FlowService(Timers, Wakes, Entries, Admin):
+class FlowService(Timers, Wakes, Entries, Held, Admin):
     """Runs every campaign instance. Implements MembershipSink and IngestSink."""
 
     name = "flows"
@@ -103,6 +104,8 @@ class FlowService(Timers, Wakes, Entries, Admin):
         self._ch_through = 0
         self._ch_frozen: int | None = None
         self._ch_saved = 0
+        self._waiting: dict[str, int] = {}  # paused campaign -> entries held, as last counted
+        self._swept_at: dict[str, dt.datetime] = {}  # see entries.py
         self._idle_waiters: list[anyio.Event] = []
         self._ticking = False
         self._resyncing = False  # a resync is querying the store for dropped work
@@ -120,6 +123,7 @@ class FlowService(Timers, Wakes, Entries, Admin):
         k.actions["campaign.resume"] = self._act_resume
         k.actions["instance.terminate"] = self._act_terminate
         k.actions["instance.restart"] = self._act_restart
+        k.actions["instance.wake"] = self._act_wake
         m = k.metrics
         m.describe("segflow_flow_steps_total", "counter", "flow steps committed")
         m.describe("segflow_flow_failures_total", "counter", "flow instances failed")
@@ -151,6 +155,8 @@ class FlowService(Timers, Wakes, Entries, Admin):
         self._loaded_until = None
         await self._load(now)
         await self._catch_up_membership()
+        await self._finish_releases()  # resumes a crash cut short
+        await self._count_waiting()
         await self._catch_up_events()
         self._started = True
 
@@ -332,6 +338,7 @@ class FlowService(Timers, Wakes, Entries, Admin):
             if held:
                 await self._apply_membership(held)
                 self.changes_applied()
+            await self._finish_releases()  # a resume the outage cut short
             now = self.k.clock.now()
             # Every wait the wheel should hold, not only those due: a step whose COMMIT
             # was reported failed may have applied, and its wait never reached the wheel.
@@ -412,6 +419,7 @@ class FlowService(Timers, Wakes, Entries, Admin):
             await anyio.sleep(STATS_REFRESH)
             try:
                 await self._recount()
+                await self._count_waiting()
             except Exception as exc:
                 log.warning("flow.recount_failed", error=str(exc))
 
@@ -430,6 +438,6 @@ class FlowService(Timers, Wakes, Entries, Admin):
             instances=self._counts, steps=self._steps,
             steps_per_second=sum(recent) / span, failures=self._failures,
             diverged=self._diverged, paused=tuple(sorted(self.paused)),
-            queued=len(self._ready))
+            queued=len(self._ready), waiting_entries=dict(self._waiting))
 
     # -- actions ---------------------------------------------------------------------

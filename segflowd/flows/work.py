@@ -59,6 +59,8 @@ class FlowStatistics:
     diverged: int
     paused: tuple[str, ...]
     queued: int  # due work waiting for a worker
+    # paused campaigns (on_pause="hold") -> users who would enter on resume, as last counted
+    waiting_entries: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class StepHost(Protocol):

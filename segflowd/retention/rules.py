@@ -15,8 +15,10 @@ cannot let a send happen twice. The rules, each enforced by :mod:`.prune`:
    copies it) is kept.
 4. **Segment changes** above the flows' changes cursor (``flows.changes``), and the
    newest :data:`~segflowd.flows.work.CATCH_UP_CHANGES` in any case, are replayed to flows
-   at start: kept. For the same reason an instance created at or after the oldest of
-   them keeps its row: the replay skips an entry only where it finds that instance.
+   at start: kept, and so are those above the hold marker (``flows.held.<campaign>``)
+   of a campaign the app defines: its resume lets them in (a removed campaign's marker
+   holds nothing back). For the same reason an instance created at or after the oldest
+   of them keeps its row: the replay skips an entry only where it finds that instance.
 5. **Instances.** Only ended ones go (``completed``, ``exited``, ``terminated``,
    ``failed``; never ``running``, ``waiting`` or ``diverged``, which holds its live
    slot), by ``ended_at``, with their journal. The row itself is kept where it is the
@@ -48,6 +50,7 @@ from ..app import Segflow
 from ..cursors import max_change_id, max_event_id
 from ..delivery.outbox import SEND_KEY_PREFIX
 from ..flows.entries import CHANGES_CURSOR
+from ..flows.held import marker_name
 from ..flows.wakes import CURSOR_NAME as FLOW_EVENTS_CURSOR
 from ..flows.work import CATCH_UP_CHANGES
 from ..schema import (
@@ -107,12 +110,14 @@ async def load_guards(conn: AsyncConnection, app: Segflow) -> Guards:
     top_instance = int((await conn.execute(
         sa.select(sa.func.max(flow_instances.c.id)))).scalar() or 0)
     top_message = int((await conn.execute(sa.select(sa.func.max(messages.c.id)))).scalar() or 0)
+    held = [marker_name(c) for c in app.campaigns]
     cursors = {str(n): int(v) for n, v in await conn.execute(
         sa.select(ec.name, ec.last_event_id).where(
-            ec.name.in_([*EVENT_CURSORS, CHANGES_CURSOR])))}
+            ec.name.in_([*EVENT_CURSORS, CHANGES_CURSOR, *held])))}
     saved = [cursors[n] for n in EVENT_CURSORS if n in cursors]
     window = top_change - CATCH_UP_CHANGES
-    change_floor = min(cursors.get(CHANGES_CURSOR, window), window)
+    change_floor = min(cursors.get(CHANGES_CURSOR, window), window,
+                       *(cursors[n] for n in held if n in cursors))
     horizon = (await conn.execute(
         sa.select(sa.func.min(sc.at)).where(sc.id > change_floor))).scalar()
     running = frozenset(int(i) for (i,) in await conn.execute(

@@ -37,8 +37,8 @@ ARG_NAMES = ("name", "id", "limit", "failures", "campaign", "kinds", "backlog", 
              "rate", "broadcast")
 # The actions a full daemon registers, plus names nobody registered.
 ACTION_NAMES = ("campaign.pause", "campaign.resume", "segment.refresh", "email.test",
-                "message.retry", "instance.terminate", "instance.restart", "audiences.list",
-                "broadcast.launch", "nope", "", "campaign.pause ")
+                "message.retry", "instance.terminate", "instance.restart", "instance.wake",
+                "audiences.list", "broadcast.launch", "nope", "", "campaign.pause ")
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
                          st.text(max_size=20), st.sampled_from(["", "welcome", "u1", "1"]),

@@ -516,15 +516,21 @@ async def test_a_condition_binds_the_flows_user_and_is_not_asked_again_on_replay
 
 
 async def test_a_paused_campaign_takes_no_entries_and_keeps_its_waits(h: Harness) -> None:
+    from segflowd.schema import segment_changes
+
     app = make_app("onboarding", onboarding)
     await h.user("lu")
     await h.user("mo")
     async with h.running(app) as svc:
         await h.join("lu", "seg")
         await svc.k.actions["campaign.pause"]({"campaign": "onboarding"})
+        async with h.store.begin() as conn:  # recorded as the segment engine records it
+            await conn.execute(sa.insert(segment_changes).values(
+                segment="seg", user_id="mo", entered=True, at=h.clock.now()))
         await h.join("mo", "seg")
         await h.advance(2 * DAY)
         assert await h.sent("lu") == [("welcome", 0)]
+        assert await h.instances("mo") == []
     async with h.running(app) as svc:  # paused survives a restart
         assert svc.statistics().paused == ("onboarding",)
         await h.advance(1 * DAY)
@@ -533,7 +539,9 @@ async def test_a_paused_campaign_takes_no_entries_and_keeps_its_waits(h: Harness
         await h.advance(5 * DAY)
     assert await h.sent("lu") == [("welcome", 0), ("complete-profile-reminder", 3),
                                   ("feature-highlights", 6)]
-    assert await h.instances("mo") == []
+    # held while paused (on_pause="hold", the default): mo enters on resume
+    assert await h.sent("mo") == [("welcome", 3), ("complete-profile-reminder", 4),
+                                  ("feature-highlights", 7)]
 
 
 async def test_segflowd_check_prints_the_deploy_preview_per_changed_campaign(

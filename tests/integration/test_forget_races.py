@@ -146,10 +146,10 @@ async def test_an_entry_applied_after_a_forget_starts_no_instance(
     flows = FlowService(k)
     orig = flows.enter
 
-    async def enter(c: Any, uid: str, event_id: Any = None) -> Any:
+    async def enter(c: Any, uid: str, event_id: Any = None, **kw: Any) -> Any:
         if uid == "zed":
             await forget(store, "zed")  # committed between the membership read and enter()
-        return await orig(c, uid, event_id)
+        return await orig(c, uid, event_id, **kw)
     flows.enter = enter  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg:
         await tg.start(flows.run)
