@@ -48,6 +48,7 @@ DEFAULT_REFRESH = 3600.0  # seconds: segments that only change with time still g
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 Behavior = Literal["static", "dynamic"]
+OnPause = Literal["hold", "skip"]
 FlowFn = Callable[..., Generator[object, object, object]]
 SegmentFn = Callable[[], Select[tuple[str]]]
 F = TypeVar("F", bound=Callable[..., object])
@@ -143,6 +144,8 @@ class CampaignDef:
     reentry: bool
     origin: Origin
     track: bool | None = None  # open/click tracking of its messages; None: the template's
+    # "hold": who would have entered while it was paused enters on resume; "skip": never
+    on_pause: OnPause = "hold"
 
     @property
     def version(self) -> str:
@@ -256,12 +259,15 @@ class Segflow:
     def campaign(
         self, name: str, *, segments: Iterable[str], exclude: Iterable[str] = (),
         behavior: Behavior = "static", reentry: bool = False, track: bool | None = None,
+        on_pause: OnPause = "hold",
     ) -> Callable[[F], F]:
         """Register a campaign: a generator function ``(ctx, rt)`` that yields commands.
 
         A user enters when in every segment of ``segments`` and in none of ``exclude``.
         ``static`` keeps them in the flow to its end; ``dynamic`` ends the flow when they
         stop matching. ``reentry=True`` lets a static campaign run again for a user.
+        ``on_pause="hold"`` (the default) enters, on resume, those who would have entered
+        while the campaign was paused; ``"skip"`` lets them pass, as if never matched.
         """
         origin = _caller()
         _check_name("campaign", name, origin)
@@ -276,6 +282,9 @@ class Segflow:
         if behavior not in ("static", "dynamic"):
             raise AppError(f"{origin}: campaign {name!r}: behavior must be 'static' or "
                            f"'dynamic', not {behavior!r}")
+        if on_pause not in ("hold", "skip"):
+            raise AppError(f"{origin}: campaign {name!r}: on_pause must be 'hold' or "
+                           f"'skip', not {on_pause!r}")
 
         def decorator(fn: F) -> F:
             if not inspect.isgeneratorfunction(fn):
@@ -283,7 +292,7 @@ class Segflow:
                                "(it yields rt.send_email(...), rt.wait(...), ...)")
             self.campaigns[name] = CampaignDef(
                 name=name, flow=fn, segments=segs, exclude=excl, behavior=behavior,
-                reentry=reentry, origin=origin, track=track,
+                reentry=reentry, origin=origin, track=track, on_pause=on_pause,
             )
             return fn  # type: ignore[return-value]  # mypy narrows F to the generator type
 

@@ -8,6 +8,11 @@
 ``SyncSegflowClient`` offers the same methods for code without an event loop. A call
 returns only once segflowd has committed the data; an error answer raises
 :class:`SegflowAPIError` with the server's code and message.
+
+A timestamp is a :class:`datetime.datetime` (a naive one is UTC) or an ISO-8601 string
+(``"2026-03-01T09:00:00Z"``, ``"2026-03-01T10:00:00+01:00"``; without an offset, UTC);
+anything else raises :class:`TypeError`, a string that is no ISO-8601 time
+:class:`ValueError`, before any request is made.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import httpx
 
 from .errors import SegflowError
 
-__all__ = ["BatchItem", "SegflowAPIError", "SegflowClient", "SyncSegflowClient"]
+__all__ = ["BatchItem", "SegflowAPIError", "SegflowClient", "SyncSegflowClient", "Timestamp"]
+
+Timestamp = dt.datetime | str  # a datetime (naive: UTC) or an ISO-8601 string
 
 DEFAULT_TIMEOUT = 10.0  # seconds per request
 
@@ -47,8 +54,12 @@ class BatchItem:
     user_id: str
     name: str | None = None  # None: merge ``attributes`` into the user
     attributes: Mapping[str, object] = dataclasses.field(default_factory=dict)
-    timestamp: dt.datetime | None = None
+    timestamp: Timestamp | None = None
     id: str | None = None  # dedupes the event
+
+    def __post_init__(self) -> None:
+        if self.timestamp is not None:
+            _iso(self.timestamp)  # a bad timestamp fails here, not in batch()
 
     def as_segment(self) -> dict[str, object]:
         msg: dict[str, object] = {"userId": self.user_id,
@@ -90,7 +101,7 @@ class _Requests:
         return f"/v1/send/{quote(template, safe='')}", headers, body
 
     def event(self, name: str, attributes: Mapping[str, object] | None,
-              timestamp: dt.datetime | None, id: str | None) -> dict[str, object]:
+              timestamp: Timestamp | None, id: str | None) -> dict[str, object]:
         body: dict[str, object] = {"name": name, "attributes": dict(attributes or {})}
         if timestamp is not None:
             body["timestamp"] = _iso(timestamp)
@@ -99,7 +110,18 @@ class _Requests:
         return body
 
 
-def _iso(value: dt.datetime) -> str:
+def _iso(value: object) -> str:
+    """``value`` (a :data:`Timestamp`) as the ISO-8601 text the API takes."""
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"timestamp {value!r} is not an ISO-8601 date and time "
+                             "(like 2026-03-01T09:00:00Z)") from None
+        return _iso(parsed)
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"timestamp must be a datetime or an ISO-8601 string, "
+                        f"not {type(value).__name__}")
     if value.tzinfo is None:
         return value.isoformat() + "Z"
     return value.isoformat()
@@ -158,7 +180,7 @@ class SegflowClient:
         return bool(out["deleted"])
 
     async def emit(self, user_id: str, name: str, attributes: Mapping[str, object] | None = None,
-                   *, timestamp: dt.datetime | None = None, id: str | None = None) -> int | None:
+                   *, timestamp: Timestamp | None = None, id: str | None = None) -> int | None:
         """Store an event; returns its id (the first one's, for a repeated ``id``)."""
         out = _check(await self._http.post(
             self._r.user(user_id) + "/events", headers=self._r.bearer,
@@ -217,7 +239,7 @@ class SyncSegflowClient:
                                              headers=self._r.bearer))["deleted"])
 
     def emit(self, user_id: str, name: str, attributes: Mapping[str, object] | None = None,
-             *, timestamp: dt.datetime | None = None, id: str | None = None) -> int | None:
+             *, timestamp: Timestamp | None = None, id: str | None = None) -> int | None:
         out = _check(self._http.post(self._r.user(user_id) + "/events", headers=self._r.bearer,
                                      json=self._r.event(name, attributes, timestamp, id)))
         return None if out["id"] is None else int(out["id"])

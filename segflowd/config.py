@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import configcheck, configenv
+from .dashboard import DashboardConfig, check_dashboard
 from .errors import ConfigError
 
 __all__ = [
@@ -182,6 +183,7 @@ class Config:
     providers: Mapping[str, NamedTable]
     sources: Mapping[str, NamedTable]
     retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
+    dashboard: DashboardConfig = dataclasses.field(default_factory=DashboardConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -232,6 +234,7 @@ _SECTIONS: dict[str, type] = {
     "http": HttpConfig,
     "email": EmailConfig,
     "retention": RetentionConfig,
+    "dashboard": DashboardConfig,
 }
 _NAMED = ("providers", "sources")
 
@@ -307,6 +310,7 @@ class _Parser:
             providers=named["providers"],
             sources=named["sources"],
             retention=typing.cast(RetentionConfig, sections["retention"]),
+            dashboard=typing.cast(DashboardConfig, sections["dashboard"]),
         )
         self._validate(config)
         return _absolutize(config)
@@ -429,6 +433,7 @@ class _Parser:
         if c.daemon.drain_timeout <= 0:
             raise self.error("daemon.drain_timeout", "must be a positive number of seconds")
         configcheck.check_store(c.store, self.error)
+        check_dashboard(c.dashboard, self.error)
         configcheck.check_http(c.http, self.error)
         configcheck.check_cors_origins(c.http.cors_origins, self.error)
         for i, key in enumerate(c.http.keys):

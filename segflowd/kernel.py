@@ -31,8 +31,8 @@ class Kernel:
     metrics: Metrics
     # Filled by the services as they are built; read by the control socket and /metrics.
     # Action names: "campaign.pause", "campaign.resume", "segment.refresh", "email.test",
-    # "message.retry", "instance.terminate", "instance.restart", "audiences.list",
-    # "broadcast.launch". Statistics names: "ingest", "segments", "flows", "wheel",
-    # "delivery", "sources"; each returns a frozen dataclass.
+    # "message.retry", "instance.terminate", "instance.restart", "instance.wake",
+    # "audiences.list", "audiences.pick", "broadcast.launch". Statistics names: "ingest",
+    # "segments", "flows", "wheel", "delivery", "sources"; each returns a frozen dataclass.
     actions: dict[str, Action] = dataclasses.field(default_factory=dict)
     stats: dict[str, Callable[[], object]] = dataclasses.field(default_factory=dict)

@@ -9,7 +9,6 @@ of events a second) cannot make the TUI unresponsive.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import sys
@@ -21,27 +20,33 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Grid, Vertical, VerticalScroll
+from textual.containers import VerticalScroll
 from textual.widgets import (
     DataTable,
     Footer,
     Header,
     Input,
-    Label,
     RichLog,
-    Sparkline,
     Static,
     TabbedContent,
     TabPane,
 )
 
-from segflowd import __version__
-from segflowd.control.client import ControlClient, resolve_socket
-from segflowd.errors import ConfigError, ControlReplyError, ControlUnavailable
+from segflowd.errors import ControlReplyError, ControlUnavailable
 
-from .backend import Backend, SocketBackend
-from .render import FeedFilter, feed_line, short_time, timeline, value
-from .screens import ActionScreen, ConfirmScreen, FunnelScreen, HelpScreen
+from .backend import Backend
+from .dashboard import PanelView, error_details
+from .render import (
+    FeedFilter,
+    feed_line,
+    message_details,
+    segment_details,
+    timeline,
+    value,
+)
+from .rows import INSTANCE_COLUMNS, campaign_row, keyed, message_row, rows, segment_row
+from .screens import ActionScreen, ConfirmScreen, DetailScreen, FunnelScreen, HelpScreen
+from .widgets import Dashboard
 
 __all__ = ["SegflowTUI", "main"]
 
@@ -54,11 +59,7 @@ PENDING_MAX = 20_000  # events waiting for the next render before the TUI skips 
 MESSAGES_SHOWN = 200
 
 TABS = ("dashboard", "campaigns", "activity", "segments", "user", "messages")
-SPARKS = {"ingest": "ingest (events/s)", "sent": "sent (emails/s)",
-          "outbox": "outbox depth", "lateness": "timer-wheel lateness (s)"}
-INSTANCE_COLUMNS = ("running", "waiting", "completed", "exited", "failed", "diverged",
-                    "terminated")
-
+DETAIL_TABS = ("dashboard", "segments", "messages")  # where `e` opens a full text
 
 class SegflowTUI(App[None]):
     """The Textual app. ``backend`` is its only source of data (the control socket)."""
@@ -70,13 +71,11 @@ class SegflowTUI(App[None]):
     #tabs ContentSwitcher, #tabs TabPane { height: 1fr; }
     #feed, #campaigns-table, #segments-table, #messages-table { height: 1fr; }
     #conn.error { background: $error 40%; }
-    #summary { height: auto; padding: 0 1 1 1; }
-    #sparks { grid-size: 2; grid-gutter: 1 2; height: auto; padding: 0 1; }
-    #sparks Vertical { height: 6; }
-    #sparks Sparkline { height: 4; }
     #feed-info, #messages-info { height: 1; padding: 0 1; color: $text-muted; }
     #timeline { padding: 0 1; }
-    HelpScreen, ConfirmScreen, FunnelScreen { align: center middle; }
+    HelpScreen, ConfirmScreen, FunnelScreen, DetailScreen { align: center middle; }
+    #detail-box { width: 90%; height: 80%; border: round $accent; padding: 0 1;
+                  background: $surface; }
     #help { width: 80; height: auto; border: round $accent; padding: 1 2;
             background: $surface; }
     #confirm { width: 64; height: auto; border: thick $warning; padding: 1 2;
@@ -95,6 +94,7 @@ class SegflowTUI(App[None]):
         Binding("question_mark", "help", "help"),
         Binding("ctrl+r", "refresh", "refresh"),
         Binding("a", "any_action", "action"),
+        Binding("e", "details", "full text"),
         Binding("escape", "leave_field", "leave field", show=False),
         *[Binding(str(i + 1), f"show_tab('{t}')", t, show=False) for i, t in enumerate(TABS)],
         Binding("p", "pause", "pause"),
@@ -121,6 +121,8 @@ class SegflowTUI(App[None]):
         self.reconnects = 0
         self.refreshes = 0
         self.status: Mapping[str, object] = {}
+        self.panels: list[PanelView] = []
+        self._by_id: dict[str, dict[str, Mapping[str, object]]] = {}
         self.failures_only = False
         self.feed_filter = FeedFilter()
         self.events_seen = 0
@@ -138,20 +140,14 @@ class SegflowTUI(App[None]):
         yield Static("connecting…", id="conn")
         with TabbedContent(initial="dashboard", id="tabs"):
             with TabPane("1 Dashboard", id="dashboard"), VerticalScroll():
-                yield Static("", id="summary")
-                with Grid(id="sparks"):
-                    for key, label in SPARKS.items():
-                        with Vertical():
-                            yield Label(label, id=f"label-{key}")
-                            yield Sparkline([0.0], id=f"spark-{key}",
-                                            summary_function=max)
+                yield Dashboard(id="dash")
             with TabPane("2 Campaigns", id="campaigns"):
                 yield DataTable(id="campaigns-table", cursor_type="row", zebra_stripes=True)
             with TabPane("3 Activity", id="activity"):
                 yield Input(placeholder="filter: campaign:NAME user:ID kind:flow  (or words)",
                             id="feed-filter")
                 yield Static("", id="feed-info")
-                yield RichLog(id="feed", max_lines=FEED_LINES, wrap=False)
+                yield RichLog(id="feed", max_lines=FEED_LINES, wrap=True)
             with TabPane("4 Segments", id="segments"):
                 yield DataTable(id="segments-table", cursor_type="row", zebra_stripes=True)
             with TabPane("5 User", id="user"):
@@ -243,32 +239,20 @@ class SegflowTUI(App[None]):
         segments = await self.backend.request("segments")
         messages = await self.backend.request("messages", limit=MESSAGES_SHOWN,
                                               failures=self.failures_only)
+        self._by_id = {"segments": keyed(segments), "messages": keyed(messages)}
         if isinstance(status, Mapping):
             self.status = status
-            self._show_status(status)
-        self._fill(self.query_one("#campaigns-table", DataTable), _rows(campaigns),
-                   _campaign_row)
-        self._fill(self.query_one("#segments-table", DataTable), _rows(segments),
-                   _segment_row)
-        self._fill(self.query_one("#messages-table", DataTable), _rows(messages),
-                   _message_row)
+            self.panels = self.query_one(Dashboard).show(status, rows(campaigns))
+        self._fill(self.query_one("#campaigns-table", DataTable), rows(campaigns),
+                   campaign_row)
+        self._fill(self.query_one("#segments-table", DataTable), rows(segments),
+                   segment_row)
+        self._fill(self.query_one("#messages-table", DataTable), rows(messages),
+                   message_row)
         self.query_one("#messages-info", Static).update(
             ("failures only" if self.failures_only else "recent messages")
-            + f" (newest first; x toggles)  ·  {len(_rows(messages))} shown")
+            + f" (newest first; x toggles)  ·  {len(rows(messages))} shown")
         self.refreshes += 1
-
-    def _show_status(self, st: Mapping[str, object]) -> None:
-        from segflowd.cli.control import format_status
-
-        self.query_one("#summary", Static).update(Text(format_status(st)))
-        history = _rows(st.get("history"))
-        for key, field in (("ingest", "ingest_per_s"), ("sent", "sent_per_s"),
-                           ("outbox", "outbox"), ("lateness", "lateness_s")):
-            data = [float(str(h.get(field) or 0)) for h in history] or [0.0]
-            self.query_one(f"#spark-{key}", Sparkline).data = data
-            last = data[-1]
-            self.query_one(f"#label-{key}", Label).update(
-                f"{SPARKS[key]}: now {last:g}, peak {max(data):g}")
 
     def _fill(self, table: DataTable[str], rows: Sequence[Mapping[str, object]],
               cells: Callable[[Mapping[str, object]], list[str]]) -> None:
@@ -312,6 +296,31 @@ class SegflowTUI(App[None]):
         self._write_feed(list(self._recent))
 
     # -- campaigns, users ------------------------------------------------------------
+
+    @on(DataTable.RowSelected, "#segments-table")
+    @on(DataTable.RowSelected, "#messages-table")
+    def _detail_selected(self) -> None:
+        self.action_details()
+
+    def action_details(self) -> None:
+        """The full text of what the screen lists cut: errors, a message, a segment."""
+        tab = self.query_one("#tabs", TabbedContent).active
+        if tab == "dashboard":
+            self.push_screen(DetailScreen("failures in the last hour",
+                                          error_details(self.status)))
+            return
+        found = None
+        if tab in ("messages", "segments"):
+            key = self._selected(f"#{tab}-table")
+            found = self._by_id.get(tab, {}).get(key or "")
+        if found is None:
+            self.notify("nothing selected")
+        elif tab == "messages":
+            self.push_screen(DetailScreen(f"message {found.get('id')}",
+                                          message_details(found)))
+        else:
+            self.push_screen(DetailScreen(f"segment {found.get('name')}",
+                                          segment_details(found)))
 
     @on(DataTable.RowSelected, "#campaigns-table")
     def _campaign_selected(self, event: DataTable.RowSelected) -> None:
@@ -358,6 +367,8 @@ class SegflowTUI(App[None]):
     # -- actions ---------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "details":  # the screens that list errors
+            return self.query_one("#tabs", TabbedContent).active in DETAIL_TABS
         tab = self._TAB_ACTIONS.get(action)
         if tab is None:
             return True
@@ -465,62 +476,11 @@ class SegflowTUI(App[None]):
             await self.refresh_data()
 
 
-def _rows(v: object) -> list[Mapping[str, object]]:
-    return [r for r in v if isinstance(r, Mapping)] if isinstance(v, list) else []
-
-
-def _campaign_row(c: Mapping[str, object]) -> list[str]:
-    inst = c.get("instances")
-    counts = inst if isinstance(inst, Mapping) else {}
-    version = str(c.get("version") or "-")[:8]
-    state = "paused" if c.get("paused") else "active" if c.get("defined") else "removed"
-    return [str(c.get("name")), state, version, value(c.get("live")),
-            *(value(counts.get(s, 0)) for s in INSTANCE_COLUMNS), value(c.get("total"))]
-
-
-def _segment_row(s: Mapping[str, object]) -> list[str]:
-    refresh = s.get("refresh_s")
-    return [str(s.get("name")), value(s.get("size")),
-            f"{float(str(refresh)):g}s" if refresh is not None else "-",
-            short_time(s.get("last_refresh_at")), short_time(s.get("next_refresh_at")),
-            str(s.get("last_error") or "")]
-
-
-def _message_row(m: Mapping[str, object]) -> list[str]:
-    return [str(m.get("id")), short_time(m.get("created_at")), value(m.get("user_id")),
-            value(m.get("kind")), value(m.get("campaign") or m.get("transaction")),
-            value(m.get("template")), value(m.get("to")), value(m.get("status")),
-            value(m.get("attempts")), str(m.get("last_error") or "")]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="segflow-tui",
-                                description="watch and steer a running segflowd")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
-    where.add_argument("--config", "-c", metavar="PATH",
-                       help="segflow.toml, to find [daemon] control_socket")
-    p.add_argument("--wait", action="store_true",
-                   help="start even if the daemon is not up yet, and wait for it")
-    p.add_argument("--version", action="version", version=f"segflow-tui {__version__}")
-    args = p.parse_args(argv)
-    try:
-        path = resolve_socket(args.socket, args.config)
-    except ConfigError as exc:
-        print(f"segflow-tui: {exc}", file=sys.stderr)
-        return 2
-    if not args.wait:
-        async def probe() -> None:
-            client = await ControlClient.connect(path)
-            await client.aclose()
+    """The ``segflow-tui`` command (see :mod:`segflow_tui.cli`)."""
+    from .cli import run
 
-        try:
-            anyio.run(probe)
-        except ControlUnavailable as exc:
-            print(f"segflow-tui: {exc}", file=sys.stderr)
-            return 1
-    SegflowTUI(SocketBackend(path)).run()
-    return 0
+    return run(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 
 from rich.text import Text
 
-__all__ = ["FeedFilter", "feed_line", "short_time", "timeline", "value"]
+__all__ = ["FeedFilter", "feed_line", "message_details", "segment_details", "short_time",
+           "timeline", "value"]
 
 
 def value(v: object) -> str:
@@ -88,8 +89,15 @@ def timeline(user: Mapping[str, object]) -> Text:
 
     for e in _dicts(user.get("events")):
         add(e.get("at"), "event", str(e.get("name")), "blue")
-    for s in _dicts(user.get("segments")):
-        add(s.get("entered_at"), "segment entered", str(s.get("name")), "cyan")
+    changes = user.get("segment_changes")
+    if isinstance(changes, list):  # entries and exits, with their times
+        for c in _dicts(changes):
+            entered = bool(c.get("entered"))
+            add(c.get("at"), "segment entered" if entered else "segment left",
+                str(c.get("segment")), "cyan" if entered else "yellow")
+    else:  # a daemon that sends only the current memberships
+        for s in _dicts(user.get("segments")):
+            add(s.get("entered_at"), "segment entered", str(s.get("name")), "cyan")
     for i in _dicts(user.get("instances")):
         head = f"{i.get('campaign')} #{i.get('id')} v{i.get('version')}"
         add(i.get("created_at"), "flow started", head, "bold cyan")
@@ -106,12 +114,46 @@ def timeline(user: Mapping[str, object]) -> Text:
         err = f" — {m.get('last_error')}" if m.get("last_error") else ""
         to = value(m.get("to"))
         add(m.get("created_at"), f"email {status}", f"{m.get('template')} to {to}{err}", style)
+    templates = {m.get("id"): m.get("template") for m in _dicts(user.get("messages"))}
+    for g in _dicts(user.get("engagement")):
+        kind = "opened" if g.get("kind") == "open" else "clicked"
+        what = f"{templates.get(g.get('message_id')) or 'message'} #{g.get('message_id')}"
+        url = f" {g.get('url')}" if g.get("url") else ""
+        hits = int(str(g.get("hits") or 1))
+        extra = (f" ({hits} times)" if hits > 1 else "") + (
+            " (a machine: prefetch or scanner)" if g.get("machine") else "")
+        add(g.get("at"), f"email {kind}", f"{what}{url}{extra}", "magenta")
     entries.sort(key=lambda e: e[0])
     top = Text(f"{user.get('id')}  {value(user.get('email'))}\n", style="bold")
     top.append(f"attributes: {user.get('attributes')}\n")
     segs = ", ".join(str(s.get("name")) for s in _dicts(user.get("segments")))
     top.append(f"segments: {segs or '-'}\n")
     return Text("\n").join([top, *(t for _, t in entries)])
+
+
+def message_details(m: Mapping[str, object]) -> Text:
+    """Every field of one message, its last error in full (wrapped by the pane)."""
+    out = Text()
+    for key in ("id", "user_id", "kind", "campaign", "transaction", "instance_id", "template",
+                "to", "status", "provider", "attempts", "created_at", "updated_at", "sent_at",
+                "next_attempt_at"):
+        if key in m:
+            out.append(f"{key:<16}", style="bold")
+            out.append(f"{value(m.get(key))}\n")
+    out.append("\nlast error\n", style="bold")
+    out.append(str(m.get("last_error") or "none"), style="red" if m.get("last_error") else "")
+    return out
+
+
+def segment_details(s: Mapping[str, object]) -> Text:
+    """One segment's refresh state, its last error in full."""
+    out = Text()
+    for key in ("name", "size", "refresh_s", "last_refresh_at", "next_refresh_at"):
+        out.append(f"{key:<16}", style="bold")
+        out.append(f"{value(s.get(key))}\n")
+    out.append("\nlast error\n", style="bold")
+    out.append(str(s.get("last_error") or "none"), style="red" if s.get("last_error") else "")
+    return out
 
 
 def _dicts(v: object) -> Sequence[Mapping[str, object]]:

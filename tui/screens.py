@@ -1,19 +1,21 @@
-"""Modal screens: help, confirmation of an admin action, a campaign's funnel."""
+"""Modal screens: help, confirmation of an admin action, a campaign's funnel, full texts."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import ClassVar
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Input, Label, Select, Static
 
 from .render import value
 
-__all__ = ["ActionScreen", "ConfirmScreen", "FunnelScreen", "HelpScreen", "parse_args"]
+__all__ = ["ActionScreen", "ConfirmScreen", "DetailScreen", "FunnelScreen", "HelpScreen",
+           "parse_args"]
 
 # What each admin action takes, as typed in the action dialog (KEY=VALUE words).
 ACTION_ARGS = {
@@ -48,16 +50,21 @@ HELP = """\
   1 dashboard  2 campaigns  3 activity  4 segments  5 user  6 messages
 [b]Everywhere[/b]
   ?  this help    ctrl+r  refresh now    a  any admin action    q  quit
+[b]Dashboard[/b]
+  a red panel that says WARNING: a threshold (\\[dashboard]) is crossed
+  e  the last hour's top errors in full
 [b]Campaigns[/b]
   enter  open the funnel      p  pause      u  resume
 [b]Activity[/b]
   /  filter: campaign:NAME user:ID kind:flow (words match anything)
 [b]Segments[/b]
-  f  refresh the selected segment now
+  f  refresh the selected segment now    enter/e  its last error in full
 [b]User[/b]
   type an id and press enter: the journey as a timeline
+  (segment entries and exits, flow steps, messages, opens and clicks)
 [b]Messages[/b]
   x  failures only / all      t  retry the selected message
+  enter/e  the selected message with its last error in full
 
 escape leaves a text field, so the keys above work again.
 Admin actions always ask for confirmation first (y / n).
@@ -71,6 +78,23 @@ class HelpScreen(ModalScreen[None]):
         with Vertical(id="help"):
             yield Static(HELP)
             yield Label("press escape to close", classes="hint")
+
+
+class DetailScreen(ModalScreen[None]):
+    """A long text in full, wrapped and scrollable: an error the lists cut at the edge."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,e", "dismiss", "close")]
+
+    def __init__(self, title: str, body: Text) -> None:
+        super().__init__()
+        self.title_text = title
+        self.body = body
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="detail-box") as box:
+            box.border_title = self.title_text
+            box.border_subtitle = "escape: close"
+            yield Static(self.body, id="detail")
 
 
 class ConfirmScreen(ModalScreen[bool]):

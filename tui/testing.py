@@ -1,4 +1,8 @@
-"""A backend with fixed data, for snapshot tests and demos: no daemon, no clock, no socket."""
+"""A backend with fixed data, for snapshot tests and demos: no daemon, no clock, no socket.
+
+``FixedBackend()`` is a healthy daemon; ``FixedBackend(alarmed=True)`` one where every
+dashboard panel crosses its threshold (ALARMED_STATUS).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import anyio
 from segflowd.control.client import StreamBatch
 from segflowd.errors import ControlReplyError
 
-__all__ = ["FixedBackend"]
+__all__ = ["ALARMED_STATUS", "FixedBackend"]
 
 _T = "2026-03-01T09:0{}:00Z"
 
@@ -27,6 +31,16 @@ STATUS: dict[str, object] = {
          "outbox": float(40 + (i * 13) % 30), "lateness_s": 0.01 * (i % 5)}
         for i in range(60)
     ],
+    "health": {
+        "oldest_queued_s": 4.2, "failures_1h": 1,
+        "top_errors": [{"error": "550 mailbox unavailable", "where": "message", "count": 1}],
+        "instances": {"failed": 0, "diverged": 0},
+        "campaigns": {"onboarding": {"entries_1h": 64, "failures_1h": 1},
+                      "winback": {"entries_1h": 0, "failures_1h": 0}},
+    },
+    "dashboard": {"store_latency_ms": 100.0, "outbox_depth": 10000, "oldest_queued_s": 600.0,
+                  "lateness_s": 5.0, "failures_per_hour": 10, "failed_instances": 1,
+                  "campaign_failures_per_hour": 5},
     "app": {"segments": 2, "campaigns": 2, "templates": 4, "transactions": 1},
     "actions": ["campaign.pause", "campaign.resume", "message.retry", "segment.refresh"],
     "stats": {"ingest": {"requests": 98122, "rejected": 3},
@@ -37,7 +51,7 @@ CAMPAIGNS: list[dict[str, object]] = [
      "instances": {"running": 2, "waiting": 410, "completed": 1290, "exited": 31, "failed": 1,
                    "diverged": 0, "terminated": 0}, "total": 1734},
     {"name": "winback", "version": "03b1de9a7c2f4410", "defined": True, "live": 37,
-     "paused": True,
+     "paused": True, "waiting_entries": 14,
      "instances": {"running": 0, "waiting": 37, "completed": 88, "exited": 5, "failed": 0,
                    "diverged": 2, "terminated": 1}, "total": 133},
 ]
@@ -58,13 +72,16 @@ SEGMENTS: list[dict[str, object]] = [
      "last_refresh_at": "2026-03-01T10:50:00Z", "next_refresh_at": "2026-03-01T11:00:00Z",
      "last_error": None},
 ]
+LONG_ERROR = ("smtp: 451 4.7.1 greylisted: the receiving server asked us to try again "
+              "later; it said 'Service unavailable - try again in 300 seconds, see "
+              "https://mx.example.net/greylisting for why' after RCPT TO")
 MESSAGES: list[dict[str, object]] = [
     {"id": 3, "user_id": "u3", "kind": "transaction", "campaign": None,
      "transaction": "receipt", "template": "receipt", "to": "cy@example.com",
      "status": "queued", "attempts": 0, "last_error": None, "created_at": _T.format(2)},
     {"id": 2, "user_id": "u2", "kind": "campaign", "campaign": "onboarding",
      "transaction": None, "template": "welcome", "to": "bob@example.com", "status": "failed",
-     "attempts": 5, "last_error": "550 mailbox unavailable", "created_at": _T.format(1)},
+     "attempts": 5, "last_error": LONG_ERROR, "created_at": _T.format(1)},
     {"id": 1, "user_id": "u1", "kind": "campaign", "campaign": "onboarding",
      "transaction": None, "template": "welcome", "to": "ann@example.com", "status": "sent",
      "attempts": 1, "last_error": None, "created_at": _T.format(0)},
@@ -73,6 +90,17 @@ USER: dict[str, object] = {
     "id": "u1", "known": True, "email": "ann@example.com",
     "attributes": {"plan": "pro", "name": "Ann"},
     "segments": [{"name": "active", "entered_at": _T.format(1)}],
+    "segment_changes": [
+        {"segment": "active", "entered": True, "at": _T.format(1)},
+        {"segment": "trial_ending", "entered": False, "at": _T.format(4)},
+        {"segment": "trial_ending", "entered": True, "at": "2026-03-01T08:00:00Z"},
+    ],
+    "engagement": [
+        {"message_id": 1, "kind": "click", "url": "https://example.com/start", "hits": 2,
+         "machine": False, "at": _T.format(5), "last_at": _T.format(6)},
+        {"message_id": 1, "kind": "open", "url": None, "hits": 1, "machine": False,
+         "at": _T.format(4), "last_at": None},
+    ],
     "instances": [
         {"id": 1, "campaign": "onboarding", "version": "9f2c4e1a", "status": "waiting",
          "live": True, "error": None, "created_at": _T.format(1), "ended_at": None,
@@ -97,20 +125,48 @@ EVENTS: list[dict[str, object]] = [
 ]
 
 
+ALARMED_STATUS: dict[str, object] = {
+    **STATUS,
+    "store": {**STATUS["store"], "last_ping_ms": 250.0},  # type: ignore[dict-item]
+    "rates": {"ingest_per_s": 390.0, "sent_per_s": 0.0, "failed_per_s": 4.0},
+    "outbox": {"queued": 15230, "claimed": 100, "sending": 8},
+    "wheel": {"size": 1893, "lateness_s": 42.5},
+    "history": [  # the outbox grows and the timers fall behind
+        {"ingest_per_s": 390.0, "sent_per_s": float(max(0, 20 - i)), "outbox": 250.0 * i,
+         "lateness_s": 0.75 * i} for i in range(60)],
+    "health": {
+        "oldest_queued_s": 5400.0, "failures_1h": 361,
+        "top_errors": [
+            {"error": LONG_ERROR, "where": "message", "count": 240},
+            {"error": "550 mailbox unavailable", "where": "message", "count": 118},
+            {"error": "KeyError: 'plan'", "where": "instance", "count": 3},
+        ],
+        "instances": {"failed": 3, "diverged": 2},
+        "campaigns": {"onboarding": {"entries_1h": 64, "failures_1h": 358},
+                      "winback": {"entries_1h": 0, "failures_1h": 3}},
+    },
+    "stats": {**STATUS["stats"], "delivery": {"providers": [  # type: ignore[dict-item]
+        {"name": "smtp", "plugin": "smtp", "outage_since": "2026-03-01T10:05:00Z",
+         "outage_error": "connection refused"}]}},
+}
+
+
 class FixedBackend:
     """Answers every request from the fixed data above; records the actions it was asked."""
 
     description = "fixed test data"
 
-    def __init__(self) -> None:
+    def __init__(self, *, alarmed: bool = False) -> None:
         self.actions: list[tuple[str, dict[str, object]]] = []
+        self.alarmed = alarmed
 
     async def connect(self) -> str:
         return "0.1.0"
 
     async def request(self, op: str, **args: object) -> object:
         data: dict[str, object] = {
-            "status": STATUS, "campaigns": CAMPAIGNS, "segments": SEGMENTS,
+            "status": ALARMED_STATUS if self.alarmed else STATUS,
+            "campaigns": CAMPAIGNS, "segments": SEGMENTS,
             "messages": [m for m in MESSAGES if m["status"] == "failed"]
             if args.get("failures") else MESSAGES,
         }

@@ -2,7 +2,9 @@
 
 Each subcommand connects to ``--socket PATH`` (default: ``[daemon] control_socket`` of
 the config), sends one request and prints the reply. Exit status: 0 done; 1 the daemon
-is unreachable or refused (the reason is one line on stderr); 2 a bad config.
+is unreachable or refused (the reason is one line on stderr); 2 a bad config. ``test-email``
+waits for its message: 0 sent; 1 failed or suppressed (the reason on stderr); 3 ``unknown``
+or not settled in time.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import anyio
 
 from ..control.client import ControlClient, resolve_socket
 from ..errors import ConfigError, ControlError
+from . import pickbroadcast
 
 __all__ = ["add_parser", "format_duration", "format_status", "run"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_UNSETTLED = 3  # test-email: the message is `unknown`, or still on its way
 
 Args = Callable[[argparse.Namespace], dict[str, object]]
 
@@ -35,8 +39,7 @@ _ACTIONS: dict[str, tuple[str, str, tuple[tuple[str, type, str], ...], Args]] = 
                 (("segment", str, "segment name"),), lambda a: {"segment": a.segment}),
     "test-email": ("email.test", "send a test email of a template to an address",
                    (("template", str, "template name"), ("to", str, "email address")),
-                   lambda a: {"template": a.template, "to": a.to,
-                              **({"user": a.user} if a.user else {})}),
+                   lambda a: _test_email_args(a)),
     "retry": ("message.retry", "retry a failed message",
               (("message_id", int, "message id"),), lambda a: {"message": a.message_id}),
     "terminate": ("instance.terminate", "terminate a diverged or failed flow instance",
@@ -45,16 +48,33 @@ _ACTIONS: dict[str, tuple[str, str, tuple[tuple[str, type, str], ...], Args]] = 
     "restart": ("instance.restart", "restart a diverged or failed flow instance",
                 (("instance_id", int, "instance id"),),
                 lambda a: {"instance": a.instance_id}),
+    "wake": ("instance.wake", "fire a waiting flow instance's wait now, as its timer would",
+             (("instance_id", int, "instance id"),), lambda a: {"instance": a.instance_id}),
     "audiences": ("audiences.list", "list the data sources' audiences", (),
                   lambda a: {"source": a.source} if a.source else {}),
-    "broadcast": ("broadcast.launch", "launch a broadcast to a segment",
-                  (("segment", str, "the segment (or audience segment) to send to"),),
-                  lambda a: _broadcast_args(a)),
+    "broadcast": ("broadcast.launch",
+                  "launch a broadcast to a segment or a data source's audience",
+                  (), lambda a: _broadcast_args(a)),  # its target: cli.pickbroadcast
 }
 
 
+def _test_email_args(a: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {"template": a.template, "to": a.to}
+    if a.user:
+        out["user"] = a.user
+    if a.data is not None:
+        try:
+            data = json.loads(a.data)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"--data is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise argparse.ArgumentTypeError("--data must be a JSON object")
+        out["data"] = data
+    return out
+
+
 def _broadcast_args(a: argparse.Namespace) -> dict[str, object]:
-    out: dict[str, object] = {"segment": a.segment}
+    out: dict[str, object] = pickbroadcast.target_args(a)
     for key in ("template", "campaign", "rate", "data"):
         if getattr(a, key) is not None:
             out[key] = getattr(a, key)
@@ -88,9 +108,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
             p.add_argument(name, type=typ, help=meta)
         if cmd == "test-email":
             p.add_argument("--user", metavar="ID", help="render for this user's attributes")
+            p.add_argument("--data", metavar="JSON",
+                           help="the template's context (a JSON object)")
         if cmd == "audiences":
             p.add_argument("source", nargs="?", help="only this data source")
         if cmd == "broadcast":
+            pickbroadcast.add_arguments(p)  # a segment, or --data-source ... --values
             what = p.add_mutually_exclusive_group(required=True)
             what.add_argument("--template", metavar="NAME", help="send this template")
             what.add_argument("--campaign", metavar="NAME", help="run this campaign's flow")
@@ -130,15 +153,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"segflowd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     (value,) = result
+    if args.op == "action" and args.command_name == "test-email":
+        return report_test_email(value, as_json=args.json)
     if args.json:
         print(json.dumps(value, indent=2, sort_keys=True))
     elif args.op == "status" and isinstance(value, dict):
         print(format_status(value))
+    elif (dry_run := pickbroadcast.format_reply(value)) is not None:
+        print(dry_run)
     elif isinstance(value, str):
         print(value)
     else:
         print(f"{args.action}: ok" + ("" if value is None else f" {json.dumps(value)}"))
     return EXIT_OK
+
+
+def report_test_email(value: object, *, as_json: bool) -> int:
+    """Print an ``email.test`` reply; its exit status: 0 sent, 1 failed or suppressed (the
+    reason on stderr), 3 not known to have gone (``unknown``, or not settled in time)."""
+    reply = value if isinstance(value, Mapping) else {}
+    status, error = reply.get("status"), reply.get("error")
+    print(json.dumps(value, indent=2, sort_keys=True) if as_json
+          else f"email.test: message {reply.get('message')} {status}")
+    if status == "sent":
+        return EXIT_OK
+    why = f": {error}" if error else ""
+    if status in ("failed", "suppressed"):
+        print(f"segflowd: the test message was {status}{why}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"segflowd: the test message is {status} (not known to be sent){why}",
+          file=sys.stderr)
+    return EXIT_UNSETTLED
 
 
 def format_duration(seconds: float) -> str:
@@ -195,6 +240,11 @@ def format_status(st: Mapping[str, object]) -> str:
             flat = ", ".join(f"{k}={_num(v)}" for k, v in values.items()
                              if not isinstance(v, Mapping | list))
             lines.append(f"{area + ':':<7} {flat}")
+    flows = get("stats").get("flows")
+    held = flows.get("waiting_entries") if isinstance(flows, Mapping) else None
+    for name, n in sorted(held.items()) if isinstance(held, Mapping) else ():
+        lines.append(f"paused: campaign {name}: {_num(n)} entries waiting (they enter on "
+                     "resume)")
     actions = st.get("actions")
     if isinstance(actions, list):
         lines.append("actions: " + (", ".join(str(a) for a in actions) or "none"))

@@ -57,8 +57,8 @@ SUN_PATH_MAX = 100  # bytes: longer socket paths are reached through /proc/self/
 OPS = ("hello", "status", "campaigns", "campaign", "segments", "user", "messages",
        "actions", "subscribe", "action")
 ACTIONS = ("campaign.pause", "campaign.resume", "segment.refresh", "email.test",
-           "message.retry", "instance.terminate", "instance.restart", "audiences.list",
-           "broadcast.launch")
+           "message.retry", "instance.terminate", "instance.restart", "instance.wake",
+           "audiences.list", "audiences.pick", "broadcast.launch")
 ERROR_CODES = (
     "bad_request",      # not JSON, not an object, a missing or wrong argument
     "unknown_op",       # an op this daemon does not know

@@ -8,18 +8,23 @@ segment_members, users and messages as the schema documents them.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
 from ..app import Segflow
+from ..errors import StoreError
+from ..flows.held import waiting_entries
 from ..schema import (
     campaign_settings,
+    engagement,
     events,
     flow_instances,
     flow_journal,
     messages,
+    segment_changes,
     segment_members,
     segment_state,
     users,
@@ -33,6 +38,7 @@ __all__ = [
     "PENDING_MESSAGE_STATUSES",
     "campaign_detail",
     "campaigns",
+    "health",
     "messages_page",
     "outbox_depth",
     "segments",
@@ -99,8 +105,10 @@ async def campaigns(store: Store, app: Segflow) -> list[Row]:
         live[r.version] = int(r.n)
     for name in paused:
         out.setdefault(name, _campaign_row(name, None, ()))
+    waiting = await waiting_entries(store, app) if paused else {}  # held for the resume
     for row in out.values():
         row["paused"] = row["name"] in paused
+        row["waiting_entries"] = waiting.get(str(row["name"]), 0)
         by_status = row["instances"]
         assert isinstance(by_status, dict)
         row["total"] = sum(by_status.values())
@@ -206,6 +214,7 @@ async def user_detail(store: Store, user_id: str, *, limit: int = USER_LIMIT) ->
             sa.select(events.c.id, events.c.name, events.c.attributes, events.c.created_at)
             .where(events.c.user_id == user_id)
             .order_by(events.c.created_at.desc(), events.c.id.desc()).limit(limit))).all()
+        changes, engaged = await _user_changes(conn, user_id, limit)
     if u is None and not segs and not inst and not msgs and not evs:
         return None
     return {
@@ -226,7 +235,25 @@ async def user_detail(store: Store, user_id: str, *, limit: int = USER_LIMIT) ->
         "messages": [_message_row(m) for m in msgs],
         "events": [{"id": e.id, "name": e.name, "attributes": e.attributes,
                     "at": e.created_at} for e in evs],
+        "segment_changes": changes,
+        "engagement": engaged,
     }
+
+
+async def _user_changes(conn: Any, user_id: str, limit: int) -> tuple[list[Row], list[Row]]:
+    """The user's latest segment entries/exits and opens/clicks, newest first."""
+    sc, en = segment_changes.c, engagement.c
+    changes = (await conn.execute(
+        sa.select(sc.segment, sc.entered, sc.at).where(sc.user_id == user_id)
+        .order_by(sc.id.desc()).limit(limit))).all()
+    engaged = (await conn.execute(
+        sa.select(en.message_id, en.kind, en.url, en.hits, en.machine, en.created_at,
+                  en.last_at).where(en.user_id == user_id)
+        .order_by(en.id.desc()).limit(limit))).all()
+    return ([{"segment": c.segment, "entered": bool(c.entered), "at": c.at} for c in changes],
+            [{"message_id": e.message_id, "kind": e.kind, "url": e.url, "hits": e.hits,
+              "machine": bool(e.machine), "at": e.created_at, "last_at": e.last_at}
+             for e in engaged])
 
 
 async def messages_page(store: Store, *, limit: int = 100, failures: bool = False,
@@ -250,3 +277,66 @@ async def outbox_depth(store: Store) -> dict[str, int]:
     async with store.connect() as conn:
         found = {r.status: int(r.n) for r in (await conn.execute(q)).all()}
     return {s: found.get(s, 0) for s in PENDING_MESSAGE_STATUSES}
+
+
+HEALTH_WINDOW = 3600.0  # seconds: "the last hour" of the dashboard's failure counts
+TOP_ERRORS = 5
+
+
+async def health(store: Store, now: dt.datetime) -> Row | None:
+    """What the dashboard warns about: outbox age, the last hour's failures and entries.
+
+    None when the store fails to answer (``status`` still answers: its ``store`` says so).
+
+    ``failures_1h`` counts messages that failed (or ended unknown) and instances that
+    failed or diverged in the last hour; ``top_errors`` are their commonest error texts;
+    ``campaigns`` maps a campaign to its entries (instances started) and failures in the
+    last hour; ``instances`` counts the failed and diverged instances in the store.
+    """
+    try:
+        return await _health(store, now)
+    except (StoreError, OSError):
+        return None
+
+
+async def _health(store: Store, now: dt.datetime) -> Row:
+    since = now - dt.timedelta(seconds=HEALTH_WINDOW)
+    m, fi = messages.c, flow_instances.c
+    bad = ("failed", "diverged")
+    async with store.connect() as conn:
+        oldest = (await conn.execute(sa.select(sa.func.min(m.created_at))
+                                     .where(m.status == "queued"))).scalar()
+        failed_msgs = (await conn.execute(
+            sa.select(m.campaign, m.last_error, sa.func.count().label("n"))
+            .where(m.status.in_(FAILED_MESSAGE_STATUSES), m.updated_at >= since)
+            .group_by(m.campaign, m.last_error))).all()
+        failed_inst = (await conn.execute(
+            sa.select(fi.campaign, fi.error, sa.func.count().label("n"))
+            .where(fi.status.in_(bad), fi.updated_at >= since)
+            .group_by(fi.campaign, fi.error))).all()
+        stuck = (await conn.execute(
+            sa.select(fi.status, sa.func.count().label("n")).where(fi.status.in_(bad))
+            .group_by(fi.status))).all()
+        entries = (await conn.execute(
+            sa.select(fi.campaign, sa.func.count().label("n")).where(fi.created_at >= since)
+            .group_by(fi.campaign))).all()
+    per: dict[str, dict[str, int]] = {}
+    errors: dict[tuple[str, str], int] = {}
+    for where, rows in (("message", failed_msgs), ("instance", failed_inst)):
+        for r in rows:
+            if r[0] is not None:
+                c = per.setdefault(r[0], {"entries_1h": 0, "failures_1h": 0})
+                c["failures_1h"] += int(r.n)
+            key = (str(r[1] or "(no error text)"), where)
+            errors[key] = errors.get(key, 0) + int(r.n)
+    for r in entries:
+        per.setdefault(r.campaign, {"entries_1h": 0, "failures_1h": 0})["entries_1h"] = int(r.n)
+    top = sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_ERRORS]
+    counts = {r.status: int(r.n) for r in stuck}
+    return {
+        "oldest_queued_s": round((now - oldest).total_seconds(), 3) if oldest else None,
+        "failures_1h": sum(errors.values()),
+        "top_errors": [{"error": e, "where": w, "count": n} for (e, w), n in top],
+        "instances": {s: counts.get(s, 0) for s in bad},
+        "campaigns": {k: per[k] for k in sorted(per)},
+    }

@@ -57,6 +57,9 @@ BACKLOG = 64  # pending connections on the socket
 SAMPLE_INTERVAL = 1.0  # seconds between rate samples
 HISTORY = 120  # samples kept for the TUI's sparklines (two minutes at 1 s)
 PING_TIMEOUT = 1.0  # seconds the store may take to answer the status health check
+# Seconds the dashboard's health figures (queries.health: scans of the last hour) are
+# reused: a TUI asks for status every second, and several may be attached.
+HEALTH_TTL = 15.0
 PROBE_TIMEOUT = 1.0  # seconds to wait when checking whether an existing socket is live
 COUNTED_KINDS = ("event.ingested", "message.sent", "message.failed")
 COUNTER_BUFFER = 200_000  # counted events held between two samples (rates above that clip)
@@ -235,6 +238,7 @@ class ControlService:
         self.stream_buffer = stream_buffer
         self.sampler = _Sampler(kernel)
         self._started = kernel.clock.monotonic()
+        self._health: tuple[float, object] | None = None  # (when, queries.health's answer)
         self._listener: SocketListener | None = None
         self._inode: int | None = None
         self._streams = Streams(kernel, stream_buffer)
@@ -399,6 +403,13 @@ class ControlService:
         self.kernel.bus.publish("control.action", action=name)
         return to_jsonable(result)
 
+    async def _health_now(self) -> object:
+        """The dashboard's health figures, computed at most every :data:`HEALTH_TTL`."""
+        k, at = self.kernel, self.kernel.clock.monotonic()
+        if self._health is None or at - self._health[0] >= HEALTH_TTL:
+            self._health = (at, await queries.health(k.store, k.clock.now()))
+        return self._health[1]
+
     async def status(self) -> dict[str, object]:
         """Uptime, version, store health, rates, outbox, wheel and every area's statistics."""
         k = self.kernel
@@ -417,6 +428,8 @@ class ControlService:
             "outbox": self.sampler.outbox,
             "wheel": _wheel(k, stats),
             "history": list(self.sampler.history),
+            "health": await self._health_now() if healthy else None,
+            "dashboard": dataclasses.asdict(k.config.dashboard),
             "app": {"segments": len(app.segments), "campaigns": len(app.campaigns),
                     "templates": len(app.templates), "transactions": len(app.transactions)},
             "actions": sorted(k.actions),

@@ -9,6 +9,11 @@ message never handed over (its mark ``sending`` failed: status ``unsent``) is ``
 again after the first retry's delay, its attempt given back (``message.held``, not
 counted). Each outcome is then published as ``message.<status>`` (``message.retrying``
 for a retry), logged and counted; the counts make the :class:`DeliveryStatistics`.
+A final outcome (``sent``, ``unknown``, ``failed``, ``suppressed``) records the address
+the message went (or would have gone) to in ``to_address``; one queued again resolves it
+afresh at its next attempt. A user forgotten while their message was ``sending`` keeps
+it forgotten: the outcome writes neither the address nor the error text (which may quote
+the address) onto a row whose user was cleared meanwhile.
 Nothing here grows with the number of messages sent (:class:`SendRate`).
 """
 
@@ -49,6 +54,8 @@ STOPPED_WHILE_SENDING = ("delivery stopped while the provider had the message: i
                          "may not have been delivered (not re-sent)")
 
 
+RECORDS_ADDRESS = ("sent", "unknown", "failed", "suppressed")  # final outcomes
+ADDRESS_MAX = 320  # characters: messages.to_address's length
 HELD = ("claimed", "sending")  # a worker's rows: not handed over yet, or handed over
 
 
@@ -59,6 +66,20 @@ def _ours(row: Mapping[str, Any]) -> tuple[sa.ColumnElement[bool], ...]:
     if row.get("claim") is not None:
         ours.append(messages.c.claim == row["claim"])
     return tuple(ours)
+
+
+def _unless_forgotten(p: Prepared, given: Mapping[str, object]) -> dict[str, object]:
+    """``given`` values for ``p``'s row, with the address and error kept as the row has
+    them (cleared) if its user was forgotten since the claim: forget clears them on a
+    ``sending`` row too."""
+    values = dict(given)
+    if p.row["user_id"] is None:  # an address of its own, never cleared by a forget
+        return values
+    forgotten = messages.c.user_id.is_(None)
+    for column in ("to_address", "last_error"):
+        if column in values:
+            values[column] = sa.case((forgotten, messages.c[column]), else_=values[column])
+    return values
 
 
 def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -201,6 +222,8 @@ class Outcomes:
                 suppress = bare_address(p.message.to)
         values.update(status="queued" if status == "held" else status,
                       last_error=_clip(error))
+        if status in RECORDS_ADDRESS and p.address:
+            values["to_address"] = p.address[:ADDRESS_MAX]
         kind = "retrying" if status == "queued" else status
         event = (f"message.{kind}", {**base, "error": error} if error else base)
         return _Decision(values, event, suppress)
@@ -228,7 +251,7 @@ class Outcomes:
             events.append(("address.suppressed", {"address": d.suppress, "reason": reason,
                                                   "source": self.provider_name}))
         done = await conn.execute(sa.update(messages).where(
-            messages.c.id == p.row["id"], *_ours(p.row)).values(**d.values))
+            messages.c.id == p.row["id"], *_ours(p.row)).values(**_unless_forgotten(p, d.values)))
         return [*events, d.event] if done.rowcount else []
 
     async def _write_alone(self, p: Prepared, d: _Decision, now: dt.datetime) -> list[Event]:
@@ -250,7 +273,8 @@ class Outcomes:
         try:
             async with self.k.store.begin() as conn:
                 done = await conn.execute(sa.update(messages).where(
-                    messages.c.id == p.row["id"], *_ours(p.row)).values(**bare))
+                    messages.c.id == p.row["id"], *_ours(p.row)).values(
+                    **_unless_forgotten(p, bare)))
         except StoreUnavailable:
             raise
         except Exception as exc:  # left `sending`: the next start makes it `unknown`

@@ -397,12 +397,12 @@ class DeliveryService:
         msg_id = await self.queue(kind="test", template=template, to_address=to, user_id=user,
                                   data=data)
         self.wake()
-        status = "queued"
+        status, error = "queued", None
         with anyio.move_on_after(TEST_WAIT):
             while status not in FINAL:
                 await anyio.sleep(0.05)
-                status = await self._status_of(msg_id)
-        return {"message": msg_id, "status": status}
+                status, error = await self._status_of(msg_id)
+        return {"message": msg_id, "status": status, "error": error}
 
     async def _action_retry(self, args: Mapping[str, object]) -> object:
         mid = args.get("message")
@@ -431,7 +431,10 @@ class DeliveryService:
         assert mid is not None  # no dedupe key: always inserted
         return mid
 
-    async def _status_of(self, mid: int) -> str:
+    async def _status_of(self, mid: int) -> tuple[str, str | None]:
+        """The message's status and its last error (None: none)."""
         async with self.k.store.connect() as conn:
-            return str((await conn.execute(
-                sa.select(messages.c.status).where(messages.c.id == mid))).scalar_one())
+            status, error = (await conn.execute(
+                sa.select(messages.c.status, messages.c.last_error)
+                .where(messages.c.id == mid))).one()
+        return str(status), None if error is None else str(error)

@@ -59,6 +59,7 @@ class UserView:
     segments: tuple[Mapping[str, object], ...]
     campaigns: tuple[Mapping[str, object], ...]
     devices: tuple[Mapping[str, object], ...] = ()  # push tokens (segflowd.ingest.devices)
+    messages: tuple[Mapping[str, object], ...] = ()  # the latest USER_MESSAGES, newest first
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -69,6 +70,7 @@ class UserView:
             "segments": [dict(s) for s in self.segments],
             "campaigns": [dict(c) for c in self.campaigns],
             "devices": [dict(d) for d in self.devices],
+            "messages": [dict(m) for m in self.messages],
         }
 
 
@@ -252,7 +254,25 @@ async def read_user(conn: AsyncConnection, user_id: str) -> UserView | None:
              "ended_at": _iso(f.ended_at), "wake_at": _iso(f.wake_at)}
             for f in flows),
         devices=tuple(await devices_of(conn, user_id)),
+        messages=tuple(await _messages_of(conn, user_id)),
     )
+
+
+USER_MESSAGES = 20  # messages GET /v1/users/{id} shows, newest first
+
+
+async def _messages_of(conn: AsyncConnection, user_id: str) -> list[dict[str, object]]:
+    """The user's latest messages: to whom each went (``to``: null until delivery records
+    the address it used), its status and its last error."""
+    m = schema.messages.c
+    rows = await conn.execute(
+        sa.select(m.id, m.kind, m.campaign, m.transaction, m.template, m.to_address, m.status,
+                  m.last_error, m.created_at, m.sent_at)
+        .where(m.user_id == user_id).order_by(m.id.desc()).limit(USER_MESSAGES))
+    return [{"id": int(r.id), "kind": r.kind, "campaign": r.campaign,
+             "transaction": r.transaction, "template": r.template, "to": r.to_address,
+             "status": r.status, "error": r.last_error, "created_at": _iso(r.created_at),
+             "sent_at": _iso(r.sent_at)} for r in rows]
 
 
 async def forget_user(conn: AsyncConnection, user_id: str, now: dt.datetime) -> bool:

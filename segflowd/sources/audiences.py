@@ -32,6 +32,7 @@ from ..ingest.users import check_email, forgotten_among, merge_attributes
 from ..schema import audience_members, users
 from ..store import Store
 from .datasources import DataSources
+from .picked import PickError, check_values, picked_name
 from .pools import Row
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from ..kernel import Kernel
 
 __all__ = ["AudienceService", "AudienceStatistics", "SyncResult"]
+
+PREVIEW_SAMPLE = 5  # profiles shown by a dry run
 
 log = structlog.get_logger("segflowd.audiences")
 
@@ -94,6 +97,7 @@ class AudienceService:
         self._failures = 0
         self._profiles = 0
         k.actions["audiences.list"] = self._action_list
+        k.actions["audiences.pick"] = self._action_pick
         k.stats["audiences"] = self.statistics
 
     # -- service -----------------------------------------------------------------------
@@ -168,6 +172,44 @@ class AudienceService:
                            joined=result.joined, left=result.left, updated=result.updated)
         return result
 
+    async def sync_picked(self, data_source: str, values: Mapping[str, object]
+                          ) -> SyncResult:
+        """Sync the audience of a pick (a data source's values chosen at run time) under
+        its generated segment name (:func:`~segflowd.sources.picked.picked_name`) now.
+
+        PickError or SourceError for a bad pick, before anything is written; a failure
+        while syncing removes nobody (as for declared audiences)."""
+        name = self._picked(data_source, values)
+        async with self._locks.setdefault(name, anyio.Lock()):
+            result = await self._sync(name, data_source, values, self.k.clock.now())
+        self._syncs += 1
+        self._profiles += result.size
+        log.info("audience.synced", audience=name, size=result.size, joined=result.joined,
+                 left=result.left, updated=result.updated, picked=True)
+        self.k.bus.publish("audience.synced", audience=name, size=result.size,
+                           joined=result.joined, left=result.left, updated=result.updated)
+        return result
+
+    async def preview(self, data_source: str, values: Mapping[str, object],
+                      sample: int = PREVIEW_SAMPLE) -> dict[str, object]:
+        """A pick's audience without writing anything: its size and the first
+        ``sample`` profiles (with their preload row as ``profile``, if any)."""
+        name = self._picked(data_source, values)
+        count, rows = 0, list[Row]()
+        async for batch in self.ds.audience(data_source, values):
+            count += len(batch)
+            rows.extend(batch[:max(0, sample - len(rows))])
+        for r in rows:
+            pre = await self.ds.preload(data_source, str(r["profile_id"]), values)
+            if pre is not None:
+                r["profile"] = pre
+        return {"segment": name, "data_source": data_source, "values": dict(values),
+                "count": count, "sample": rows}
+
+    def _picked(self, data_source: str, values: Mapping[str, object]) -> str:
+        check_values(self.ds.get(data_source), values)
+        return picked_name(data_source, values)
+
     async def _sync(self, audience: str, data_source: str, values: Mapping[str, object],
                     now: dt.datetime) -> SyncResult:
         store = self.k.store
@@ -236,6 +278,23 @@ class AudienceService:
                           for a in self.ds.audiences.values()
                           for st in [self._state.get(a.name, _State())]],
         }
+
+    async def _action_pick(self, args: Mapping[str, object]) -> object:
+        """``audiences.pick``: ``data_source`` and ``values`` (an object of typed values);
+        with ``dry_run`` its size and a sample, else synced now under its generated
+        segment (which ``broadcast.launch`` then sends to)."""
+        name = args.get("data_source")
+        values = args.get("values", {})
+        if not isinstance(name, str) or not name:
+            raise PickError("data_source is required: the data source whose audience to pick")
+        if not isinstance(values, Mapping):
+            raise PickError("values must be a JSON object of the audience's placeholders")
+        if args.get("dry_run"):
+            return await self.preview(name, values)
+        r = await self.sync_picked(name, values)
+        return {"segment": r.audience, "data_source": name, "values": dict(values),
+                "size": r.size, "joined": r.joined, "left": r.left, "updated": r.updated,
+                "skipped": r.skipped, "forgotten": r.forgotten}
 
     def statistics(self) -> AudienceStatistics:
         return AudienceStatistics(

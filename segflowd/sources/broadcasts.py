@@ -17,6 +17,12 @@ audience segment. What a caller may rely on:
   If the campaign is paused while its broadcast runs, the broadcast holds (still
   ``running``; nobody is counted done or skipped) and goes on once the campaign resumes,
   across a restart too.
+* **Picked audiences** (pick-and-send): ``broadcast.launch`` with ``data_source`` and
+  ``values`` instead of ``segment`` first syncs that audience (the ``audiences.pick``
+  action of the audience service) under its generated segment name, then broadcasts
+  to its members in ``audience_members``; with ``dry_run`` it only reports the
+  audience's size and a sample. The broadcast row names the generated segment, so a
+  restart resumes it like any other.
 * **Progress** goes to the live bus as ``broadcast.progress`` (``done``/``total``), then
   ``broadcast.completed`` or ``broadcast.failed``; ``broadcast.held`` and
   ``broadcast.released`` mark a hold.
@@ -39,9 +45,10 @@ from anyio.abc import TaskGroup, TaskStatus
 from ..delivery.outbox import Queued, enqueue_many
 from ..errors import SegflowError
 from ..hooks import OutboxWaker
-from ..schema import broadcasts, segment_members
+from ..schema import audience_members, broadcasts, segment_members
 from ..store import is_unavailable
 from ..userlocks import existing_users
+from .picked import parse_name
 
 if TYPE_CHECKING:
     from ..http import Router
@@ -143,6 +150,43 @@ class BroadcastService:
                      campaign: str | None = None, data: Mapping[str, object] | None = None,
                      rate: float = DEFAULT_RATE, name: str | None = None) -> int:
         """Create a broadcast and start it; its id. BroadcastError for a bad request."""
+        self._check_target(template, campaign)
+        picked = self._is_picked(segment)
+        if not picked and segment not in self.k.app.segments:
+            known = ", ".join(sorted(self.k.app.segments)) or "none"
+            hint = "; or pick a data source's audience: data_source and values " \
+                "(segflowd broadcast --data-source NAME --values KEY=VALUE)" \
+                if self.k.app.data_sources else ""
+            raise BroadcastError(f"unknown segment {segment!r} (segments: {known}){hint}")
+        if not 0 < rate <= MAX_RATE:
+            raise BroadcastError(f"rate must be between 0 and {MAX_RATE:g} users per second")
+        now = self.k.clock.now()
+        table, key_col, _ = _members(picked)
+        async with self.k.store.begin() as conn:
+            total = (await conn.execute(sa.select(sa.func.count()).select_from(
+                table).where(key_col == segment))).scalar_one()
+            result = await conn.execute(sa.insert(broadcasts).values(
+                name=name, template=template, campaign=campaign, segment=segment,
+                data=dict(data or {}),
+                rate=float(rate), status="running", after=None, total=int(total), done=0,
+                created_at=now, updated_at=now))
+            key = result.inserted_primary_key
+            assert key is not None  # an INSERT of one row always has its key
+            bid = int(key[0])
+        self._launched += 1
+        log.info("broadcast.launched", broadcast=bid, segment=segment, template=template,
+                 campaign=campaign, total=total, rate=rate)
+        self.k.bus.publish("broadcast.launched", broadcast=bid, segment=segment,
+                           template=template, campaign=campaign, total=int(total))
+        self._start(bid)
+        return bid
+
+    def _is_picked(self, segment: str) -> bool:
+        """Whether ``segment`` is a picked audience's generated name (not an app segment)."""
+        return segment not in self.k.app.segments and \
+            parse_name(segment, self.k.app.data_sources) is not None
+
+    def _check_target(self, template: str | None, campaign: str | None) -> None:
         app = self.k.app
         if (template is None) == (campaign is None):
             raise BroadcastError("a broadcast sends a template or starts a campaign: "
@@ -161,31 +205,6 @@ class BroadcastService:
                 raise BroadcastError(
                     f"campaign {campaign!r} is paused, so the broadcast would start nobody: "
                     f"resume it first (segflowd resume {campaign})")
-        if segment not in app.segments:
-            known = ", ".join(sorted(app.segments)) or "none"
-            raise BroadcastError(f"unknown segment {segment!r} (segments: {known})")
-        if not 0 < rate <= MAX_RATE:
-            raise BroadcastError(f"rate must be between 0 and {MAX_RATE:g} users per second")
-        now = self.k.clock.now()
-        sm = segment_members.c
-        async with self.k.store.begin() as conn:
-            total = (await conn.execute(sa.select(sa.func.count()).select_from(
-                segment_members).where(sm.segment == segment))).scalar_one()
-            result = await conn.execute(sa.insert(broadcasts).values(
-                name=name, template=template, campaign=campaign, segment=segment,
-                data=dict(data or {}),
-                rate=float(rate), status="running", after=None, total=int(total), done=0,
-                created_at=now, updated_at=now))
-            key = result.inserted_primary_key
-            assert key is not None  # an INSERT of one row always has its key
-            bid = int(key[0])
-        self._launched += 1
-        log.info("broadcast.launched", broadcast=bid, segment=segment, template=template,
-                 campaign=campaign, total=total, rate=rate)
-        self.k.bus.publish("broadcast.launched", broadcast=bid, segment=segment,
-                           template=template, campaign=campaign, total=int(total))
-        self._start(bid)
-        return bid
 
     async def _action_launch(self, args: Mapping[str, object]) -> object:
         """``broadcast.launch``: segment, template or campaign, and optional rate, data and
@@ -205,17 +224,43 @@ class BroadcastService:
             rate = float(raw_rate)  # type: ignore[arg-type]  # a number or its text
         except (TypeError, ValueError):
             raise BroadcastError("rate must be a number of users per second") from None
+        template, campaign = args.get("template"), args.get("campaign")
+        template = None if template is None else str(template)
+        campaign = None if campaign is None else str(campaign)
         segment = args.get("segment")
+        if args.get("data_source") is not None:
+            if segment is not None:
+                raise BroadcastError("give a segment or a data_source (with values), "
+                                     "not both")
+            self._check_target(template, campaign)
+            picked = await self._pick(args)
+            if args.get("dry_run"):
+                return {**picked, "dry_run": True, "template": template,
+                        "campaign": campaign}
+            segment = picked["segment"]
+        elif args.get("dry_run"):
+            raise BroadcastError("dry_run previews a data source's audience: give "
+                                 "data_source and values")
         if not isinstance(segment, str):
             raise BroadcastError("segment is required: the segment (or audience segment) "
-                                 "to broadcast to")
-        template, campaign = args.get("template"), args.get("campaign")
+                                 "to broadcast to, or a data_source and its values")
         label = args.get("broadcast", args.get("name"))
         bid = await self.launch(
-            segment=segment, template=None if template is None else str(template),
-            campaign=None if campaign is None else str(campaign), data=dict(data),
+            segment=segment, template=template, campaign=campaign, data=dict(data),
             rate=rate, name=None if label is None else str(label)[:191])
         return await self.status(bid)
+
+    async def _pick(self, args: Mapping[str, object]) -> dict[str, object]:
+        """The audience service's ``audiences.pick`` for these arguments: a dry run's
+        preview, or the pick synced now (its reply names the generated segment)."""
+        pick = self.k.actions.get("audiences.pick")
+        if pick is None:
+            raise BroadcastError("this daemon has no data sources to pick an audience from")
+        reply = await pick({"data_source": args.get("data_source"),
+                            "values": args.get("values", {}),
+                            "dry_run": bool(args.get("dry_run"))})
+        assert isinstance(reply, dict)  # audiences.pick answers an object
+        return reply
 
     async def status(self, broadcast_id: int) -> dict[str, object]:
         """The broadcast's row as JSON-able values."""
@@ -282,7 +327,7 @@ class BroadcastService:
         Returns the seconds to wait before the next batch (the rate limit, or
         :data:`HOLD_POLL` while its campaign is paused), or None once the broadcast is
         finished. A store error propagates; nothing after the last commit counts as done."""
-        b, sm = broadcasts.c, segment_members.c
+        b = broadcasts.c
         clock = self.k.clock
         started = clock.monotonic()
         async with self.k.store.connect() as conn:
@@ -297,10 +342,11 @@ class BroadcastService:
                     self._hold(bid, row.campaign)
                     return HOLD_POLL
             size = max(1, min(MAX_BATCH, int(row.rate * BATCH_SECONDS)))
-            q = sa.select(sm.user_id).where(sm.segment == row.segment)
+            _, key_col, user_col = _members(self._is_picked(row.segment))
+            q = sa.select(user_col).where(key_col == row.segment)
             if row.after is not None:
-                q = q.where(sm.user_id > row.after)
-            user_ids = [r[0] for r in await conn.execute(q.order_by(sm.user_id).limit(size))]
+                q = q.where(user_col > row.after)
+            user_ids = [r[0] for r in await conn.execute(q.order_by(user_col).limit(size))]
         paused = False
         if user_ids and row.campaign is not None and self.flows is not None:
             # Outside the store transaction: the flow engine commits its own, and
@@ -379,6 +425,14 @@ class BroadcastService:
         return BroadcastStatistics(running=len(self._running), launched=self._launched,
                                    completed=self._completed, users_done=self._users,
                                    held=len(self._held), retries=self._retries)
+
+
+def _members(picked: bool) -> tuple[sa.Table, sa.Column[str], sa.Column[str]]:
+    """Where a broadcast's members are: a picked audience's in ``audience_members`` (the
+    segment engine does not evaluate it), any other segment's in ``segment_members``."""
+    if picked:
+        return audience_members, audience_members.c.audience, audience_members.c.user_id
+    return segment_members, segment_members.c.segment, segment_members.c.user_id
 
 
 def _short(exc: BaseException) -> str:

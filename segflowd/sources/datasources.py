@@ -25,6 +25,7 @@ import structlog
 from ..errors import SourceError
 from ..schema import audience_members
 from ..sourcedefs import CONTACT_COLUMNS, AudienceDef, DataSourceDef
+from .picked import parse_name
 from .pools import Row, SourceLookup
 from .values import json_row
 
@@ -108,8 +109,10 @@ class DataSources:
 class PreloadContext:
     """ContextProvider: the preload row of the user's audiences as template ``profile``.
 
-    The user's audiences are their ``audience_members`` rows; a data source is preloaded
-    once even if the user is in several of its audiences. A failing preload fails that
+    The user's audiences are their ``audience_members`` rows: declared audience segments,
+    and picked audiences, whose generated names record their data source and values
+    (:mod:`segflowd.sources.picked`). A data source is preloaded once even if the user is
+    in several of its audiences (declared ones first). A failing preload fails that
     message's render (the SourceError names the source), never the daemon.
     """
 
@@ -121,7 +124,7 @@ class PreloadContext:
     async def context_for(self, user_id: str,
                           data: Mapping[str, object]) -> Mapping[str, object]:
         audiences = self.ds.audiences
-        if not audiences:
+        if not audiences and not self.ds.defs:
             return {}
         am = audience_members.c
         async with self.store.connect() as conn:
@@ -129,12 +132,15 @@ class PreloadContext:
                 sa.select(am.audience).where(am.user_id == user_id).order_by(am.audience))]
         profile: dict[str, object] = {}
         done: set[str] = set()
-        for name in names:
-            a = audiences.get(name)
-            if a is None or a.data_source in done:
+        picks = [p for n in names if n not in audiences
+                 for p in [parse_name(n, self.ds.defs)] if p is not None]
+        declared = [(a.data_source, a.values) for n in names
+                    for a in [audiences.get(n)] if a is not None]
+        for data_source, values in declared + picks:
+            if data_source in done:
                 continue
-            done.add(a.data_source)
-            row = await self.ds.preload(a.data_source, user_id, a.values)
+            done.add(data_source)
+            row = await self.ds.preload(data_source, user_id, values)
             self.preloads += 1
             if row:
                 profile.update(row)

@@ -49,7 +49,7 @@ async def test_admin_subcommands_call_their_actions_with_typed_args(
     def recorder(name: str):  # type: ignore[no-untyped-def]
         async def action(args: Mapping[str, object]) -> object:
             calls.append((name, dict(args)))
-            return None
+            return {"message": 1, "status": "sent"} if name == "email.test" else None
         return action
 
     names = ["campaign.pause", "segment.refresh", "email.test", "message.retry",

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import anyio
 import pytest
-from control_harness import make_config, running_daemon, seed, short_tmp
+import sqlalchemy as sa
+from control_harness import T0, make_config, running_daemon, seed, short_tmp
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, RichLog, Select, Static
 
 from segflow_tui.app import FEED_LINES, SegflowTUI, main
 from segflow_tui.backend import SocketBackend
 from segflow_tui.render import FeedFilter
-from segflow_tui.screens import ActionScreen, ConfirmScreen, FunnelScreen, HelpScreen
+from segflow_tui.screens import (
+    ActionScreen,
+    ConfirmScreen,
+    DetailScreen,
+    FunnelScreen,
+    HelpScreen,
+)
+from segflowd import schema
+from segflowd.clock import utcnow
 from segflowd.config import Config
+from segflowd.control import queries
+from segflowd.dashboard import DashboardConfig
+from segflowd.store import Store
 
 pytestmark = pytest.mark.anyio
 
@@ -47,21 +61,73 @@ def rows(app: SegflowTUI, selector: str) -> int:
     return app.query_one(selector, DataTable).row_count
 
 
+LONG = "421 4.4.2 the receiving server closed the connection " + "x" * 300 + " END"
+
+
+async def seed_more(store: Store, now: dt.datetime) -> None:
+    """On top of seed(): u2's segment entries and exits, an open, a failure just now."""
+    async with store.begin() as conn:
+        await conn.execute(sa.insert(schema.segment_changes), [
+            {"segment": "vip", "user_id": "u2", "entered": True, "at": T0},
+            {"segment": "vip", "user_id": "u2", "entered": False,
+             "at": T0 + dt.timedelta(minutes=30)},
+        ])
+        await conn.execute(sa.insert(schema.engagement).values(
+            message_id=1, user_id="u1", kind="click", url="https://example.com/go",
+            created_at=T0 + dt.timedelta(minutes=5), hits=1, machine=False))
+        await conn.execute(sa.insert(schema.messages).values(
+            id=9, user_id="u3", kind="campaign", campaign="welcome", template="welcome_1",
+            status="failed", attempts=5, last_error=LONG, created_at=now, updated_at=now))
+
+
+async def test_health_and_journey_queries_on_each_store(store: Store) -> None:
+    now = utcnow()
+    await seed(store)
+    await seed_more(store, now)
+    health = await queries.health(store, now)
+    assert health is not None
+    assert health["failures_1h"] == 1  # seed's failures are months old
+    assert health["top_errors"] == [{"error": LONG, "where": "message", "count": 1}]
+    assert health["instances"] == {"failed": 1, "diverged": 0}
+    assert health["campaigns"] == {"welcome": {"entries_1h": 0, "failures_1h": 1}}
+    oldest = health["oldest_queued_s"]  # message 3, queued since T0 + 2 min
+    assert isinstance(oldest, float)
+    assert oldest == pytest.approx((now - T0 - dt.timedelta(minutes=2)).total_seconds())
+    u2 = await queries.user_detail(store, "u2")
+    assert u2 is not None
+    assert u2["segment_changes"] == [
+        {"segment": "vip", "entered": False, "at": T0 + dt.timedelta(minutes=30)},
+        {"segment": "vip", "entered": True, "at": T0}]
+    u1 = await queries.user_detail(store, "u1")
+    assert u1 is not None
+    assert [(e["kind"], e["url"]) for e in u1["engagement"]] == [
+        ("click", "https://example.com/go")]
+
+
 async def test_screens_show_the_daemons_data_and_keys_navigate_them(
         sqlite_url: str, folder: Path) -> None:
     config = make_config(folder, sqlite_url)
-    from segflowd.store import Store
-
+    config = dataclasses.replace(config, dashboard=DashboardConfig(failures_per_hour=1))
     store = Store.open(sqlite_url)
     await store.migrate()
     await seed(store)
+    await seed_more(store, utcnow())
     await store.close()
     async with running_daemon(config) as d:
         app = tui(config)
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.refreshes >= 1)
             assert "connected to segflowd 0.1.0" in text(app, "#conn")
-            assert "store:  sqlite, healthy" in text(app, "#summary")
+            assert "sqlite, healthy" in text(app, "#body-store")
+            panels = {p.key: p for p in app.panels}
+            assert panels["failures"].warnings == ("1 failures ≥ 1",)  # [dashboard] applies
+            assert app.query_one("#panel-failures").has_class("warn")
+            assert panels["store"].warnings == ()
+            assert "1 failed, 0 diverged" in text(app, "#body-instances")
+            await pilot.press("e")  # the error the panel cuts, in full
+            assert isinstance(app.screen, DetailScreen)
+            assert LONG in str(app.screen.query_one("#detail", Static).content)
+            await pilot.press("escape")
             await pilot.press("2")
             assert app.query_one("#tabs").active == "campaigns"  # type: ignore[attr-defined]
             assert rows(app, "#campaigns-table") == 2
@@ -76,10 +142,16 @@ async def test_screens_show_the_daemons_data_and_keys_navigate_them(
             await pilot.press(*"u2", "enter")
             await until(pilot, lambda: "welcome_1" in text(app, "#timeline"))
             assert "550 mailbox unavailable" in text(app, "#timeline")
+            assert "segment left          vip" in text(app, "#timeline")
+            assert "segment entered       vip" in text(app, "#timeline")
             await pilot.press("6")  # enter left the field: digits switch screens again
-            assert rows(app, "#messages-table") == 3
+            assert rows(app, "#messages-table") == 4
             await pilot.press("x")
-            await until(pilot, lambda: rows(app, "#messages-table") == 1)
+            await until(pilot, lambda: rows(app, "#messages-table") == 2)
+            await pilot.press("enter")  # the newest failure, its error in full
+            assert isinstance(app.screen, DetailScreen)
+            assert LONG in str(app.screen.query_one("#detail", Static).content)
+            await pilot.press("escape")
             await pilot.press("question_mark")
             assert isinstance(app.screen, HelpScreen)
             await pilot.press("escape")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 
 import httpx
@@ -53,3 +54,39 @@ def test_sync_batch_sends_segment_messages_with_basic_auth() -> None:
     items = json.loads(req.content)["batch"]
     assert [i["type"] for i in items] == ["identify", "track"]
     assert items[1]["messageId"] == "m1"
+
+
+@pytest.mark.parametrize(("given", "sent"), [
+    ("2026-03-01T09:00:00Z", "2026-03-01T09:00:00+00:00"),
+    ("2026-03-01T10:00:00+01:00", "2026-03-01T10:00:00+01:00"),
+    ("2026-03-01T09:00:00", "2026-03-01T09:00:00Z"),  # no offset: UTC
+    (dt.datetime(2026, 3, 1, 9, 0), "2026-03-01T09:00:00Z"),  # naive: UTC
+    (dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC), "2026-03-01T09:00:00+00:00"),
+])
+async def test_emit_takes_iso_strings_and_datetimes(given: object, sent: str) -> None:
+    seen: list[httpx.Request] = []
+    async with SegflowClient("http://sf", "k", transport=handler(seen)) as sf:
+        await sf.emit("u1", "login", timestamp=given)  # type: ignore[arg-type]
+    with SyncSegflowClient("http://sf", "k", transport=handler(seen)) as sync:
+        sync.emit("u1", "login", timestamp=given)  # type: ignore[arg-type]
+        sync.batch([BatchItem("u1", name="login", timestamp=given)])  # type: ignore[arg-type]
+    assert [json.loads(r.content)["timestamp"] for r in seen[:2]] == [sent, sent]
+    assert json.loads(seen[2].content)["batch"][0]["timestamp"] == sent
+
+
+@pytest.mark.parametrize("given", [1772355600, 1772355600.0, dt.date(2026, 3, 1), b"2026"])
+def test_a_timestamp_of_another_type_is_a_clear_type_error(given: object) -> None:
+    seen: list[httpx.Request] = []
+    with SyncSegflowClient("http://sf", "k", transport=handler(seen)) as sf:
+        with pytest.raises(TypeError, match="timestamp must be a datetime or an ISO-8601 "
+                                            "string, not "):
+            sf.emit("u1", "login", timestamp=given)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="timestamp must be"):
+            BatchItem("u1", name="login", timestamp=given)  # type: ignore[arg-type]
+    assert seen == []  # nothing was sent
+
+
+def test_a_string_that_is_no_time_is_a_value_error_naming_it() -> None:
+    with SyncSegflowClient("http://sf", "k", transport=handler([])) as sf, \
+            pytest.raises(ValueError, match="timestamp 'yesterday' is not an ISO-8601"):
+        sf.emit("u1", "login", timestamp="yesterday")

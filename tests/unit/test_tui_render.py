@@ -25,6 +25,7 @@ def test_feed_line_shows_time_kind_and_fields() -> None:
 def test_timeline_orders_a_users_journey_oldest_first() -> None:
     lines = timeline(USER).plain.splitlines()
     steps = [line[21:43].strip() for line in lines if line[:4] == "2026"]
-    assert steps == ["event", "email sent", "segment entered", "flow started", "send_email",
-                     "wait"]
+    assert steps == ["segment entered", "event", "email sent", "segment entered",
+                     "flow started", "send_email", "wait", "segment left", "email opened",
+                     "email clicked"]
     assert short_time("2026-03-01T09:00:00.123456Z") == "2026-03-01 09:00:00"
