@@ -93,8 +93,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None  # the header or body bound
         self._in_headers = False  # between a request's first byte and its headers' end
         self._awaiting_body = False  # between a request's headers' end and its last byte
-        self._header_bytes = 0  # request line and header lines parsed so far
         self._raw = 0  # bytes of chunks that fell wholly in the header phase
+        self._chunk = 0  # bytes of the chunk being parsed
+        self._span = 0  # bytes received since the last head ended (the current chunk whole)
         self._requests = 0  # headers completed on this connection
         self._rejection: tuple[int, str, str] | None = None
 
@@ -174,6 +175,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         began_in_headers, requests = self._in_headers, self._requests
+        self._chunk = len(data)
+        self._span += self._chunk
         super().data_received(data)
         if self.transport.is_closing():
             return
@@ -206,21 +209,26 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
-        self._header_bytes = self._raw = 0
-
-    def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        self._count(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)  # "name: value\r\n"
-        if len(self.headers) >= self.shared.limits.max_headers:
-            self._rejection = (431, "too_many_headers",
-                               f"more than {self.shared.limits.max_headers} header lines")
-            raise _LimitExceeded
-        super().on_header(name, value)
+        self._raw = 0
 
     def on_headers_complete(self) -> None:
+        # The caps are checked once the parser has the whole head, not per header line:
+        # a callback of ours per line costs every request. What one head can hold before
+        # then is bounded by the chunk read from the socket (and, across chunks, by _raw).
+        limits = self.shared.limits
+        if len(self.headers) > limits.max_headers:
+            self._rejection = (431, "too_many_headers",
+                               f"more than {limits.max_headers} header lines")
+            raise _LimitExceeded
+        # The head lies within the chunks received since the last head ended (_span, the
+        # current chunk counted whole): when they are within the cap, so is the head (the
+        # usual case: nothing to add up).
+        if self._span > limits.max_header_bytes and (
+                len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+                > limits.max_header_bytes):  # the request line and "name: value\r\n"s
+            self._rejection = self._too_large()
+            raise _LimitExceeded
+        self._span = self._chunk  # a next head may begin in what is left of this chunk
         self._in_headers = False
         self._awaiting_body = True
         self._requests += 1
@@ -242,12 +250,6 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.timeout_keep_alive_task is not None:  # nothing pipelined: idle again
             self.shared.idle.pop(self, None)
             self.shared.idle[self] = None
-
-    def _count(self, n: int) -> None:
-        self._header_bytes += n
-        if self._header_bytes > self.shared.limits.max_header_bytes:
-            self._rejection = self._too_large()
-            raise _LimitExceeded
 
     def _too_large(self) -> tuple[int, str, str]:
         return (431, "headers_too_large", "request line and headers over "

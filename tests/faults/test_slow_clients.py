@@ -272,6 +272,24 @@ def raw_request(port: int, request: bytes) -> tuple[bytes, socket.socket]:
     return head + b"\r\n\r\n" + body, s
 
 
+def responses_until_close(s: socket.socket) -> list[bytes]:
+    """Every response on ``s`` until the server closes it (each head and its body)."""
+    s.settimeout(REQUEST_TIMEOUT)
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := s.recv(65536):
+            data += chunk
+    s.close()
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        out.append(head + b"\r\n\r\n" + rest[:length])
+        data = rest[length:]
+    return out
+
+
 def status_and_error(response: bytes) -> tuple[int, dict[str, object]]:
     head, _, body = response.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -293,6 +311,20 @@ def test_header_caps_431_full_house_503_and_idle_keepalive_closed(
         status, error = status_and_error(response)
         assert status == 431
         assert error["error"]["code"] == error["code"] == "headers_too_large"  # type: ignore[index]
+
+        # A head over the cap in two pieces, each under it, and one behind a small
+        # request in the same chunk (pipelined): both still 431.
+        s = connect(port)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 3000 + b"\r\n")
+        time.sleep(0.2)  # a chunk of its own
+        s.sendall(b"X-B: " + b"b" * 3000 + b"\r\n\r\n")
+        assert [status_and_error(r)[0] for r in responses_until_close(s)] == [431]
+        s = connect(port)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + b"GET /healthz HTTP/1.1"
+                  b"\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+        # (the whole chunk is parsed at once: the connection closes with the 431, maybe
+        # before the first request's answer was written)
+        assert [status_and_error(r)[0] for r in responses_until_close(s)][-1:] == [431]
 
         many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(
             b"X-H%d: 1\r\n" % i for i in range(40)) + b"\r\n"
