@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Iterator, Mapping
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import anyio
@@ -208,8 +210,29 @@ async def test_an_admin_action_runs_only_after_confirmation(sqlite_url: str, fol
     assert resumed == ("campaign.resume", "campaign.resume is not available in this daemon")
 
 
+@pytest.fixture
+async def loop_errors_named() -> AsyncIterator[None]:
+    """Print what the event loop reports (the callback, not just its exception) before
+    anyio fails the test with it: one CI run saw an InvalidStateError from a callback
+    here that 60 runs alone never showed, and its traceback did not name the callback."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def report(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        print(f"event loop: {context.get('message')!r} handle={context.get('handle')!r} "
+              f"future={context.get('future')!r}", file=sys.stderr)
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(report)
+    yield
+    loop.set_exception_handler(previous)
+
+
 async def test_tui_says_the_daemon_restarted_and_reconnects_by_itself(
-        sqlite_url: str, folder: Path) -> None:
+        sqlite_url: str, folder: Path, loop_errors_named: None) -> None:
     config = make_config(folder, sqlite_url)
     app = tui(config)
     async with app.run_test(size=SIZE) as pilot:
