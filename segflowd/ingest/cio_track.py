@@ -188,7 +188,7 @@ class CustomerioTrack:
                 done = await merge.merge_users(conn, ids["primary"], ids["secondary"], now)
         except merge.MergeError as exc:
             raise HTTPError(404, "not_found", f"{exc.field}: {exc}") from None
-        self._committed(IngestBatch(
+        self.svc.committer.announce(IngestBatch(  # as the committer's own commits do
             users=frozenset({done.primary}), events=(), deleted=frozenset({done.secondary}),
             left={done.secondary: done.left} if done.left else {}))
         if done.added:
@@ -218,10 +218,6 @@ class CustomerioTrack:
                 await self.svc.committer.submit([UserWrite(done.primary, lost)])
         except StoreUnavailable as exc:  # the merge itself is committed: answer so
             log.warning("user.merge_reapply_failed", primary=done.primary, error=str(exc))
-
-    def _committed(self, batch: IngestBatch) -> None:
-        """Tell the committer's sinks and hooks, as its own commits do."""
-        self.svc.committer.announce(batch)
 
     async def _resolve(self, by: str, value: str, field: str) -> str:
         """The user id of an ``id`` or ``email`` identifier; 404/409 when not one user."""

@@ -228,8 +228,7 @@ class GroupCommitter:
         self._stored += sum(not d for r in results for d in r.duplicates)
         if len(self._known) > KNOWN_USERS_MAX:
             self._known.clear()
-        self._known.update(ingest.users)
-        self._known.difference_update(ingest.deleted)
+        self._known.update(ingest.users)  # the deleted leave it in announce()
         self._dups += sum(sum(r.duplicates) for r in results)
         self._last_rows, self._last_ms = rows, elapsed
         self._max_rows = max(self._max_rows, rows)

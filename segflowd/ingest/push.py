@@ -17,11 +17,11 @@ reason (a bounce, a complaint) is left alone.
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 
 import sqlalchemy as sa
 
 from .. import schema
+from ..delivery.prepare import bare_address
 from ..store import Store
 
 __all__ = ["PUSH_KINDS", "SUPPRESS_REASON", "SUPPRESS_SOURCE", "bare_address",
@@ -69,11 +69,6 @@ async def record_push(store: Store, message_id: int, kind: str, at: dt.datetime
                                .values(hits=e.hits + 1, last_at=at))
     return {"message": int(row.id), "user_id": row.user_id, "template": row.template,
             "campaign": row.campaign}
-
-
-def bare_address(address: str) -> str:
-    """The lower-cased addr-spec of ``Name <a@b>``: the suppression list's key."""
-    return email.utils.parseaddr(address)[1].strip().lower() or address.strip().lower()
 
 
 async def suppress(store: Store, address: str, detail: str, now: dt.datetime) -> bool:

@@ -48,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..bus import Subscription
 from ..delivery.outbox import SEND_KEY_PREFIX, enqueue
+from ..delivery.prepare import MARKETING_TOPIC
 from ..delivery.templates import OVERRIDES, override_problem
 from ..hooks import OutboxWaker
 from ..http import HTTPError, Request, Response, json_response
@@ -66,7 +67,6 @@ DEDUPE_PREFIX = SEND_KEY_PREFIX  # messages.dedupe_key of a send: the key or a r
 MAX_OVERRIDE = 100_000  # characters of a subject or body given in a send
 NO_RETENTION = "$no_retention"  # data key marking a message whose data goes after sending
 FINAL = frozenset({"message.sent", "message.failed", "message.suppressed", "message.unknown"})
-MARKETING_TOPIC = "marketing"
 _APP_FIELDS = frozenset({"transactional_message_id", "to", "identifiers", "message_data",
                          "subject", "body", "send_to_unsubscribed",
                          "disable_message_retention"})
