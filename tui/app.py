@@ -36,6 +36,7 @@ from segflowd.errors import ControlReplyError, ControlUnavailable
 
 from .backend import Backend
 from .dashboard import PanelView, error_details
+from .pick import PickSendScreen
 from .render import (
     FeedFilter,
     feed_line,
@@ -94,6 +95,7 @@ class SegflowTUI(App[None]):
         Binding("question_mark", "help", "help"),
         Binding("ctrl+r", "refresh", "refresh"),
         Binding("a", "any_action", "action"),
+        Binding("b", "pick_send", "pick & send", show=False),
         Binding("e", "details", "full text"),
         Binding("escape", "leave_field", "leave field", show=False),
         *[Binding(str(i + 1), f"show_tab('{t}')", t, show=False) for i, t in enumerate(TABS)],
@@ -273,6 +275,8 @@ class SegflowTUI(App[None]):
         self._pending.clear()
         self.events_seen += len(batch)
         self._recent.extend(batch)
+        if isinstance(self.screen, PickSendScreen):  # a broadcast's progress
+            self.screen.feed(batch)
         self._write_feed(batch)
 
     def _write_feed(self, events: Sequence[Mapping[str, object]]) -> None:
@@ -390,6 +394,9 @@ class SegflowTUI(App[None]):
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
+
+    def action_pick_send(self) -> None:
+        self.push_screen(PickSendScreen(self.backend))
 
     def action_refresh(self) -> None:
         self._refresh_now()

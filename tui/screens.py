@@ -50,6 +50,7 @@ HELP = """\
   1 dashboard  2 campaigns  3 activity  4 segments  5 user  6 messages
 [b]Everywhere[/b]
   ?  this help    ctrl+r  refresh now    a  any admin action    q  quit
+  b  pick & send: a data source's row → its audience → a template → send
 [b]Dashboard[/b]
   a red panel that says WARNING: a threshold (\\[dashboard]) is crossed
   e  the last hour's top errors in full

@@ -10,6 +10,7 @@ or not settled in time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from collections.abc import Callable, Mapping
 import anyio
 
 from ..control.client import ControlClient, resolve_socket
+from ..dashboard import DashboardConfig
 from ..errors import ConfigError, ControlError
 from . import pickbroadcast
 
@@ -204,6 +206,45 @@ def _num(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+def _health(st: Mapping[str, object]) -> tuple[list[str], list[str]]:
+    """The dashboard's health figures as lines, and what it warns about: the same
+    thresholds (the daemon's ``[dashboard]``, sent as ``dashboard``) as segflow-tui."""
+    if "health" not in st:
+        return [], []
+    h = st.get("health")
+    if not isinstance(h, Mapping):
+        return ["health: unknown (the store did not answer)"], []
+    sent = st.get("dashboard")
+    t = {**dataclasses.asdict(DashboardConfig()), **(sent if isinstance(sent, Mapping) else {})}
+    raw = h.get("instances")
+    inst: Mapping[str, object] = raw if isinstance(raw, Mapping) else {}
+    fails, oldest = h.get("failures_1h"), h.get("oldest_queued_s")
+    bad = sum(int(v) for v in inst.values() if isinstance(v, int))
+    age = format_duration(oldest) if isinstance(oldest, int | float) else "-"
+    lines = [f"health: {_num(fails)} failures in the last hour, oldest queued message {age}, "
+             f"instances {_num(inst.get('failed'))} failed, {_num(inst.get('diverged'))} "
+             "diverged"]
+    warn = []
+    if isinstance(fails, int) and fails >= t["failures_per_hour"]:
+        warn.append(f"{fails} failures in the last hour (warns at {t['failures_per_hour']})")
+    if bad >= t["failed_instances"]:
+        warn.append(f"{bad} instances failed or diverged: restart or terminate them")
+    if isinstance(oldest, int | float) and oldest >= t["oldest_queued_s"]:
+        warn.append(f"the oldest queued message has waited {age}")
+    per = h.get("campaigns")
+    for name, c in sorted(per.items()) if isinstance(per, Mapping) else ():
+        n = c.get("failures_1h") if isinstance(c, Mapping) else None
+        if isinstance(n, int) and n >= t["campaign_failures_per_hour"]:
+            warn.append(f"campaign {name}: {n} failures in the last hour")
+    top = h.get("top_errors")
+    for e in top if isinstance(top, list) else []:
+        if isinstance(e, Mapping):
+            text = " ".join(str(e.get("error")).split())
+            lines.append(f"  {_num(e.get('count'))}x ({e.get('where')}) "
+                         f"{text if len(text) <= 100 else text[:99] + '…'}")
+    return lines, warn
+
+
 def format_status(st: Mapping[str, object]) -> str:
     """The human form of a ``status`` reply (tolerates any field being absent)."""
 
@@ -235,6 +276,9 @@ def format_status(st: Mapping[str, object]) -> str:
             lines.insert(1, f"ALARM:  provider {p.get('name')} ({p.get('plugin')}) is down "
                             f"since {p.get('outage_since')}: {p.get('outage_error')} "
                             "(its messages stay queued; it is probed until it answers)")
+    health, warnings = _health(st)
+    lines[1:1] = [f"WARNING: {w}" for w in warnings]
+    lines += health
     for area, values in get("stats").items():
         if isinstance(values, Mapping):
             flat = ", ".join(f"{k}={_num(v)}" for k, v in values.items()

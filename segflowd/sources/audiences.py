@@ -269,7 +269,8 @@ class AudienceService:
         return {
             "data_sources": [{"name": d.name, "source": d.source,
                               "discovery": d.discovery is not None,
-                              "preload": d.preload is not None}
+                              "preload": d.preload is not None,
+                              "placeholders": list(d.audience.names)}
                              for d in self.ds.defs.values()],
             "audiences": [{"segment": a.name, "data_source": a.data_source,
                            "values": {k: str(v) for k, v in a.values.items()},
