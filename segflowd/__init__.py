@@ -19,6 +19,7 @@ from .errors import (
     StoreError,
     StoreUnavailable,
     TemplateError,
+    WebhookFailed,
 )
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TemplateError",
+    "WebhookFailed",
     "__version__",
     "ago",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "CampaignDef",
     "Segflow",
     "SegmentDef",
+    "SmsTemplateDef",
     "TemplateDef",
     "TransactionDef",
     "ago",
@@ -168,6 +169,14 @@ class TemplateDef:
 
 
 @dataclasses.dataclass(frozen=True)
+class SmsTemplateDef:
+    name: str
+    text: str  # the Jinja2 source: given inline, or read from file= at definition
+    origin: Origin
+    file: str | None = None  # the file in the templates folder it came from, if any
+
+
+@dataclasses.dataclass(frozen=True)
 class TransactionDef:
     name: str
     event: str
@@ -204,6 +213,7 @@ class Segflow:
         self.segments: dict[str, SegmentDef] = {}
         self.campaigns: dict[str, CampaignDef] = {}
         self.templates: dict[str, TemplateDef] = {}
+        self.sms_templates: dict[str, SmsTemplateDef] = {}
         self.transactions: dict[str, TransactionDef] = {}
         self.data_sources: dict[str, DataSourceDef] = {}
         self.audiences: dict[str, AudienceDef] = {}  # audience segments, by segment name
@@ -308,10 +318,7 @@ class Segflow:
         follows the campaign's ``track=`` and then ``[email] track``).
         """
         origin = _caller()
-        _check_name("template", name, origin)
-        if name in self.templates:
-            raise AppError(f"{origin}: template {name!r} is already defined at "
-                           f"{self.templates[name].origin}")
+        self._new_template(name, origin)
         if not isinstance(subject, str) or not subject.strip():
             raise AppError(f"{origin}: template {name!r}: subject= must be a non-empty string")
         if not isinstance(html, str) or not html:
@@ -321,8 +328,37 @@ class Segflow:
         self.templates[name] = t
         return t
 
+    def sms_template(self, name: str, *, text: str | None = None,
+                     file: str | None = None) -> SmsTemplateDef:
+        """Register an SMS template: Jinja2 text, given inline (``text=``) or as a file
+        in the templates folder (``file="reminder.txt"``). Email and SMS templates share
+        one namespace, so a transaction's ``template=`` names either."""
+        origin = _caller()
+        self._new_template(name, origin)
+        if (text is None) == (file is None):
+            raise AppError(f"{origin}: SMS template {name!r}: give text= or file=, one of them")
+        if file is not None:
+            path = self.templates_dir / file
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise AppError(f"{origin}: SMS template {name!r}: cannot read {path}: "
+                               f"{exc}") from None
+        if not isinstance(text, str) or not text.strip():
+            raise AppError(f"{origin}: SMS template {name!r}: the text is empty")
+        t = SmsTemplateDef(name=name, text=text, origin=origin, file=file)
+        self.sms_templates[name] = t
+        return t
+
+    def _new_template(self, name: str, origin: Origin) -> None:
+        _check_name("template", name, origin)
+        other = self.templates.get(name) or self.sms_templates.get(name)
+        if other is not None:
+            raise AppError(f"{origin}: template {name!r} is already defined at {other.origin}")
+
     def transaction(self, name: str, *, event: str, template: str) -> TransactionDef:
-        """Register a transaction: each ``event`` sends ``template`` to its user at once."""
+        """Register a transaction: each ``event`` sends ``template`` (email or SMS) to its
+        user at once."""
         origin = _caller()
         _check_name("transaction", name, origin)
         if name in self.transactions:
@@ -404,7 +440,7 @@ class Segflow:
                 if seg not in self.segments:
                     out.append(f"{c.origin}: campaign {c.name!r} names unknown segment {seg!r}")
         for t in self.transactions.values():
-            if t.template not in self.templates:
+            if t.template not in self.templates and t.template not in self.sms_templates:
                 out.append(
                     f"{t.origin}: transaction {t.name!r} names unknown template {t.template!r}"
                 )

@@ -24,10 +24,19 @@ import re
 import tomllib
 import types
 import typing
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 
 from . import configcheck, configenv
+from .configchannels import (
+    SmsConfig,
+    WebhooksConfig,
+    check_sms,
+    check_webhooks,
+    parse_webhook_headers,
+)
+from .configmail import EmailConfig, check_email
 from .dashboard import DashboardConfig, check_dashboard
 from .errors import ConfigError
 
@@ -76,6 +85,8 @@ class DaemonConfig:
     drain_timeout: float = DEFAULT_DRAIN
     log_format: str = "auto"
     log_level: str = "info"
+    # The IANA time zone of users without a ``timezone`` attribute (SMS quiet hours).
+    default_timezone: str = "UTC"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,27 +136,6 @@ class HttpConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EmailConfig:
-    from_: str = "Segflow <segflow@localhost>"
-    reply_to: str = ""
-    provider: str = "outbox"
-    # The provider of marketing mail (campaigns, broadcasts); "" sends it through
-    # ``provider`` too. Apart, a complaint spike on a newsletter cannot hurt resets.
-    provider_marketing: str = ""
-    unsubscribe_mailto: str = ""
-    # delivery (segflowd/delivery.py): the HMAC key of unsubscribe/tracking tokens
-    # (secret or secret_env), tracking for every template, retries and polling.
-    secret: str = dataclasses.field(default="", repr=False)
-    # Older secrets: links they signed still verify (rotation); only ``secret`` signs.
-    secret_previous: tuple[str, ...] = dataclasses.field(default=(), repr=False)
-    track: bool = False
-    max_attempts: int = 5  # sends of one message before a transient error fails it
-    retry_base: float = 30.0  # seconds before the first retry; doubles each attempt
-    retry_max: float = 3600.0  # seconds: the longest wait between attempts
-    poll_interval: float = 1.0  # seconds between outbox polls when nobody wakes delivery
-
-
-@dataclasses.dataclass(frozen=True)
 class RetentionConfig:
     """How long finished data is kept (seconds; None keeps it forever); see
     :mod:`segflowd.retention.rules` for what is never pruned whatever its age."""
@@ -184,6 +174,8 @@ class Config:
     sources: Mapping[str, NamedTable]
     retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     dashboard: DashboardConfig = dataclasses.field(default_factory=DashboardConfig)
+    sms: SmsConfig = dataclasses.field(default_factory=SmsConfig)
+    webhooks: WebhooksConfig = dataclasses.field(default_factory=WebhooksConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -235,6 +227,8 @@ _SECTIONS: dict[str, type] = {
     "email": EmailConfig,
     "retention": RetentionConfig,
     "dashboard": DashboardConfig,
+    "sms": SmsConfig,
+    "webhooks": WebhooksConfig,
 }
 _NAMED = ("providers", "sources")
 
@@ -283,7 +277,12 @@ class _Parser:
             if not isinstance(table, dict):
                 raise self.error(name, f"[{name}] must be a table")
             table = self._env_overrides(name, dict(table), cls)
+            headers = table.pop("headers", {}) if name == "webhooks" else None
             sections[name] = self._build(cls, table, name)
+            if headers:
+                sections[name] = dataclasses.replace(
+                    typing.cast(WebhooksConfig, sections[name]), headers=parse_webhook_headers(
+                        headers, self._resolve_env_keys, self.error))
         named: dict[str, dict[str, NamedTable]] = {}
         for group in _NAMED:
             tables = data.get(group, {})
@@ -311,6 +310,8 @@ class _Parser:
             sources=named["sources"],
             retention=typing.cast(RetentionConfig, sections["retention"]),
             dashboard=typing.cast(DashboardConfig, sections["dashboard"]),
+            sms=typing.cast(SmsConfig, sections["sms"]),
+            webhooks=typing.cast(WebhooksConfig, sections["webhooks"]),
         )
         self._validate(config)
         return _absolutize(config)
@@ -434,37 +435,21 @@ class _Parser:
             raise self.error("daemon.drain_timeout", "must be a positive number of seconds")
         configcheck.check_store(c.store, self.error)
         check_dashboard(c.dashboard, self.error)
+        check_sms(c.sms, c.providers, (c.email.provider, c.email.provider_marketing),
+                  self.error)
+        check_webhooks(c.webhooks, self.error)
+        try:
+            zoneinfo.ZoneInfo(c.daemon.default_timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise self.error("daemon.default_timezone", "must be an IANA time zone (e.g. "
+                             f"Europe/Paris), not {c.daemon.default_timezone!r}") from None
         configcheck.check_http(c.http, self.error)
         configcheck.check_cors_origins(c.http.cors_origins, self.error)
         for i, key in enumerate(c.http.keys):
             if key.scope not in KEY_SCOPES:
                 raise self.error(f"http.keys[{i}].scope", f"key {key.name!r}: scope must be "
                                  f"one of {', '.join(KEY_SCOPES)}, not {key.scope!r}")
-        for name, table in c.providers.items():
-            plugin = table.options.get("plugin", name)
-            if not isinstance(plugin, str) or not plugin:
-                raise self.error(f"providers.{name}.plugin", "must name an entry point")
-        if c.email.provider not in c.providers:
-            known = ", ".join(sorted(c.providers)) or "none configured"
-            raise self.error(
-                "email.provider", f"names no [providers.{c.email.provider}] table ({known})"
-            )
-        if c.email.secret_previous and not c.email.secret:
-            raise self.error("email.secret_previous", "needs [email] secret too: only it signs, "
-                             "the previous secrets verify links already sent")
-        marketing = c.email.provider_marketing
-        if marketing and marketing not in c.providers:
-            known = ", ".join(sorted(c.providers)) or "none configured"
-            raise self.error("email.provider_marketing",
-                             f"names no [providers.{marketing}] table ({known})")
-        for name in dict.fromkeys((c.email.provider, marketing or c.email.provider)):
-            plugin = c.providers[name].options.get("plugin", name)
-            if not c.http.public_url and plugin != "outbox":
-                raise self.error(
-                    "http.public_url",
-                    f"required when mail goes out through [providers.{name}] "
-                    f"({plugin}): the unsubscribe and tracking links in every message "
-                    "point at it (e.g. https://mail.example.com)")
+        check_email(c.email, c.providers, c.http.public_url, self.error)
         for name, table in c.sources.items():
             if not table.get_str("url"):
                 raise self.error(f"sources.{name}.url",

@@ -29,6 +29,7 @@ from .bus import Bus
 from .clock import Clock, SystemClock
 from .config import Config
 from .control.service import ControlService
+from .delivery.outcallservice import OutcallService
 from .delivery.service import DeliveryService
 from .errors import ListenError, SegflowError
 from .flows.service import FlowService
@@ -98,6 +99,10 @@ def build_services(k: Kernel) -> list[Service]:
     services.append(flows)
     membership_sinks.append(flows)
     ingest_sinks.append(flows)
+    # -- outbound webhooks (rt.webhook's calls; idle without any) --
+    outcalls = OutcallService(k, on_final=flows.schedule)  # a final call wakes its flow
+    services.append(outcalls)
+    wakers.append(outcalls)
     # -- segments and transactions --
     segment_service = SegmentService(k, membership_sinks=membership_sinks)
     transaction_service = TransactionService(k, wakers=wakers)

@@ -10,6 +10,7 @@
     │   └── StoreLocked          another segflowd runs on the store (names it; exit 2)
     ├── ProviderError            a delivery provider could not be loaded or configured
     ├── FlowError                a campaign flow misused the runtime (bad wait, unknown source)
+    │   └── WebhookFailed        an ``rt.webhook`` call failed for good (thrown into the flow)
     ├── TokenError               a signed link token is malformed, forged or for elsewhere
     ├── IngestError              the store refused ingested data (HTTP 422)
     ├── ListenError              the HTTP listener could not be bound
@@ -46,6 +47,7 @@ __all__ = [
     "StoreUnavailable",
     "TemplateError",
     "TokenError",
+    "WebhookFailed",
 ]
 
 
@@ -110,6 +112,15 @@ class FlowError(SegflowError):
     """A campaign flow misused the runtime (a bad argument, a condition on an unknown source).
 
     It fails that instance, never the daemon; ``str(exc)`` is stored as its error.
+    """
+
+
+class WebhookFailed(FlowError):
+    """An ``rt.webhook`` call failed for good: refused by ``[webhooks] allow``, or its last
+    attempt (``[webhooks] max_attempts``) met a connection error, a timeout, a 5xx or a 429.
+
+    Thrown into the flow at its ``yield``, which may catch it; uncaught, the instance fails
+    with ``str(exc)`` as its error.
     """
 
 

@@ -13,10 +13,15 @@ three bounds, and the number of connections under one cap:
   (if no answer started) and close; the handler sees the client gone.
 * ``keepalive_timeout``: uvicorn's own, between a response and the next request's first
   byte.
-* ``max_connections``: a connection past it first closes the connection idle the
-  longest (no request running on it: waiting for a request, or in its headers), so
-  idle sockets never lock out a real client; only when every connection is running a
-  request is the newcomer answered 503 with ``Retry-After`` and closed.
+* ``max_connections``: a connection past it first closes an idle connection (no
+  request running on it: waiting for a request, or in its headers), the one nearest
+  its own bound (with equal bounds, the one idle the longest), so idle sockets never
+  lock out a real client; only when every connection is running a request is the
+  newcomer answered 503 with ``Retry-After`` and closed.
+
+Per request, the guard adds three callbacks to uvicorn's parser (``data_received``,
+``on_message_begin``, ``on_headers_complete``) and no timer for a request that arrives
+whole: what the bounds cost is measured by ``bench/bounds.py``.
 * ``max_header_bytes`` and ``max_headers``: request line and headers past either are
   answered 431 and the connection closed, before any handler runs.
 
@@ -71,8 +76,6 @@ class _Shared:
     def __init__(self, limits: HttpLimits) -> None:
         self.limits = limits
         self.open: set[GuardedProtocol] = set()  # not yet closed by us or the client
-        # Connections with no request running, idle the longest first (dicts keep order).
-        self.idle: dict[GuardedProtocol, None] = {}
 
 
 class _LimitExceeded(Exception):
@@ -105,7 +108,6 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         shared = self.shared
         shared.open.add(self)
-        shared.idle[self] = None
         self._arm(shared.limits.header_timeout, self._header_timeout)
         if len(shared.open) > shared.limits.max_connections:
             self._make_room()
@@ -115,19 +117,37 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _make_room(self) -> None:
-        for other in self.shared.idle:
+        # The idle connection nearest its own closing (its keep-alive or header bound)
+        # goes: with equal bounds, the one idle the longest. Found here, by a scan, only
+        # when the cap is reached, rather than kept in order on every request.
+        victim, soonest = None, float("inf")
+        for other in self.shared.open:
             if other is not self:
-                other._close()  # changes the dict: stop iterating at once
-                return
+                deadline = other._idle_deadline()
+                if deadline is not None and deadline < soonest:
+                    victim, soonest = other, deadline
+        if victim is not None:
+            victim._close()
+            return
         self._reject(503, "overloaded", "too many connections; retry later",
                      {"retry-after": str(RETRY_AFTER)})
+
+    def _idle_deadline(self) -> float | None:
+        """When a connection with no request running (waiting for one, or in its
+        headers) would be closed by its own bound; None while a request runs on it."""
+        cycle = self.cycle
+        if self._awaiting_body or self.pipeline or not (
+                cycle is None or cycle.response_complete):
+            return None
+        times = [t.when() for t in (self.timeout_keep_alive_task, self._timer)
+                 if t is not None]
+        return min(times) if times else float("inf")
 
     def _forget(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self.shared.open.discard(self)
-        self.shared.idle.pop(self, None)
 
     def _close(self) -> None:
         self._forget()
@@ -193,7 +213,13 @@ class GuardedProtocol(HttpToolsProtocol):
             if self._timer is None:
                 self._arm(self.shared.limits.header_timeout, self._header_timeout)
         elif self._awaiting_body:
-            if self._timer is None:
+            if not self.cycle.more_body:  # the body's last byte came (uvicorn's own flag:
+                # no on_message_complete of ours, which would cost every request a call)
+                self._awaiting_body = False
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+            elif self._timer is None:
                 self._arm(self.shared.limits.body_timeout, self._body_timeout)
         elif (self._timer is None and self.timeout_keep_alive_task is None
               and (self.cycle is None or self.cycle.response_complete)):
@@ -210,6 +236,11 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_headers = True
         self._raw = 0
+        if self._awaiting_body:  # the last request's body ended in this chunk
+            self._awaiting_body = False
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     def on_headers_complete(self) -> None:
         # The caps are checked once the parser has the whole head, not per header line:
@@ -235,21 +266,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.shared.idle.pop(self, None)  # a request runs on it: not idle
         super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self._awaiting_body = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        super().on_message_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.timeout_keep_alive_task is not None:  # nothing pipelined: idle again
-            self.shared.idle.pop(self, None)
-            self.shared.idle[self] = None
 
     def _too_large(self) -> tuple[int, str, str]:
         return (431, "headers_too_large", "request line and headers over "

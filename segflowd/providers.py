@@ -26,17 +26,24 @@ __all__ = [
     "DELIVERY_OPTIONS",
     "ENTRY_POINT_GROUP",
     "MARKETING_KINDS",
+    "SMS_ENTRY_POINT_GROUP",
     "ForgettingProvider",
     "OutgoingMessage",
+    "OutgoingSms",
     "Provider",
     "ProviderContext",
     "SendError",
     "SendResult",
+    "SmsProvider",
     "available_providers",
     "load_provider",
+    "load_sms_provider",
 ]
 
 ENTRY_POINT_GROUP = "segflow.providers"
+# SMS providers register apart: a [providers.NAME] table named by [sms] provider is
+# built from this group, by the same rules.
+SMS_ENTRY_POINT_GROUP = "segflow.sms_providers"
 # Keys of a [providers.NAME] table that delivery reads itself; the plugin gets the rest.
 DELIVERY_OPTIONS = frozenset({"rate", "burst", "concurrency", "render_processes",
                               "webhook_username", "webhook_password", "webhook_topic_arn"})
@@ -72,6 +79,27 @@ class OutgoingMessage:
     @property
     def marketing(self) -> bool:
         """Whether this is marketing (bulk) mail: a campaign's or a broadcast's."""
+        return self.kind in MARKETING_KINDS
+
+
+@dataclasses.dataclass(frozen=True)
+class OutgoingSms:
+    """A rendered SMS ready to send: ``body`` to ``to`` (E.164, ``+14155550100``).
+
+    The sender (``from``) is the provider's own option. ``status_callback`` is the URL
+    at which the daemon takes the provider's delivery reports for this message (empty
+    when the daemon has no public URL): a provider that can report status sends them
+    there. ``kind`` as :attr:`OutgoingMessage.kind`.
+    """
+
+    id: int  # the outbox row
+    to: str
+    body: str
+    kind: str = ""
+    status_callback: str = ""
+
+    @property
+    def marketing(self) -> bool:
         return self.kind in MARKETING_KINDS
 
 
@@ -147,6 +175,21 @@ class Provider(Protocol):
 
 
 @runtime_checkable
+class SmsProvider(Protocol):
+    """Sends batches of SMS, with the answers and errors of :class:`Provider`."""
+
+    max_batch: int
+
+    async def send(self, messages: Sequence[OutgoingSms]) -> list[SendResult]:
+        """One result per message, in order (see :meth:`Provider.send`)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+@runtime_checkable
 class ForgettingProvider(Protocol):
     """A provider that keeps copies of what it sent where Segflow can reach them (the
     ``outbox`` provider's files) implements this too, so a forgotten user's go."""
@@ -157,21 +200,43 @@ class ForgettingProvider(Protocol):
         ...
 
 
-def available_providers() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+def available_providers(group: str = ENTRY_POINT_GROUP) -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=group))
 
 
 def load_provider(ctx: ProviderContext) -> Provider:
-    """Build the provider named by ``ctx.options["plugin"]`` (default: ``ctx.name``).
+    """Build the email provider named by ``ctx.options["plugin"]`` (default: ``ctx.name``).
 
     The plugin is given the options less :data:`DELIVERY_OPTIONS` (delivery's own keys).
     """
-    plugin = str(ctx.options.get("plugin", ctx.name))
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == plugin]
+    provider = _load(ctx, ENTRY_POINT_GROUP)
+    if not isinstance(provider, Provider):
+        raise ProviderError(f"[providers.{ctx.name}]: plugin {_plugin(ctx)!r} does not "
+                            "implement the Provider protocol (max_batch, send, aclose)")
+    return provider
+
+
+def load_sms_provider(ctx: ProviderContext) -> SmsProvider:
+    """Build the SMS provider of ``ctx`` from :data:`SMS_ENTRY_POINT_GROUP`, as
+    :func:`load_provider` builds an email one."""
+    provider = _load(ctx, SMS_ENTRY_POINT_GROUP)
+    if not isinstance(provider, SmsProvider):
+        raise ProviderError(f"[providers.{ctx.name}]: plugin {_plugin(ctx)!r} does not "
+                            "implement the SmsProvider protocol (max_batch, send, aclose)")
+    return provider
+
+
+def _plugin(ctx: ProviderContext) -> str:
+    return str(ctx.options.get("plugin", ctx.name))
+
+
+def _load(ctx: ProviderContext, group: str) -> object:
+    plugin = _plugin(ctx)
+    found = [ep for ep in entry_points(group=group) if ep.name == plugin]
     if not found:
-        known = ", ".join(available_providers()) or "none"
+        known = ", ".join(available_providers(group)) or "none"
         raise ProviderError(f"[providers.{ctx.name}]: no provider plugin {plugin!r} is "
-                            f"installed (entry points in {ENTRY_POINT_GROUP}: {known})")
+                            f"installed (entry points in {group}: {known})")
     try:
         factory = found[0].load()
     except Exception as exc:
@@ -180,12 +245,9 @@ def load_provider(ctx: ProviderContext) -> Provider:
     ctx = dataclasses.replace(ctx, options={
         k: v for k, v in ctx.options.items() if k not in DELIVERY_OPTIONS})
     try:
-        provider = factory(ctx)
+        provider: object = factory(ctx)
     except ProviderError:
         raise
     except Exception as exc:
         raise ProviderError(f"[providers.{ctx.name}]: {type(exc).__name__}: {exc}") from None
-    if not isinstance(provider, Provider):
-        raise ProviderError(f"[providers.{ctx.name}]: plugin {plugin!r} does not implement "
-                            "the Provider protocol (max_batch, send, aclose)")
     return provider

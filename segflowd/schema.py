@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 metadata = sa.MetaData()
 
@@ -223,6 +223,8 @@ messages = sa.Table(
     sa.Column("id", BigId, primary_key=True, autoincrement=True),
     sa.Column("user_id", Id, nullable=True),  # NULL once the user is forgotten
     sa.Column("kind", sa.String(16), nullable=False),  # campaign | transaction | test | broadcast
+    # email | sms | webhook (segflowd.delivery.channels); version 9
+    sa.Column("channel", sa.String(16), nullable=False, server_default="email"),
     sa.Column("campaign", Name, nullable=True),
     sa.Column("transaction", Name, nullable=True),
     sa.Column("instance_id", sa.BigInteger, nullable=True),
@@ -245,6 +247,8 @@ messages = sa.Table(
     sa.Column("created_at", Time, nullable=False),
     sa.Column("updated_at", Time, nullable=False),
     sa.Column("sent_at", Time, nullable=True),
+    # A webhook's answer for the flow that called it: {"status", "headers", "json", ...}
+    sa.Column("response", Json, nullable=True),
     sa.UniqueConstraint("dedupe_key", name="uq_messages_dedupe"),
     sa.Index("ix_messages_status_next", "status", "next_attempt_at"),  # delivery workers
     sa.Index("ix_messages_user", "user_id", "template"),  # opened()/clicked(), user view

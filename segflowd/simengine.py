@@ -15,7 +15,10 @@ time and who waits for whom:
 * Segments are refreshed at their due times by :class:`~segflowd.simrefresh.RefreshSchedule`,
   which first asks the store whether the refresh would change anything.
 * The store's statements run on the event loop's own thread (:mod:`segflowd.simstore`).
-* Delivery's provider is :class:`MemoryProvider` (rendered messages kept in memory);
+* ``rt.webhook`` calls are real HTTP calls (``[webhooks] allow`` applies), stepped with
+  delivery; their retries wait in virtual time.
+* Delivery's providers are :class:`~segflowd.simproviders.MemoryProvider` and
+  :class:`~segflowd.simproviders.MemorySmsProvider` (messages kept in memory);
   ``rt.condition`` is answered by the callables in ``SimEngine.answers``
   (:meth:`Simulation.source <segflowd.simulation.Simulation.source>`), else
   by the configured source itself.
@@ -31,7 +34,7 @@ import datetime as dt
 import heapq
 import itertools
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -44,6 +47,7 @@ from anyio.abc import TaskStatus
 from .app import Segflow
 from .bus import Bus, BusEvent
 from .config import Config
+from .delivery.outcallservice import OutcallService
 from .delivery.service import DeliveryService
 from .errors import AppError, SourceError
 from .flows.service import FlowService
@@ -53,10 +57,10 @@ from .ingest.committer import GroupCommitter
 from .ingest.service import IngestService
 from .kernel import Kernel
 from .metrics import Metrics
-from .providers import OutgoingMessage, SendResult
 from .schema import messages
 from .segments.engine import SegmentService
 from .segments.transactions import TransactionService
+from .simproviders import MemoryProvider, MemorySmsProvider, SentMessage
 from .simrefresh import RefreshSchedule
 from .simstore import run_inline
 from .sources.datasources import DataSources, PreloadContext
@@ -74,29 +78,11 @@ _CAUSAL = {"event": 0, "segment": 1}  # the rank of a bus event's kind within on
 API_KEY = "simulation"  # the bearer secret of the in-process API calls
 SETTLE_ROUNDS = 10_000  # passes over the engines at one moment before it is a runaway
 YIELDS = 10  # event-loop turns given to woken tasks before looking for their work
-MAX_BATCH = 1000  # messages the in-memory provider takes per call
 # Waits due within this are kept in the flow service's wheel: far more than the daemon's
 # minutes, so its loader reads the store every few simulated days, not at every moment.
 HORIZON = 7 * 86400.0  # seconds
 NUDGE = dt.timedelta(microseconds=1)  # a step past a deadline that fell between wheel ticks
 NUDGES = 1000  # nudges at one moment before the simulation is stuck
-
-
-@dataclasses.dataclass(frozen=True)
-class SentMessage:
-    """A rendered message that delivery handed to the (in-memory) provider."""
-
-    id: int  # the outbox row (what :meth:`Simulation.open` and ``click`` take)
-    user_id: str | None
-    template: str
-    subject: str
-    to: str
-    html: str
-    text: str
-    at: dt.datetime  # naive UTC, the simulation's clock
-    campaign: str | None
-    kind: str  # campaign, transaction, broadcast, test
-    mime: bytes  # the whole RFC 5322 message, as a provider would send it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,22 +136,6 @@ class VirtualClock:
         return woken
 
 
-class MemoryProvider:
-    """A provider that keeps every message it is given (and always succeeds)."""
-
-    def __init__(self) -> None:
-        self.max_batch = MAX_BATCH
-        self.messages: dict[int, OutgoingMessage] = {}
-
-    async def send(self, batch: Sequence[OutgoingMessage]) -> list[SendResult]:
-        for msg in batch:
-            self.messages[msg.id] = msg
-        return [SendResult(ok=True, provider_message_id=f"sim-{m.id}") for m in batch]
-
-    async def aclose(self) -> None:
-        return None
-
-
 class _OutboxFlag:
     """The OutboxWaker of the simulation: notes that messages were queued."""
 
@@ -212,6 +182,7 @@ class SimEngine:
         self.kernel = k = Kernel(config=config, app=app, store=self.store, clock=self.clock,
                                  bus=self.bus, metrics=Metrics())
         self.provider = MemoryProvider()
+        self.sms = MemorySmsProvider()
         self.answers: dict[str, Answer] = {}
         self.outbox = _OutboxFlag()
         # As build_services wires them, less the control socket, audiences, broadcasts
@@ -221,10 +192,11 @@ class SimEngine:
         if self.sources is not None:
             context.append(PreloadContext(
                 DataSources(self.sources, app.data_sources, app.audiences), self.store))
-        self.delivery = DeliveryService(k, context_providers=context,
-                                        providers={config.email.provider: self.provider})
+        self.delivery = DeliveryService(k, context_providers=context, providers={
+            config.email.provider: self.provider, config.sms.provider: self.sms})
         self.flows = FlowService(k, wakers=[self.outbox], workers=2, horizon=HORIZON,
                                  conditions=_Conditions(self.answers, self.sources))
+        self.outcalls = OutcallService(k, on_final=self.flows.schedule)  # rt.webhook's calls
         self.segments = SegmentService(k, membership_sinks=[self.flows])
         self.transactions = TransactionService(k, wakers=[self.outbox])
         sinks: list[IngestSink] = [self.flows, self.segments, self.transactions]
@@ -284,6 +256,9 @@ class SimEngine:
         await self.settle()
         while True:
             due = self.next_due()
+            held = await self._next_held()
+            if held is not None and (due is None or held < due):
+                due = held
             if due is None or due > end:
                 break
             now = self.clock.now()
@@ -300,12 +275,23 @@ class SimEngine:
             # A moment when only refreshes are due, and none would change anything (most
             # of them), needs nothing more.
             fire = self.flows.next_due()
+            if due == held:
+                self.outbox.woken = True  # delivery's poll would find it now
             if (await self._refresh() or woken or self.outbox.woken
                     or (fire is not None and fire <= due)):
                 await self.settle()
         if end > self.clock.now():
             self.clock.jump(end)
         await self.settle()
+
+    async def _next_held(self) -> dt.datetime | None:
+        """When the next message queued for later is due (a retry's backoff, an SMS held
+        for quiet hours): delivery sends it then, so time stops there too."""
+        m = messages.c
+        async with self.store.connect() as conn:
+            when = (await conn.execute(sa.select(sa.func.min(m.next_attempt_at)).where(
+                m.status == "queued", m.next_attempt_at > self.clock.now()))).scalar()
+        return when if isinstance(when, dt.datetime) else None
 
     async def _refresh(self) -> bool:
         """Refresh the segments due now that would change; whether any was refreshed."""
@@ -357,7 +343,7 @@ class SimEngine:
         await self.flows.settle()
         if self.outbox.woken:
             self.outbox.woken = False
-            while await self.delivery.run_once():
+            while await self.delivery.run_once() + await self.outcalls.run_once():
                 busy = True
         # A wheel deadline still due here is advance()'s to handle: it may lie a hair
         # before the tick it fires on.
@@ -386,6 +372,7 @@ class SimEngine:
                 msg = self.provider.messages.get(mid)
                 if msg is not None:
                     detail["subject"] = msg.subject
+                if msg is not None or mid in self.sms.messages:
                     sent.append((mid, e.data))
             self.timeline.append(TimelineEntry(now, e.kind, uid, detail))
         if not sent:
@@ -396,9 +383,16 @@ class SimEngine:
                 sa.select(messages.c.id, messages.c.campaign, messages.c.kind)
                 .where(messages.c.id.in_(ids)))}
         for mid, data in sent:
-            msg = self.provider.messages[mid]
             row = rows.get(mid)
             uid = data.get("user_id")
+            if mid in self.sms.messages:
+                self.sent.append(self.sms.sent(
+                    mid, user_id=uid if isinstance(uid, str) else None,
+                    template=str(data.get("template")), at=now,
+                    campaign=None if row is None else row.campaign,
+                    kind="" if row is None else str(row.kind)))
+                continue
+            msg = self.provider.messages[mid]
             self.sent.append(SentMessage(
                 id=mid, user_id=uid if isinstance(uid, str) else None,
                 template=str(data.get("template")), subject=msg.subject, to=msg.to,

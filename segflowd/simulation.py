@@ -52,6 +52,7 @@ from .simengine import API_KEY, Answer, SentMessage, SimEngine, TimelineEntry, m
 __all__ = ["Answer", "SentMessage", "Simulation", "TimelineEntry", "parse_time"]
 
 PROVIDER = "simulation"  # the provider name delivery sends through (in memory)
+SMS_PROVIDER = "simulation-sms"  # ... and SMS
 DEFAULT_FROM = "Segflow Simulation <simulation@example.com>"  # [email] from, unless given
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8787"  # base of rendered links, unless given
 LINK_SECRET = "simulation-link-key"  # signs tracking links, unless [email] secret is given
@@ -259,7 +260,9 @@ def _config(source: Mapping[str, object] | str | Path | None, folder: Path) -> C
         config, store=dataclasses.replace(
             config.store, url=f"sqlite+aiosqlite:///{folder / 'simulation.db'}"),
         email=dataclasses.replace(email, provider=PROVIDER, provider_marketing=""), http=http,
-        providers={PROVIDER: NamedTable(PROVIDER, {"plugin": PROVIDER})})
+        sms=dataclasses.replace(config.sms, provider=SMS_PROVIDER),
+        providers={PROVIDER: NamedTable(PROVIDER, {"plugin": PROVIDER}),
+                   SMS_PROVIDER: NamedTable(SMS_PROVIDER, {"plugin": SMS_PROVIDER})})
 
 
 def _merge(base: Mapping[str, object], over: Mapping[str, object]) -> dict[str, object]:

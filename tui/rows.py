@@ -40,6 +40,13 @@ def segment_row(s: Mapping[str, object]) -> list[str]:
 
 def message_row(m: Mapping[str, object]) -> list[str]:
     return [str(m.get("id")), short_time(m.get("created_at")), value(m.get("user_id")),
-            value(m.get("kind")), value(m.get("campaign") or m.get("transaction")),
+            _kind(m), value(m.get("campaign") or m.get("transaction")),
             value(m.get("template")), value(m.get("to")), value(m.get("status")),
             value(m.get("attempts")), str(m.get("last_error") or "")]
+
+
+def _kind(m: Mapping[str, object]) -> str:
+    """The message's kind, with its channel when it is not email: ``campaign sms``."""
+    channel = m.get("channel")
+    kind = value(m.get("kind"))
+    return kind if channel in (None, "email") else f"{kind} {channel}"

@@ -20,12 +20,14 @@ from ..app import Segflow, evaluating_at
 from ..clock import utcnow
 from ..config import Config
 from ..errors import AppError, SegflowError
-from ..providers import ProviderContext, load_provider
+from ..providers import ProviderContext, load_provider, load_sms_provider
 from ..segments.query import db_message, probe_segment, segment_select
 from ..store import Store
 from .checksources import check_data_sources
 from .checktemplates import template_problems, unknown_templates
 from .flowscan import scan_app
+from .smscheck import sms_template_problems, unknown_sms_templates
+from .webhookcheck import webhook_problems
 
 __all__ = ["public_url_warnings", "run_check"]
 
@@ -45,20 +47,29 @@ async def run_check(config: Config, app: Segflow, out: Callable[[str], None], *,
         f"{len(app.templates)} templates, {len(app.transactions)} transactions")
     calls = scan_app(app)
     problems.extend(unknown_templates(app, calls))
+    problems.extend(unknown_sms_templates(app, calls))
+    problems.extend(webhook_problems(config, calls))  # literal URLs the allow-list refuses
     for line in public_url_warnings(config):
         out(line)
 
     for name, table in config.providers.items():
-        try:
-            provider = load_provider(ProviderContext(name, table.options, config.base_dir))
+        ctx = ProviderContext(name, table.options, config.base_dir)
+        try:  # the [sms] provider's table is an SMS plugin's, every other a mail one's
+            sms = name == config.sms.provider
+            provider = load_sms_provider(ctx) if sms else load_provider(ctx)
             await provider.aclose()
         except SegflowError as exc:
             problems.append(str(exc))
+    if (app.sms_templates or any(c.command == "send_sms" for c in calls)) \
+            and not config.sms.provider:
+        problems.append("the app sends SMS (rt.send_sms, SMS templates) but no [sms] "
+                        "provider is configured: its SMS would all fail")
 
     problems.extend(await _check_store_and_segments(config, app, out, fail_on_divergence))
     sources = await check_data_sources(config, app, calls, out, strict=strict)
     problems.extend(sources.problems)
     problems.extend(template_problems(app, calls, sources.profile))
+    problems.extend(sms_template_problems(app, calls))
     return problems
 
 

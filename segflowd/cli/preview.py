@@ -2,7 +2,8 @@
 
 Renders a template for a user in the store exactly as delivery would (component
 library, CSS inlining, text part, MIME headers) and writes ``TEMPLATE.html`` and
-``TEMPLATE.eml`` for a person to open. Nothing is queued or sent.
+``TEMPLATE.eml`` for a person to open. An SMS template is printed instead, with its
+length, encoding (GSM-7 or UCS-2) and segment count. Nothing is queued or sent.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..errors import AppError, ConfigError, SegflowError
 from ..loader import load_app
 from ..schema import users
 from ..store import Store
+from .smscheck import sms_preview
 
 __all__ = ["add_parser", "run"]
 
@@ -80,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"segflowd: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.template not in app.templates:
-        known = ", ".join(sorted(app.templates)) or "none"
+    if args.template not in app.templates and args.template not in app.sms_templates:
+        known = ", ".join(sorted([*app.templates, *app.sms_templates])) or "none"
         print(f"segflowd: unknown template {args.template!r} (templates: {known})",
               file=sys.stderr)
         return EXIT_USAGE
@@ -110,6 +112,14 @@ def run(args: argparse.Namespace) -> int:
     if user is None:
         print(f"segflowd: no user {args.user!r} in the store", file=sys.stderr)
         return EXIT_FAILURE
+    if args.template in app.sms_templates:
+        try:
+            lines = sms_preview(app, args.template, user, data, args.kind)
+        except SegflowError as exc:
+            print(f"segflowd: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print("\n".join(lines))
+        return EXIT_OK
     signer = Signer(config.email.secret or ephemeral_key())
     public = (config.http.public_url or f"http://{config.http.listen}").rstrip("/")
     marketing = args.kind in ("campaign", "broadcast")

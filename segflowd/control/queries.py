@@ -58,7 +58,8 @@ Row = dict[str, object]
 
 def _message_row(r: Any) -> Row:  # Any: a Core row of _MESSAGE_COLUMNS
     return {
-        "id": r.id, "user_id": r.user_id, "kind": r.kind, "campaign": r.campaign,
+        "id": r.id, "user_id": r.user_id, "kind": r.kind, "channel": r.channel,
+        "campaign": r.campaign,
         "transaction": r.transaction, "instance_id": r.instance_id, "template": r.template,
         "to": r.to_address, "status": r.status, "provider": r.provider,
         "attempts": r.attempts, "last_error": r.last_error, "created_at": r.created_at,
@@ -68,7 +69,7 @@ def _message_row(r: Any) -> Row:  # Any: a Core row of _MESSAGE_COLUMNS
 
 
 _MESSAGE_COLUMNS = (
-    messages.c.id, messages.c.user_id, messages.c.kind, messages.c.campaign,
+    messages.c.id, messages.c.user_id, messages.c.kind, messages.c.channel, messages.c.campaign,
     messages.c.transaction, messages.c.instance_id, messages.c.template,
     messages.c.to_address, messages.c.status, messages.c.provider, messages.c.attempts,
     messages.c.last_error, messages.c.created_at, messages.c.updated_at, messages.c.sent_at,

@@ -18,7 +18,7 @@ import structlog
 
 from ..hooks import IngestBatch
 from ..kernel import Kernel
-from ..providers import ForgettingProvider, Provider
+from ..providers import ForgettingProvider, Provider, SmsProvider
 from ..schema import messages
 
 __all__ = ["ProviderCopies"]
@@ -32,7 +32,8 @@ RETRY_DELAY = 60.0  # seconds before deleting copies again after a failure
 class ProviderCopies:
     """Deletes the provider's copies of forgotten users' messages (an ingest sink)."""
 
-    def __init__(self, k: Kernel, providers: Callable[[], Sequence[Provider]]) -> None:
+    def __init__(self, k: Kernel,
+                 providers: Callable[[], Sequence[Provider | SmsProvider]]) -> None:
         self.k = k
         self._providers = providers  # every provider mail went out through
         self._pending: set[int] = set()

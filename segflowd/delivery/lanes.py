@@ -7,6 +7,10 @@ newsletter's provider never holds up a password reset. Each lane claims only its
 kinds of message, at its provider's ``rate``/``burst`` (a :class:`TokenBucket`), with
 ``concurrency`` workers of its own; without ``provider_marketing`` there is one lane,
 for every kind.
+
+SMS (``[sms] provider``) is a lane of its own too, claiming only ``channel = "sms"``
+rows (the mail lanes claim only ``email`` ones), with the same pace, circuit and
+outcomes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ import structlog
 
 from ..clock import Clock
 from ..kernel import Kernel
-from ..providers import MARKETING_KINDS, Provider, ProviderContext, SendResult, load_provider
+from ..providers import (
+    MARKETING_KINDS,
+    Provider,
+    ProviderContext,
+    SendResult,
+    SmsProvider,
+    load_provider,
+    load_sms_provider,
+)
 from .outcomes import Outcomes, ProviderStatistics
 
 __all__ = ["TRANSACTIONAL_KINDS", "Circuit", "Lane", "TokenBucket", "build_lanes"]
@@ -156,21 +168,23 @@ class Lane:
     bucket: TokenBucket
     outcomes: Outcomes  # its counts; the outbox totals are shared by every lane
     circuit: Circuit
-    _provider: Provider | None = None
+    _provider: Provider | SmsProvider | None = None
+    channel: str = "email"  # the messages.channel it claims: email | sms
 
     @property
     def plugin(self) -> str:
         return str(self.options.get("plugin", self.name))
 
-    def provider(self, k: Kernel) -> Provider:
+    def provider(self, k: Kernel) -> Provider | SmsProvider:
         """The lane's provider, loaded on first use (a plugin that cannot load raises)."""
         if self._provider is None:
-            self._provider = load_provider(ProviderContext(self.name, self.options,
-                                                           k.config.base_dir))
+            ctx = ProviderContext(self.name, self.options, k.config.base_dir)
+            self._provider = (load_sms_provider(ctx) if self.channel == "sms"
+                              else load_provider(ctx))
         return self._provider
 
     @property
-    def loaded(self) -> Provider | None:
+    def loaded(self) -> Provider | SmsProvider | None:
         return self._provider
 
     def statistics(self) -> ProviderStatistics:
@@ -180,27 +194,35 @@ class Lane:
 
 
 def build_lanes(k: Kernel, rng: random.Random,
-                given: Mapping[str, Provider] | None = None) -> list[Lane]:
+                given: Mapping[str, Provider | SmsProvider] | None = None) -> list[Lane]:
     """The lanes of ``k``'s config: transactional first (the primary), then marketing
-    when ``[email] provider_marketing`` names another provider. ``given`` providers (by
-    name) are used instead of loading their plugins."""
+    when ``[email] provider_marketing`` names another provider, then SMS when ``[sms]
+    provider`` names one. ``given`` providers (by name) are used instead of loading their
+    plugins."""
     ecfg = k.config.email
     marketing = ecfg.provider_marketing
     split = bool(marketing) and marketing != ecfg.provider
     lanes: list[Lane] = []
-    for name, kinds in ((ecfg.provider, TRANSACTIONAL_KINDS if split else None),
-                        *([(marketing, MARKETING_KINDS)] if split else [])):
+    sms = k.config.sms.provider
+    for name, kinds, channel in (
+            (ecfg.provider, TRANSACTIONAL_KINDS if split else None, "email"),
+            *([(marketing, MARKETING_KINDS, "email")] if split else []),
+            *([(sms, None, "sms")] if sms else [])):
         table = k.config.providers.get(name)
         options: dict[str, object] = dict(table.options) if table else {}
         rate = float(str(options.get("rate", DEFAULT_RATE)))
         burst = float(str(options.get("burst", max(1.0, rate))))
         outcomes = Outcomes(k, provider_name=name, rng=rng,
-                            shared=lanes[0].outcomes if lanes else None)
+                            shared=lanes[0].outcomes if lanes else None,
+                            max_attempts=k.config.sms.max_attempts if channel == "sms" else None,
+                            channel=channel)
         lanes.append(Lane(
             name=name, options=options, kinds=kinds, rate=rate, burst=burst,
             concurrency=max(1, int(str(options.get("concurrency", DEFAULT_CONCURRENCY)))),
             bucket=TokenBucket(rate, burst, k.clock), outcomes=outcomes,
-            circuit=Circuit(name), _provider=(given or {}).get(name)))
+            circuit=Circuit(name), _provider=(given or {}).get(name), channel=channel))
+    k.metrics.describe("segflow_channel_messages_total", "counter",
+                       "message outcomes by channel (email, sms, webhook) and status")
     k.metrics.describe("segflow_provider_up", "gauge",
                        "1 while the provider answers, 0 during an outage")
     k.metrics.collect(lambda: [("segflow_provider_up", {"provider": lane.name},

@@ -18,9 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..schema import messages
 
-__all__ = ["MessageKind", "Queued", "enqueue", "enqueue_many"]
+__all__ = ["Channel", "MessageKind", "Queued", "enqueue", "enqueue_many"]
 
 MessageKind = Literal["campaign", "transaction", "test", "broadcast"]
+Channel = Literal["email", "sms", "webhook"]
 DEDUPE_CHUNK = 500  # dedupe keys looked up per query in enqueue_many
 # The dedupe key of a message queued by the send routes (segflowd.ingest.sendapi): only such
 # a row's data may carry its own subject and body (templates.OVERRIDES).
@@ -39,14 +40,17 @@ class Queued:
     campaign: str | None = None
     instance_id: int | None = None
     to_address: str | None = None
+    channel: Channel = "email"
 
 
 def _queued_row(now: dt.datetime, *, kind: MessageKind, template: str, user_id: str | None,
                 dedupe_key: str | None, to_address: str | None,
                 data: Mapping[str, object] | None, campaign: str | None,
-                transaction: str | None, instance_id: int | None) -> dict[str, object]:
+                transaction: str | None, instance_id: int | None,
+                channel: Channel) -> dict[str, object]:
     """The ``messages`` row of a message queued at ``now`` (one shape for both paths)."""
-    return {"user_id": user_id, "kind": kind, "campaign": campaign, "transaction": transaction,
+    return {"user_id": user_id, "kind": kind, "channel": channel, "campaign": campaign,
+            "transaction": transaction,
             "instance_id": instance_id, "template": template, "to_address": to_address,
             "data": dict(data or {}), "status": "queued", "attempts": 0,
             "next_attempt_at": now, "dedupe_key": dedupe_key, "created_at": now,
@@ -57,12 +61,12 @@ async def enqueue(
     conn: AsyncConnection, *, kind: MessageKind, template: str, now: dt.datetime,
     user_id: str | None, dedupe_key: str | None, to_address: str | None = None,
     data: Mapping[str, object] | None = None, campaign: str | None = None,
-    transaction: str | None = None, instance_id: int | None = None,
+    transaction: str | None = None, instance_id: int | None = None, channel: Channel = "email",
 ) -> int | None:
     """Queue one message; return its row id, or None when ``dedupe_key`` was queued before.
 
-    ``to_address`` None means "the user's email at send time". ``data`` is the template
-    context beyond ``user`` (JSON-able). Nothing is sent here.
+    ``to_address`` None means "the user's email (``channel="sms"``: phone) at send time".
+    ``data`` is the template context beyond ``user`` (JSON-able). Nothing is sent here.
     """
     if dedupe_key is not None:
         found = (await conn.execute(
@@ -72,7 +76,7 @@ async def enqueue(
     result = await conn.execute(sa.insert(messages).values(_queued_row(
         now, kind=kind, template=template, user_id=user_id, dedupe_key=dedupe_key,
         to_address=to_address, data=data, campaign=campaign, transaction=transaction,
-        instance_id=instance_id)))
+        instance_id=instance_id, channel=channel)))
     pk = result.inserted_primary_key
     return int(pk[0]) if pk is not None else None
 
@@ -101,7 +105,8 @@ async def enqueue_many(conn: AsyncConnection, items: Sequence[Queued], *,
             rows.append(_queued_row(
                 now, kind=q.kind, template=q.template, user_id=q.user_id,
                 dedupe_key=q.dedupe_key, to_address=q.to_address, data=q.data,
-                campaign=q.campaign, transaction=None, instance_id=q.instance_id))
+                campaign=q.campaign, transaction=None, instance_id=q.instance_id,
+                channel=q.channel))
         if rows:
             await conn.execute(sa.insert(messages), rows)
             queued += len(rows)

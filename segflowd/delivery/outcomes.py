@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import StoreUnavailable
 from ..kernel import Kernel
-from ..providers import SendResult
+from ..providers import OutgoingMessage, SendResult
 from ..schema import messages, suppressions
 from .prepare import Prepared, bare_address
 
@@ -132,11 +132,16 @@ class Outcomes:
     """Records a batch's outcomes for the delivery service and keeps its counts."""
 
     def __init__(self, k: Kernel, *, provider_name: str, rng: random.Random,
-                 shared: Outcomes | None = None) -> None:
+                 shared: Outcomes | None = None, max_attempts: int | None = None,
+                 channel: str = "email") -> None:
         """``shared``: another provider's :class:`Outcomes` whose outbox totals, depth and
-        send rate these count into (one delivery service, several providers)."""
+        send rate these count into (one delivery service, several providers).
+        ``max_attempts``: sends before a transient error fails a message (default
+        ``[email] max_attempts``)."""
         self.k = k
         self.provider_name = provider_name
+        self.max_attempts = max_attempts or k.config.email.max_attempts
+        self.channel = channel  # the messages.channel its lane sends
         self.rng = rng
         self.counters = ProviderCounters()
         self.totals: dict[str, int]
@@ -185,14 +190,19 @@ class Outcomes:
         ecfg = self.k.config.email
         row = p.row
         base: dict[str, object] = {"message": row["id"], "user_id": row["user_id"],
-                                   "template": row["template"]}
+                                   "template": row["template"],
+                                   "channel": row.get("channel", "email")}
         values: dict[str, object] = {"updated_at": now}
         suppress: str | None = None
-        if p.message is not None:
+        if isinstance(p.message, OutgoingMessage):
             values["message_id"] = p.message.message_id
         if res is None and p.status == "retry":
             res = SendResult(ok=False, error=p.error, transient=True)
-        if res is None and p.status == "unsent":
+        if res is None and p.status == "hold" and p.hold_until is not None:
+            # Not to be sent yet (SMS quiet hours): queued for then, no attempt spent.
+            status, error = "held", p.error
+            values.update(attempts=messages.c.attempts - 1, next_attempt_at=p.hold_until)
+        elif res is None and p.status == "unsent":
             # Claimed, but never handed to the provider (its mark failed): queued again
             # with its attempt given back, after the first retry's delay.
             status, error = "held", p.error
@@ -211,7 +221,7 @@ class Outcomes:
             # with its attempt given back; the lane's circuit decides when to try again.
             status, error = "held", _text(res.error)
             values.update(attempts=messages.c.attempts - 1, next_attempt_at=now)
-        elif res.transient and row["attempts"] < ecfg.max_attempts:
+        elif res.transient and row["attempts"] < self.max_attempts:
             status, error = "queued", _text(res.error)
             delay = backoff(row["attempts"], ecfg.retry_base, ecfg.retry_max, self.rng)
             values["next_attempt_at"] = now + _seconds(delay)
@@ -336,6 +346,7 @@ class Outcomes:
             return  # a held message is the provider's outage, logged once by its lane
         status = kind.removeprefix("message.")
         self.k.metrics.inc("segflow_messages_total", status=status)
+        self.k.metrics.inc("segflow_channel_messages_total", channel=self.channel, status=status)
         key = {"retrying": "retried"}.get(status, status)
         if key in self.totals:
             self.totals[key] += 1

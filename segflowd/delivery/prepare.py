@@ -15,6 +15,7 @@ provider failed).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import email.utils
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from ..errors import TemplateError
 from ..hooks import ContextProvider
 from ..ingest.users import check_email
 from ..kernel import Kernel
-from ..providers import MARKETING_KINDS, OutgoingMessage
+from ..providers import MARKETING_KINDS, OutgoingMessage, OutgoingSms
 from ..schema import subscriptions, suppressions, users
 from .mime import (
     InvalidAddress,
@@ -64,9 +65,11 @@ class Prepared:
     user: dict[str, Any] = dataclasses.field(default_factory=dict)
     address: str = ""
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
-    message: OutgoingMessage | None = None
-    status: str | None = None  # decided without sending: failed | suppressed | retry
+    message: OutgoingMessage | OutgoingSms | None = None
+    # decided without sending: failed | suppressed | retry | hold (until hold_until)
+    status: str | None = None
     error: str | None = None
+    hold_until: dt.datetime | None = None  # "hold": queued again for then, no attempt spent
 
 
 class BatchPreparer:

@@ -36,7 +36,7 @@ import anyio
 import structlog
 
 from ..metrics import PROVIDER_SEND_BUCKETS, Histogram, Metrics
-from ..providers import OutgoingMessage, Provider, SendError, SendResult
+from ..providers import OutgoingMessage, OutgoingSms, Provider, SendError, SendResult, SmsProvider
 
 if TYPE_CHECKING:
     from .outcomes import ProviderCounters
@@ -57,8 +57,8 @@ def send_seconds_histogram(metrics: Metrics) -> Histogram:
                              PROVIDER_SEND_BUCKETS)
 
 
-async def send_batch(provider: Provider, provider_name: str,
-                     messages: Sequence[OutgoingMessage], *,
+async def send_batch(provider: Provider | SmsProvider, provider_name: str,
+                     messages: Sequence[OutgoingMessage | OutgoingSms], *,
                      metrics: Metrics | None = None) -> list[SendResult]:
     """One result per message, in order; never raises an :class:`Exception`.
 
@@ -67,7 +67,7 @@ async def send_batch(provider: Provider, provider_name: str,
     n = len(messages)
     started = time.perf_counter()
     try:
-        results: object = await provider.send(messages)
+        results: object = await provider.send(messages)  # type: ignore[arg-type]  # reason: each lane's provider gets its channel's messages
     except SendError as exc:
         err = f"{type(exc).__name__}: {exc}"
         log.warning("provider.error", provider=provider_name, error=err,
@@ -96,7 +96,7 @@ async def send_batch(provider: Provider, provider_name: str,
                                          "not a SendResult") for r in results]
 
 
-def parallel_calls(provider: Provider) -> int | None:
+def parallel_calls(provider: Provider | SmsProvider) -> int | None:
     """How many one-message calls ``provider`` takes at once; None for a batching one."""
     value = getattr(provider, "parallel_calls", None)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
@@ -121,7 +121,8 @@ class HandOver:
     recorded: set[int] = dataclasses.field(default_factory=set)
 
 
-async def hand_over(provider: Provider, provider_name: str, to_send: Sequence[Prepared], *,
+async def hand_over(provider: Provider | SmsProvider, provider_name: str,
+                    to_send: Sequence[Prepared], *,
                     mark: Mark, handed: set[int], counters: ProviderCounters,
                     record: Record | None = None,
                     metrics: Metrics | None = None) -> HandOver:

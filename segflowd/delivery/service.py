@@ -49,7 +49,7 @@ from ..errors import StoreUnavailable
 from ..hooks import ContextProvider, IngestBatch
 from ..http import Router
 from ..kernel import Kernel
-from ..providers import Provider, SendResult
+from ..providers import Provider, SendResult, SmsProvider
 from ..schema import messages
 from .forgetting import ProviderCopies
 from .lanes import Lane, TokenBucket, build_lanes
@@ -59,6 +59,8 @@ from .outcomes import DeliveryStatistics
 from .prepare import BatchPreparer, Prepared
 from .renderpool import RenderPool
 from .sending import hand_over
+from .sms import SmsPreparer
+from .smshooks import settle_reports
 from .templates import Renderer
 from .tokens import Signer, ephemeral_key
 from .tracking import EngagementRecorder
@@ -72,6 +74,7 @@ TEST_WAIT = 30.0  # seconds "email.test" waits for its message to be sent
 RECORD_RETRY = 1.0  # seconds between attempts to record sent messages while the store is down
 RELEASE_TIMEOUT = 5.0  # seconds a cancelled worker spends settling its batch in the store
 FINAL = frozenset({"sent", "failed", "suppressed", "unknown"})
+LANE_CHANNELS = ("email", "sms")  # the channels the lanes send (webhooks: outcallservice)
 
 
 class DeliveryService:
@@ -80,7 +83,7 @@ class DeliveryService:
     name = "delivery"
 
     def __init__(self, k: Kernel, *, context_providers: Sequence[ContextProvider] = (),
-                 providers: Mapping[str, Provider] | None = None,
+                 providers: Mapping[str, Provider | SmsProvider] | None = None,
                  rng: random.Random | None = None) -> None:
         self.k = k
         # A list given is kept by reference: services built later may still append.
@@ -115,6 +118,7 @@ class DeliveryService:
             k, context_providers=self.context_providers, renderer=self.renderer,
             render_pool=self.render_pool, signer=self.signer, public_url=self.public_url,
             sender_domain=self._sender_domain)
+        self._sms = SmsPreparer(k, public_url=self.public_url, lane=k.config.sms.provider)
         self.copies = ProviderCopies(k, lambda: [lane.provider(k) for lane in self.lanes])
         self.engagement = EngagementRecorder(k)  # opens and clicks, written in the background
         self._copies_scope: anyio.CancelScope | None = None
@@ -127,14 +131,18 @@ class DeliveryService:
     @property
     def provider(self) -> Provider:
         """The provider of transactional mail (of all mail, without provider_marketing)."""
-        return self.lanes[0].provider(self.k)
+        provider = self.lanes[0].provider(self.k)
+        assert isinstance(provider, Provider)  # the first lane is always mail's
+        return provider
 
     def register_routes(self, router: Router) -> None:
+        from .smshooks import SmsHooks
         from .tracking import Tracking
         from .webhooks import Webhooks
 
         Tracking(self.k, self.signer, self.engagement).register_routes(router)
         Webhooks(self.k).register_routes(router)
+        SmsHooks(self.k).register_routes(router)
 
     def wake(self) -> None:
         self._wake.set()
@@ -188,6 +196,8 @@ class DeliveryService:
                 n = await self.run_once(lane)
                 if n == 0 and not self._stopping:
                     await self._outcomes.refresh_depth()
+                    if index == 0 and lane is self.lanes[0] and not self.k.config.sms.provider:
+                        await self._fail_unsendable()
             except Exception as exc:  # the store went away: keep the worker, try later
                 log.warning("delivery.error", provider=lane.name, worker=index,
                             error=f"{type(exc).__name__}: {exc}")
@@ -212,14 +222,15 @@ class DeliveryService:
         """Mark rows left ``sending`` by a crash ``unknown`` (not re-sent) and queue those
         left ``claimed`` again (the provider never had them); return the unknown ids."""
         now = self.k.clock.now()
+        mine = messages.c.channel.in_(LANE_CHANNELS)  # webhooks recover on their own
         async with self.k.store.begin() as conn:
-            await conn.execute(sa.update(messages).where(messages.c.status == "claimed")
+            await conn.execute(sa.update(messages).where(messages.c.status == "claimed", mine)
                                .values(status="queued", attempts=messages.c.attempts - 1,
                                        updated_at=now))
             rows = (await conn.execute(
                 sa.select(messages.c.id, messages.c.user_id, messages.c.template,
                           messages.c.message_id)
-                .where(messages.c.status == "sending"))).all()
+                .where(messages.c.status == "sending", mine))).all()
             if rows:
                 await conn.execute(
                     sa.update(messages).where(messages.c.id.in_([r.id for r in rows]),
@@ -235,6 +246,30 @@ class DeliveryService:
             self.k.metrics.inc("segflow_messages_total", status="unknown")
         self._outcomes.totals["unknown"] += len(rows)
         return [r.id for r in rows]
+
+    async def _fail_unsendable(self) -> None:
+        """Fail due SMS when no ``[sms] provider`` is configured (no lane would ever take
+        them), rather than leave them queued for good."""
+        m, now = messages.c, self.k.clock.now()
+        error = "no [sms] provider is configured: the SMS cannot be sent"
+        async with self.k.store.begin() as conn:
+            rows = (await conn.execute(sa.select(m.id, m.user_id, m.template).where(
+                m.status == "queued", m.next_attempt_at <= now, m.channel == "sms")
+                .limit(1000))).all()
+            if rows:
+                await conn.execute(sa.update(messages).where(
+                    m.id.in_([r.id for r in rows]), m.status == "queued").values(
+                    status="failed", last_error=error, updated_at=now))
+        for r in rows:
+            data = {"message": r.id, "user_id": r.user_id, "template": r.template,
+                    "channel": "sms", "error": error}
+            self.k.bus.publish("message.failed", **data)
+        if rows:
+            log.warning("message.failed", messages=len(rows), channel="sms", error=error)
+            self.k.metrics.inc("segflow_messages_total", len(rows), status="failed")
+            self.k.metrics.inc("segflow_channel_messages_total", len(rows), channel="sms",
+                               status="failed")
+            self._outcomes.totals["failed"] += len(rows)
 
     # -- one batch -------------------------------------------------------------------
 
@@ -271,8 +306,10 @@ class DeliveryService:
         claim = str(rows[0]["claim"])
         answers: dict[int, SendResult] = {}
         try:
-            prepared = await self._prepare(rows)
+            prepared = await self._prepare(rows, lane)
             to_send = [p for p in prepared if p.message is not None]
+            # Held, failed or suppressed here: the provider's pace was not spent on them.
+            lane.bucket.refund(len(rows) - len(to_send))
             if to_send:
                 out = await hand_over(
                     provider, lane.name, to_send,
@@ -303,6 +340,8 @@ class DeliveryService:
         while True:
             try:
                 await outcomes.record(prepared, answers)
+                if lane.channel == "sms" and answers:
+                    await settle_reports(self.k, [int(r["id"]) for r in rows])
                 break
             except StoreUnavailable as exc:
                 # The outcomes are known; left `sending` they would turn `unknown` at the
@@ -312,10 +351,12 @@ class DeliveryService:
                 await self.k.clock.sleep(RECORD_RETRY)
         return len(rows)
 
-    async def _prepare(self, rows: Sequence[Mapping[str, Any]]) -> list[Prepared]:
+    async def _prepare(self, rows: Sequence[Mapping[str, Any]], lane: Lane) -> list[Prepared]:
         """The batch prepared; a fault of ours while preparing fails every message whose
         fate was not yet decided (nothing of it went out) instead of leaving it claimed."""
         try:
+            if lane.channel == "sms":
+                return await self._sms.prepare(rows)
             return await self._preparer.prepare(rows)
         except Exception as exc:
             error = f"preparing the message failed: {type(exc).__name__}: {exc}"
@@ -350,7 +391,8 @@ class DeliveryService:
     async def _claim_at(self, size: int, now: dt.datetime, picked: list[int], lane: Lane,
                         claim: str) -> list[Mapping[str, Any]]:
         due = sa.select(messages).where(messages.c.status == "queued",
-                                        messages.c.next_attempt_at <= now)
+                                        messages.c.next_attempt_at <= now,
+                                        messages.c.channel == lane.channel)
         if lane.kinds is not None:  # the lane's own kinds of message only
             due = due.where(messages.c.kind.in_(sorted(lane.kinds)))
         async with self.k.store.begin() as conn:
@@ -368,14 +410,14 @@ class DeliveryService:
             # The Message-ID is stored before any byte leaves: a send cut by a crash is
             # `unknown` and still names what the provider may have delivered.
             fresh = {int(r["id"]): make_message_id(int(r["id"]), self._sender_domain)
-                     for r in rows if not r["message_id"]}
+                     for r in rows if not r["message_id"] and lane.channel == "email"}
             if fresh:
                 await conn.execute(
                     sa.update(messages).where(messages.c.id == sa.bindparam("b_id"))
                     .values(message_id=sa.bindparam("b_mid")),
                     [{"b_id": i, "b_mid": mid} for i, mid in fresh.items()])
         return [dict(r, attempts=r["attempts"] + 1, claim=claim,
-                     message_id=r["message_id"] or fresh[int(r["id"])]) for r in rows]
+                     message_id=r["message_id"] or fresh.get(int(r["id"]))) for r in rows]
 
     # -- statistics and actions ------------------------------------------------------
 

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..app import CampaignDef
 from ..errors import FlowError
 from ..schema import flow_journal
-from .runtime import Command, Context, FlowEvent, Runtime
+from .runtime import Command, Context, FlowEvent, Runtime, WebhookResponse, flow_error
 
 __all__ = ["Divergence", "FlowCrashed", "JournalRow", "Replay", "load_journals",
            "result_for_flow"]
@@ -90,6 +90,8 @@ def result_for_flow(kind: str, stored: object) -> object:
     value = stored["value"]
     if kind == "wait_for_event":
         return FlowEvent.from_json(value)
+    if kind == "webhook":
+        return WebhookResponse.from_json(value)
     return value
 
 
@@ -112,6 +114,7 @@ class Replay:
         rt = Runtime(self._patched)
         self._gen: Generator[object, object, object] = campaign.flow(ctx, rt)
         self._started = False
+        self._pending: str | None = None  # the kind of the command last yielded
         self.finished = False
 
     @property
@@ -163,7 +166,7 @@ class Replay:
                 self._started = True
                 out = next(self._gen)
             elif error is not None:
-                out = self._gen.throw(FlowError(error))
+                out = self._gen.throw(flow_error(self._pending, error))
             else:
                 out = self._gen.send(value)
         except StopIteration:
@@ -172,6 +175,7 @@ class Replay:
         if not isinstance(out, Command):
             raise FlowError(f"a flow must yield rt commands (rt.send_email(...), rt.wait(...)),"
                             f" not {out!r}")
+        self._pending = out.kind
         return out
 
     def replay(self) -> None:

@@ -12,18 +12,23 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import json as _json  # rt.webhook's ``json`` argument shadows the module
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 from ..app import parse_interval
-from ..errors import FlowError
+from ..errors import FlowError, WebhookFailed
 
-__all__ = ["Command", "CommandKind", "Context", "FlowEvent", "Runtime", "args_hash"]
+__all__ = ["Command", "CommandKind", "Context", "FlowEvent", "Runtime", "WebhookFailed",
+           "WebhookResponse", "args_hash", "flow_error"]
 
-CommandKind = Literal["send_email", "wait", "wait_until", "wait_for_event", "condition",
-                      "opened", "clicked", "exit", "continue_as_new"]
-WAIT_KINDS = frozenset({"wait", "wait_until", "wait_for_event"})
+CommandKind = Literal["send_email", "send_sms", "wait", "wait_until", "wait_for_event", "condition",
+                      "opened", "clicked", "exit", "continue_as_new", "webhook"]
+# Commands after which the instance waits; a webhook waits for its call's final outcome.
+WAIT_KINDS = frozenset({"wait", "wait_until", "wait_for_event", "webhook"})
+WEBHOOK_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+MAX_WEBHOOK_TIMEOUT = 60.0  # seconds: the longest one attempt of rt.webhook() may take
 
 # A read's key ("user.plan", "user", "event", "patched.x") and its answer: the value as
 # JSON, with ``present`` False for a missing key (``.get`` returns the default).
@@ -95,6 +100,32 @@ class FlowEvent:
                    str(data["created_at"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class WebhookResponse:
+    """What ``yield rt.webhook(...)`` returns: the answer as journaled (any status but a
+    5xx or 429, 4xx included). ``json`` is None when the body was not JSON or was over
+    ``[webhooks] max_body`` (``truncated``); ``headers`` have lower-case names."""
+
+    status: int
+    json: object
+    headers: Mapping[str, str]
+    truncated: bool = False
+
+    @classmethod
+    def from_json(cls, data: object) -> WebhookResponse | None:
+        if not isinstance(data, dict):
+            return None
+        headers = data.get("headers")
+        return cls(int(data.get("status") or 0), data.get("json"),
+                   dict(headers) if isinstance(headers, dict) else {},
+                   bool(data.get("truncated")))
+
+
+def flow_error(kind: str | None, message: str) -> FlowError:
+    """The exception a journaled error of a ``kind`` command is thrown into the flow as."""
+    return WebhookFailed(message) if kind == "webhook" else FlowError(message)
+
+
 # The longest a wait may be: a wake time must stay inside what every store's DATETIME holds
 # (and a timedelta can add), whenever the wait starts.
 MAX_WAIT = 100 * 366 * 86400.0  # seconds: a hundred years
@@ -133,6 +164,15 @@ class Runtime:
             raise FlowError(f"send_email({template!r}) data must be JSON-able: {exc}") from None
         return Command("send_email", template, dict(data))
 
+    def send_sms(self, template: str, **data: object) -> Command:
+        """Send the SMS ``template`` to the user's ``phone``; ``data`` joins the template
+        context. Result: None (delivery goes on without the flow, as for email)."""
+        try:
+            json.dumps(data)
+        except (TypeError, ValueError) as exc:
+            raise FlowError(f"send_sms({template!r}) data must be JSON-able: {exc}") from None
+        return Command("send_sms", template, dict(data))
+
     def wait(self, *, days: float = 0, hours: float = 0, minutes: float = 0,
              seconds: float = 0) -> Command:
         """Sleep this long (durably: a restart does not shorten or repeat it)."""
@@ -170,6 +210,31 @@ class Runtime:
     def clicked(self, template: str) -> Command:
         """Whether the user clicked in a message of ``template``. Result: bool."""
         return Command("clicked", template)
+
+    def webhook(self, url: str, method: str = "POST", json: object = None,
+                headers: Mapping[str, str] | None = None, timeout: float = 10) -> Command:
+        """Call ``url`` (durably, at least once, with ``Idempotency-Key``). Result: a
+        :class:`WebhookResponse`; :class:`WebhookFailed` is thrown when it fails for good."""
+        if not isinstance(url, str) or not url:
+            raise FlowError(f"webhook() url must be a string, not {url!r}")
+        verb = method.upper() if isinstance(method, str) else ""
+        if verb not in WEBHOOK_METHODS:
+            raise FlowError(f"webhook({url!r}) method must be one of "
+                            f"{', '.join(sorted(WEBHOOK_METHODS))}, not {method!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
+                0 < timeout <= MAX_WEBHOOK_TIMEOUT):
+            raise FlowError(f"webhook({url!r}) timeout must be a number of seconds above 0 "
+                            f"and at most {MAX_WEBHOOK_TIMEOUT:.0f}, not {timeout!r}")
+        hdrs = dict(headers or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in hdrs.items()):
+            raise FlowError(f"webhook({url!r}) headers must map strings to strings")
+        args: dict[str, object] = {"method": verb, "json": json, "headers": hdrs,
+                                   "timeout": float(timeout)}
+        try:
+            _json.dumps(args)
+        except (TypeError, ValueError) as exc:
+            raise FlowError(f"webhook({url!r}) json must be JSON-able: {exc}") from None
+        return Command("webhook", url, args)
 
     def exit(self) -> Command:
         """End the flow here."""

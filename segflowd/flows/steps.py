@@ -38,7 +38,9 @@ from .journal import (
 )
 from .reads import engaged, run_condition
 from .runtime import WAIT_KINDS, Command
+from .sends import QUEUEING, check_send, queued_by
 from .updates import LOAD_COLUMNS, Lost, traceback_text, update_instances
+from .webhookwait import event_wait, is_webhook_wait, marker, unfinished
 from .work import ACTIVE, StepHost, Work
 
 __all__ = ["Stepper"]
@@ -155,15 +157,16 @@ class Stepper:
         pending: object = None
         fix: object = None
         if w.kind == "timer":
-            if inst.status != "waiting" or inst.wake_at is None:
+            # (a webhook whose call is not final keeps waiting, whatever woke it)
+            if inst.status != "waiting" or inst.wake_at is None or unfinished(inst, journal):
                 return None
             if inst.wake_at > now:  # fired early (the clock stepped back): armed again
                 self.svc.schedule(int(inst.id), inst.wake_at)
                 return None
-            if inst.wait_event is not None:
-                fix = {"value": None}
+            if inst.wait_event is not None:  # a webhook's outcome is on its journal row
+                fix = None if is_webhook_wait(inst.wait_event) else {"value": None}
         elif w.kind == "event":
-            if inst.status != "waiting" or inst.wait_event != w.event_name:
+            if inst.status != "waiting" or not event_wait(inst.wait_event, w.event_name):
                 return None
             if w.seq is not None and int(inst.seq) != w.seq:
                 return None  # a later wait than the one this event was matched to
@@ -200,7 +203,7 @@ class Stepper:
             replay.close()
             run.end, run.end_error = "diverged", str(d)
             return run
-        if w.kind == "run" and journal:
+        if journal and (w.kind == "run" or is_webhook_wait(inst.wait_event)):
             last = journal[-1].result
             run.result = result_for_flow(journal[-1].kind, last)
             run.error = last.get("error") if isinstance(last, dict) else None
@@ -299,7 +302,7 @@ class Stepper:
         stepped = [r for r in done if not r.end]
         if stepped:
             self.svc.count_steps(len(stepped))
-        if any(r.cmd is not None and r.cmd.kind == "send_email" for r in stepped):
+        if any(r.cmd is not None and r.cmd.kind in QUEUEING for r in stepped):
             for waker in self.svc.wakers:
                 waker.wake()
         if down is not None:
@@ -326,10 +329,7 @@ class Stepper:
         r.cmd_result, r.cmd_error = None, None
         v: dict[str, object] = {"seq": r.seq + 1, "status": "running", "wake_at": None,
                                 "wait_event": None, "wait_after": None, "updated_at": now}
-        if cmd.kind == "send_email" and cmd.name not in self.k.app.templates:
-            # Queued, it would only fail at delivery while the flow went on as if sent.
-            raise FlowError(f"send_email({cmd.name!r}): unknown template {cmd.name!r} "
-                            f"(templates: {', '.join(sorted(self.k.app.templates)) or 'none'})")
+        check_send(self.k.app, cmd)
         if cmd.kind == "condition":
             r.cmd_result, r.cmd_error = await run_condition(self.svc.conditions, cmd,
                                                            r.user_id)
@@ -348,6 +348,8 @@ class Stepper:
             t = cmd.args.get("timeout")
             v.update(status="waiting", wait_event=cmd.name, wake_at=None if not isinstance(
                 t, int | float) else now + dt.timedelta(seconds=float(t)))
+        elif cmd.kind == "webhook":  # woken when its call is final (flows.webhookwait)
+            v.update(status="waiting", wait_event=marker(r.iid, r.seq))
         elif cmd.kind == "exit":
             v.update(status="exited", live=None, ended_at=now)
         elif cmd.kind == "continue_as_new":
@@ -396,11 +398,7 @@ class Stepper:
         for r in runs:
             if not r.end and "_continue" in r.values:
                 await self._continue(conn, r, now)
-        sends = [outbox.Queued(kind="campaign", template=str(r.cmd.name), user_id=r.user_id,
-                               dedupe_key=f"flow:{r.iid}:{r.seq}", data=dict(r.cmd.args),
-                               campaign=r.campaign.name, instance_id=r.iid)
-                 for r in runs
-                 if not r.end and r.cmd is not None and r.cmd.kind == "send_email"]
+        sends = queued_by(runs)
         if sends:
             # No look-up first: a step's key is new unless its seq was taken, and then the
             # update above matched nothing. Should one exist anyway, the unique key refuses
@@ -443,11 +441,8 @@ class Stepper:
             result=stored, reads=r.values.get("_reads") or None, created_at=now))
         if cmd.kind == "continue_as_new":
             await self._continue(conn, r, now)
-        if cmd.kind == "send_email":
-            await outbox.enqueue(
-                conn, kind="campaign", template=str(cmd.name), now=now, user_id=r.user_id,
-                dedupe_key=f"flow:{r.iid}:{r.seq}", data=dict(cmd.args),
-                campaign=r.campaign.name, instance_id=r.iid)
+        # Looked up first: this step alone, retried after its round's transaction failed.
+        await outbox.enqueue_many(conn, queued_by([r]), now=now)
 
     async def _continue(self, conn: AsyncConnection, r: _Run, now: dt.datetime) -> None:
         """continue_as_new: the new instance, in the step's transaction (the old one's

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import schema
+from ..phones import PHONE_ATTRIBUTE, phone_error, phone_of
 from ..store import Store
 from .devices import devices_of
 
@@ -41,6 +42,7 @@ __all__ = [
     "resolve_anonymous",
     "tombstone",
     "upsert_users",
+    "with_phone",
 ]
 
 _IN_CHUNK = 500  # ids per IN (...) list: well under every driver's parameter limit
@@ -65,6 +67,7 @@ class UserView:
         return {
             "id": self.id, "email": self.email,
             "email_error": email_error(self.email, self.attributes),
+            "phone_error": phone_error(self.attributes),
             "attributes": dict(self.attributes),
             "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at),
             "segments": [dict(s) for s in self.segments],
@@ -125,6 +128,16 @@ def email_of(attributes: Mapping[str, object]) -> str | None:
     return None
 
 
+def with_phone(attributes: dict[str, object]) -> dict[str, object]:
+    """``attributes`` with a valid ``phone`` in E.164 (``+1 (415) 555-0100`` becomes
+    ``+14155550100``, what SMS providers and their replies use); an invalid one is kept
+    as written, and ``GET /v1/users/{id}`` shows why as ``phone_error``."""
+    phone = phone_of(attributes)
+    if phone is not None and phone != attributes.get(PHONE_ATTRIBUTE):
+        return {**attributes, PHONE_ATTRIBUTE: phone}
+    return attributes
+
+
 def email_error(address: str | None, attributes: Mapping[str, object]) -> str | None:
     """Why the user's address (``users.email``) is not a valid one, or None (also when
     there is none): ``GET /v1/users/{id}`` shows it, and delivery fails the user's
@@ -178,6 +191,7 @@ async def upsert_users(store: Store, conn: AsyncConnection,
         attrs = existing.get(uid, {})
         for change in changes[uid]:
             attrs = merge_attributes(attrs, change)
+        attrs = with_phone(attrs)
         row = {"attributes": attrs, "email": email_of(attrs), "updated_at": now}
         if uid in existing:
             updates.append({"b_id": uid, **row})
@@ -266,13 +280,24 @@ async def _messages_of(conn: AsyncConnection, user_id: str) -> list[dict[str, ob
     the address it used), its status and its last error."""
     m = schema.messages.c
     rows = await conn.execute(
-        sa.select(m.id, m.kind, m.campaign, m.transaction, m.template, m.to_address, m.status,
-                  m.last_error, m.created_at, m.sent_at)
+        sa.select(m.id, m.kind, m.channel, m.campaign, m.transaction, m.template,
+                  m.to_address, m.status, m.last_error, m.response, m.created_at, m.sent_at)
         .where(m.user_id == user_id).order_by(m.id.desc()).limit(USER_MESSAGES))
-    return [{"id": int(r.id), "kind": r.kind, "campaign": r.campaign,
+    return [{"id": int(r.id), "kind": r.kind, "channel": r.channel, "campaign": r.campaign,
              "transaction": r.transaction, "template": r.template, "to": r.to_address,
              "status": r.status, "error": r.last_error, "created_at": _iso(r.created_at),
-             "sent_at": _iso(r.sent_at)} for r in rows]
+             "sent_at": _iso(r.sent_at), **_delivery(r.channel, r.response)} for r in rows]
+
+
+def _delivery(channel: str, response: object) -> dict[str, object]:
+    """An SMS's delivery report (``delivered``, ``undelivered``...), a webhook's status."""
+    if not isinstance(response, dict):
+        return {}
+    if channel == "sms" and "delivery" in response:
+        return {"delivery": response["delivery"]}
+    if channel == "webhook" and "status" in response:
+        return {"response_status": response["status"]}
+    return {}
 
 
 async def forget_user(conn: AsyncConnection, user_id: str, now: dt.datetime) -> bool:

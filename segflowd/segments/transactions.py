@@ -198,14 +198,18 @@ class TransactionService:
                             log.info("transaction.forgotten", transaction=t.name,
                                      event_id=e.id)
                             continue
+                        sms = t.template in self.k.app.sms_templates
                         mid = await enqueue(
                             conn, kind="transaction", template=t.template, now=now,
                             user_id=e.user_id, dedupe_key=f"tx:{e.id}:{t.name}",
-                            transaction=t.name, data={"event": _event_context(e)})
+                            transaction=t.name, data={"event": _event_context(e)},
+                            channel="sms" if sms else "email")
                         if mid is None:
                             self._counts["duplicates"] += 1
                             continue
-                        status = await _settle(conn, mid, emails.get(e.user_id), blocked, now)
+                        # An SMS's number is checked by delivery (segflowd.delivery.sms).
+                        status = "queued" if sms else await _settle(
+                            conn, mid, emails.get(e.user_id), blocked, now)
                         made.append((mid, t.name, e.user_id, e.id, status))
                 top = max(e.id for e in batch) if batch else 0
                 if top > self._saved_event_id:

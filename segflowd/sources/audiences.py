@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import SegflowError, SourceError
 from ..hooks import IngestBatch, IngestSink
-from ..ingest.users import check_email, forgotten_among, merge_attributes
+from ..ingest.users import check_email, forgotten_among, merge_attributes, with_phone
 from ..schema import audience_members, users
 from ..store import Store
 from .datasources import DataSources
@@ -336,7 +336,7 @@ async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
     if created:
         inserts = []
         for pid in created:
-            attrs = merge_attributes({}, changes[pid])
+            attrs = with_phone(merge_attributes({}, changes[pid]))
             inserts.append({"id": pid, "email": _email(changes[pid], None),
                             "attributes": attrs, "created_at": now, "updated_at": now})
         await conn.execute(store.insert_ignore(users), inserts)
@@ -360,7 +360,7 @@ async def _apply_batch(store: Store, conn: AsyncConnection, audience: str,
         if row is None:  # pragma: no cover - deleted between our insert and this read
             continue
         stored = dict(row.attributes or {})
-        merged = merge_attributes(stored, changes[pid])
+        merged = with_phone(merge_attributes(stored, changes[pid]))
         email = _email(changes[pid], row.email)
         if merged != stored or email != row.email:
             updates.append({"b_id": pid, "email": email, "attributes": merged,

@@ -191,8 +191,9 @@ class BroadcastService:
         if (template is None) == (campaign is None):
             raise BroadcastError("a broadcast sends a template or starts a campaign: "
                                  "give exactly one of template and campaign")
-        if template is not None and template not in app.templates:
-            known = ", ".join(sorted(app.templates)) or "none"
+        if (template is not None and template not in app.templates
+                and template not in app.sms_templates):
+            known = ", ".join(sorted([*app.templates, *app.sms_templates])) or "none"
             raise BroadcastError(f"unknown template {template!r} (templates: {known})")
         if campaign is not None:
             if campaign not in app.campaigns:
@@ -372,9 +373,11 @@ class BroadcastService:
                 # (the same next member, as the forget's own step-back gives).
                 there = await existing_users(conn, user_ids)
                 if row.template is not None:
+                    sms = row.template in self.k.app.sms_templates  # an SMS broadcast
                     await enqueue_many(conn, [
                         Queued(kind="broadcast", template=row.template, user_id=uid,
-                               dedupe_key=f"bc:{bid}:{uid}", data=dict(row.data or {}))
+                               dedupe_key=f"bc:{bid}:{uid}", data=dict(row.data or {}),
+                               channel="sms" if sms else "email")
                         for uid in user_ids if uid in there], now=clock.now())
                 kept = [u for u in user_ids if u in there]
                 await conn.execute(sa.update(broadcasts).where(b.id == bid).values(

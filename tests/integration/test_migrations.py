@@ -64,3 +64,34 @@ async def test_a_version_2_store_gains_wait_after_set_for_pending_event_waits(
     assert top is not None
     assert top >= 3
     assert [(str(c), a) for c, a in got] == [("c0", top), ("c1", None), ("c2", None)]
+
+
+async def test_a_version_8_store_gains_message_channels_and_e164_phones(store: Store) -> None:
+    """m0009: every message is email's; stored phones are rewritten in E.164 (an inbound
+    STOP carries that form), invalid ones left as written."""
+    now = dt.datetime(2026, 1, 1)
+    async with store.begin() as conn:
+        await conn.execute(sa.text("ALTER TABLE messages DROP COLUMN channel"))
+        await conn.execute(sa.text("ALTER TABLE messages DROP COLUMN response"))
+        await conn.execute(sa.update(schema.schema_version).values(version=8))
+        await conn.execute(sa.insert(schema.users), [
+            {"id": "ann", "attributes": {"phone": "+1 (415) 555-0100", "name": "Ann"},
+             "created_at": now, "updated_at": now},
+            {"id": "bob", "attributes": {"phone": "12345"}, "created_at": now,
+             "updated_at": now},
+            {"id": "cat", "attributes": {"note": "no phone"}, "created_at": now,
+             "updated_at": now}])
+        await conn.execute(sa.insert(sa.table(
+            "messages", *(sa.column(k) for k in ("user_id", "kind", "template", "status",
+                                                  "created_at", "updated_at")))).values(
+            user_id="ann", kind="campaign", template="t", status="sent", created_at=now,
+            updated_at=now))
+    assert await store.migrate() == 8
+    async with store.connect() as conn:
+        people = {r.id: r.attributes for r in await conn.execute(
+            sa.select(schema.users.c.id, schema.users.c.attributes))}
+        channels = (await conn.execute(sa.select(schema.messages.c.channel))).scalars().all()
+    assert people["ann"] == {"phone": "+14155550100", "name": "Ann"}
+    assert people["bob"] == {"phone": "12345"}
+    assert people["cat"] == {"note": "no phone"}
+    assert channels == ["email"]

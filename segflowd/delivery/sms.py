@@ -1,0 +1,211 @@
+"""SMS in the outbox: rendering, the recipient's number, subscription and quiet hours.
+
+An SMS row (``messages.channel = "sms"``) goes through the same lane machinery as mail
+(:mod:`segflowd.delivery.service`): claimed, prepared here, marked ``sending`` right
+before the provider gets it, its outcome recorded by :mod:`segflowd.delivery.outcomes`
+(at most once, retries with backoff, ``unknown`` after a crash mid-send). What differs
+is preparing it:
+
+* the recipient is the row's ``to_address`` or the user's ``phone`` attribute, which
+  ingest normalised to E.164; an invalid number fails the message with the reason,
+  and no send is attempted;
+* a number suppressed (the provider said the recipient opted out) is never sent to;
+* marketing SMS (campaigns, broadcasts) is never sent to a user whose ``sms``
+  subscription is off (an inbound STOP); transactional SMS is;
+* marketing SMS due inside ``[sms] quiet_hours`` (the user's ``timezone`` attribute,
+  else ``[daemon] default_timezone``) is held, queued again for the hours' end with its
+  attempt given back: held, never dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import zoneinfo
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jinja2
+import sqlalchemy as sa
+
+from ..app import Segflow
+from ..configchannels import parse_quiet_hours
+from ..errors import TemplateError
+from ..kernel import Kernel
+from ..phones import check_phone
+from ..providers import MARKETING_KINDS, OutgoingSms
+from ..schema import subscriptions, suppressions, users
+from .prepare import Prepared
+from .templates import event_context
+
+__all__ = ["SMS_TOPIC", "SmsPreparer", "SmsRenderer", "quiet_until"]
+
+SMS_TOPIC = "sms"  # the subscriptions topic an inbound STOP turns off
+
+
+class SmsRenderer:
+    """Renders the app's SMS templates (Jinja2 text, undefined names an error)."""
+
+    def __init__(self, app: Segflow) -> None:
+        self.app = app
+        self.env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+        self._compiled: dict[str, jinja2.Template] = {}
+
+    def render(self, name: str, context: Mapping[str, object]) -> str:
+        """The text of SMS template ``name``; TemplateError saying what went wrong."""
+        tpl = self.app.sms_templates.get(name)
+        if tpl is None:
+            raise TemplateError(f"unknown SMS template {name!r}")
+        where = f"SMS template {name!r}"
+        event = context.get("event")
+        if isinstance(event, dict):
+            context = {**context, "event": event_context(event)}
+        try:
+            compiled = self._compiled.get(name)
+            if compiled is None:
+                compiled = self._compiled[name] = self.env.from_string(tpl.text)
+            text = compiled.render(context)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(f"{where}: line {exc.lineno}: {exc.message}") from None
+        except jinja2.UndefinedError as exc:
+            raise TemplateError(f"{where}: {exc.message}") from None
+        except Exception as exc:
+            raise TemplateError(f"{where}: {type(exc).__name__}: {exc}") from None
+        text = text.strip()
+        if not text:
+            raise TemplateError(f"{where}: rendered an empty message")
+        return text
+
+
+@functools.lru_cache(maxsize=256)
+def _zone(name: str) -> zoneinfo.ZoneInfo | None:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def quiet_until(now: dt.datetime, zone: dt.tzinfo, hours: tuple[dt.time, dt.time]
+                ) -> dt.datetime | None:
+    """When the quiet hours around ``now`` (naive UTC) end, as naive UTC, in ``zone``'s
+    local time; None when ``now`` is outside them. ``hours`` may wrap midnight
+    (21:00-08:00). An end that falls in a DST gap is taken as the clock shows it after;
+    one whose wall time comes twice (DST fall-back) is the next of the two."""
+    start, end = hours
+    local = now.replace(tzinfo=dt.UTC).astimezone(zone)
+    t = local.time().replace(tzinfo=None)
+    if start < end:
+        if not start <= t < end:
+            return None
+        day = local.date()
+    elif t >= start:
+        day = local.date() + dt.timedelta(days=1)
+    elif t < end:
+        day = local.date()
+    else:
+        return None
+    ends = dt.datetime.combine(day, end, tzinfo=zone)
+    until = ends.astimezone(dt.UTC).replace(tzinfo=None)
+    if until <= now:  # the end's wall time came twice (DST fall-back): the second one
+        until = ends.replace(fold=1).astimezone(dt.UTC).replace(tzinfo=None)
+    return until if until > now else None
+
+
+class SmsPreparer:
+    """Turns claimed SMS rows into :class:`Prepared` ones (message, or decided status)."""
+
+    def __init__(self, k: Kernel, *, public_url: str, lane: str) -> None:
+        self.k = k
+        self.renderer = SmsRenderer(k.app)
+        cfg = k.config.sms
+        self.quiet = parse_quiet_hours(cfg.quiet_hours)
+        self.default_zone = _zone(k.config.daemon.default_timezone) or dt.UTC
+        # Where the provider reports delivery (segflowd.delivery.smshooks): only with a
+        # public URL, which the provider can reach.
+        self.callback = (f"{public_url}/webhooks/{lane}/status"
+                         if k.config.http.public_url else "")
+
+    async def prepare(self, rows: Sequence[Mapping[str, Any]]) -> list[Prepared]:
+        prepared = [Prepared(r) for r in rows]
+        try:
+            await self._gather(prepared)
+        except Exception as exc:  # the store failed: try again later
+            for p in prepared:
+                if p.status is None:
+                    p.status, p.error = "retry", (
+                        f"preparing the message: {type(exc).__name__}: {exc}")
+            return prepared
+        now = self.k.clock.now()
+        for p in prepared:
+            if p.status is None:
+                self._finish(p, now)
+        return prepared
+
+    async def _gather(self, prepared: list[Prepared]) -> None:
+        ids = sorted({str(p.row["user_id"]) for p in prepared if p.row["user_id"] is not None})
+        found: dict[str, dict[str, Any]] = {}
+        stopped: set[str] = set()
+        async with self.k.store.connect() as conn:
+            if ids:
+                for u in (await conn.execute(sa.select(users).where(
+                        users.c.id.in_(ids)))).mappings():
+                    found[u["id"]] = {**(u["attributes"] or {}), "id": u["id"],
+                                      "email": u["email"]}
+                stopped = set((await conn.execute(sa.select(subscriptions.c.user_id).where(
+                    subscriptions.c.user_id.in_(ids), subscriptions.c.topic == SMS_TOPIC,
+                    subscriptions.c.unsubscribed_at.is_not(None)))).scalars())
+            for p in prepared:
+                p.user = found.get(str(p.row["user_id"]), {})
+                raw = p.row["to_address"] or p.user.get("phone")
+                if raw is None or (isinstance(raw, str) and not raw.strip()):
+                    p.status, p.error = "failed", "no phone number for this message's user"
+                    continue
+                if not isinstance(raw, str):
+                    p.status, p.error = "failed", "the phone attribute is not a string"
+                    continue
+                number, problem = check_phone(raw.strip())
+                if problem is not None:
+                    p.status, p.error = "failed", problem
+                    continue
+                p.address = number
+            numbers = sorted({p.address for p in prepared if p.status is None})
+            blocked: dict[str, str] = {}
+            if numbers:
+                blocked = {str(a): str(r) for a, r in (await conn.execute(
+                    sa.select(suppressions.c.address, suppressions.c.reason).where(
+                        suppressions.c.address.in_(numbers)))).all()}
+        for p in prepared:
+            if p.status is not None:
+                continue
+            reason = blocked.get(p.address)
+            if reason is not None:
+                p.status, p.error = "suppressed", f"number suppressed ({reason})"
+            elif p.row["kind"] in MARKETING_KINDS and p.row["user_id"] in stopped:
+                p.status, p.error = "suppressed", "user unsubscribed from SMS (STOP)"
+
+    def _finish(self, p: Prepared, now: dt.datetime) -> None:
+        row = p.row
+        marketing = row["kind"] in MARKETING_KINDS
+        if marketing and self.quiet is not None:
+            tz = p.user.get("timezone")
+            zone = (_zone(tz) if isinstance(tz, str) else None) or self.default_zone
+            until = quiet_until(now, zone, self.quiet)
+            if until is not None:
+                p.status, p.hold_until = "hold", until
+                p.error = f"held for quiet hours ({self.k.config.sms.quiet_hours} {zone})"
+                return
+        data: dict[str, Any] = dict(row["data"] or {})
+        context = {**data, "data": data, "user": p.user,
+                   "message": {"id": row["id"], "kind": row["kind"],
+                               "campaign": row["campaign"], "template": row["template"]}}
+        try:
+            body = self.renderer.render(str(row["template"]), context)
+        except TemplateError as exc:
+            p.status, p.error = "failed", str(exc)
+            return
+        # The row's id rides in the callback's URL (Twilio signs it): a report finds its
+        # message even when it comes before delivery recorded Twilio's answer.
+        callback = f"{self.callback}?m={int(row['id'])}" if self.callback else ""
+        p.message = OutgoingSms(id=int(row["id"]), to=p.address, body=body,
+                                kind=str(row["kind"]), status_callback=callback)
+
