@@ -1,8 +1,9 @@
 """Channel throughput: email, SMS and webhook calls handed to local servers, apart and at once.
 
-    .venv/bin/python bench/channels.py            # full: 10,000 messages per channel
-    .venv/bin/python bench/channels.py --quick    # 1,000 per channel, under a minute
-    .venv/bin/python bench/channels.py --quick --profile FILE   # cProfile of this process
+    .venv/bin/python bench/channels.py            # full: 5,000 per channel, ~3.5 min
+    .venv/bin/python bench/channels.py --quick    # 800 per channel, under a minute
+    .venv/bin/python bench/channels.py --quick --only sms --profile FILE  # cProfile
+    .venv/bin/python bench/channels.py --sms-workers 1 --webhook-calls 8  # other options
 
 The real :class:`~segflowd.delivery.service.DeliveryService` (an email lane and an SMS
 lane) and :class:`~segflowd.delivery.outcallservice.OutcallService` run in this process on
@@ -16,6 +17,11 @@ CPU is read from ``/proc`` and shown apart (``server_cpu_s``), so a reader can s
 not the bottleneck. Provider options are set for throughput: ``rate = 0`` on both
 providers, ``[providers.sms] concurrency = 4`` and ``max_batch = 100`` (the ``twilio``
 plugin makes up to 10 calls at once per worker), ``[webhooks] concurrency = 64``.
+
+Beside each figure: the client's CPU seconds for the phase (``client_cpu_s``, every
+thread; ``client_store_threads_cpu_s``, the aiosqlite threads alone), the receivers'
+(``server_cpu_s``), the store's commits per message of the phase and the SQLite
+connections its pool opened. ``--profile`` covers the event loop's thread only.
 
 Figures (one JSON line each):
 
@@ -151,6 +157,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds so far of each thread of this process but the main one (aiosqlite runs
+    each SQLite connection on a thread of its own: the store's share of the work)."""
+    out: dict[int, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        if int(task.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 # -- the daemon's side ---------------------------------------------------------------------
 
 def kernel(store: Store, folder: Path, port: int, sms_workers: int, calls: int) -> Kernel:
@@ -256,7 +275,8 @@ async def phase(k: Kernel, port: int, server_pid: int, tag: str,
         return c.sent + c.failed
 
     seconds: dict[str, float] = {}
-    srv0, cpu0, commits0 = cpu_seconds(server_pid), time.process_time(), commits[0]
+    srv0, cpu0, (commits0, connects0) = cpu_seconds(server_pid), time.process_time(), commits
+    threads0 = thread_cpu()
     t0 = time.perf_counter()
     with anyio.fail_after(PHASE_TIMEOUT):
         async with anyio.create_task_group() as tg:
@@ -271,7 +291,8 @@ async def phase(k: Kernel, port: int, server_pid: int, tag: str,
                 await anyio.sleep(0.005)
             wall = time.perf_counter() - t0
             cpu, srv = time.process_time() - cpu0, cpu_seconds(server_pid) - srv0
-            committed = commits[0] - commits0
+            committed, connects = commits[0] - commits0, commits[1] - connects0
+            threads = sum(c - threads0.get(t, 0.0) for t, c in thread_cpu().items())
             if "email" in counts or "sms" in counts:
                 await delivery.drain()
             if "webhook" in counts:
@@ -282,7 +303,8 @@ async def phase(k: Kernel, port: int, server_pid: int, tag: str,
         if sent != n:
             raise RuntimeError(f"phase {tag}: {channel}: {sent} of {n} sent ({found[channel]})")
     return {"seconds": seconds, "wall": wall, "cpu": cpu, "server_cpu": srv,
-            "commits": committed, "messages": sum(counts.values())}
+            "commits": committed, "messages": sum(counts.values()), "threads": threads,
+            "connects": connects}
 
 
 def emit(figure: str, n: int, channel: str, unit: str, run: Mapping[str, Any],
@@ -295,10 +317,13 @@ def emit(figure: str, n: int, channel: str, unit: str, run: Mapping[str, Any],
         "baseline": None if baseline is None else round(baseline, 1),
         "ratio": round(value / baseline, 3) if baseline else None, "target": target,
         "messages": n, "seconds": round(seconds, 3),
-        "client_cpu_s": round(run["cpu"], 2), "server_cpu_s": round(run["server_cpu"], 2),
+        "client_cpu_s": round(run["cpu"], 2), "client_store_threads_cpu_s": round(
+            run["threads"], 2), "server_cpu_s": round(run["server_cpu"], 2),
         "phase_wall_s": round(run["wall"], 3),
         # Store commits of the whole phase (every channel in it) per message of it.
-        "commits_per_message": round(run["commits"] / run["messages"], 2)}), flush=True)
+        "commits_per_message": round(run["commits"] / run["messages"], 2),
+        # SQLite connections the store's pool opened during the phase (each: a thread).
+        "store_connects": run["connects"]}), flush=True)
     return value
 
 
@@ -313,12 +338,16 @@ async def main(n: int, only: tuple[Channel, ...], profile: cProfile.Profile | No
     with tempfile.TemporaryDirectory() as tmp, store_url("sqlite", Path(tmp)) as url, \
             receivers() as (port, server):
         store = Store.open(url, pool_size=4)
-        commits = [0]
+        commits = [0, 0]  # store commits, store connections opened
 
         def count(_conn: object) -> None:
             commits[0] += 1
 
+        def connected(_dbapi: object, _record: object) -> None:
+            commits[1] += 1
+
         sa.event.listen(store.engine.sync_engine, "commit", count)
+        sa.event.listen(store.engine.sync_engine, "connect", connected)
         try:
             await store.migrate()
             k = kernel(store, Path(tmp), port, sms_workers, calls)

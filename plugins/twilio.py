@@ -103,6 +103,9 @@ class TwilioProvider:
         # Delivery may hand one message per send() call, this many at once, each marked
         # `sending` just before its call (a crash leaves those in flight `unknown`).
         self.parallel_calls = PARALLEL_CALLS
+        # send() starts all its messages at once (up to PARALLEL_CALLS): delivery marks a
+        # group of that many `sending` in one commit, all of them in flight together.
+        self.concurrent_batch = True
 
     def __repr__(self) -> str:
         sender = self.sender or self.messaging_service_sid

@@ -24,6 +24,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import BindParameter
 
 from .errors import AppError
+from .localtime import Window, parse_window
 from .sourcedefs import (
     AUDIENCE_SQL,
     AudienceDef,
@@ -147,6 +148,7 @@ class CampaignDef:
     track: bool | None = None  # open/click tracking of its messages; None: the template's
     # "hold": who would have entered while it was paused enters on resume; "skip": never
     on_pause: OnPause = "hold"
+    send_window: Window | None = None  # its sends wait for this local time (delivery gate)
 
     @property
     def version(self) -> str:
@@ -269,7 +271,7 @@ class Segflow:
     def campaign(
         self, name: str, *, segments: Iterable[str], exclude: Iterable[str] = (),
         behavior: Behavior = "static", reentry: bool = False, track: bool | None = None,
-        on_pause: OnPause = "hold",
+        on_pause: OnPause = "hold", send_window: tuple[str, ...] | None = None,
     ) -> Callable[[F], F]:
         """Register a campaign: a generator function ``(ctx, rt)`` that yields commands.
 
@@ -278,6 +280,8 @@ class Segflow:
         stop matching. ``reentry=True`` lets a static campaign run again for a user.
         ``on_pause="hold"`` (the default) enters, on resume, those who would have entered
         while the campaign was paused; ``"skip"`` lets them pass, as if never matched.
+        ``send_window=("09:00", "18:00", "mon-fri")`` holds each of its sends until the
+        user's local time is inside the window (their ``timezone``, else the default).
         """
         origin = _caller()
         _check_name("campaign", name, origin)
@@ -295,6 +299,10 @@ class Segflow:
         if on_pause not in ("hold", "skip"):
             raise AppError(f"{origin}: campaign {name!r}: on_pause must be 'hold' or "
                            f"'skip', not {on_pause!r}")
+        try:
+            window = None if send_window is None else parse_window(send_window)
+        except ValueError as exc:
+            raise AppError(f"{origin}: campaign {name!r}: send_window: {exc}") from None
 
         def decorator(fn: F) -> F:
             if not inspect.isgeneratorfunction(fn):
@@ -303,6 +311,7 @@ class Segflow:
             self.campaigns[name] = CampaignDef(
                 name=name, flow=fn, segments=segs, exclude=excl, behavior=behavior,
                 reentry=reentry, origin=origin, track=track, on_pause=on_pause,
+                send_window=window,
             )
             return fn  # type: ignore[return-value]  # mypy narrows F to the generator type
 

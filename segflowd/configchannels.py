@@ -4,6 +4,8 @@
 
     provider = "twilio"            # names a [providers.NAME] table (plugin = "twilio")
     quiet_hours = "21:00-08:00"    # marketing SMS due inside them waits until they end
+    max_marketing = "2/week"       # frequency caps per user (segflowd/caps.py)
+    cap_action = "defer"           # over a cap: held until allowed, or "drop"
     help_text = "..."              # the answer to an inbound HELP
 
 ``[webhooks]``::
@@ -26,6 +28,7 @@ import re
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
+from .caps import check_cap_action, parse_caps
 from .errors import ConfigError
 
 __all__ = ["SmsConfig", "WebhookHeaders", "WebhooksConfig", "check_sms", "check_webhooks",
@@ -43,6 +46,8 @@ class SmsConfig:
     quiet_hours: str = ""  # "HH:MM-HH:MM" in the user's time zone; "" : none
     help_text: str = DEFAULT_HELP
     max_attempts: int = 5  # sends of one SMS before a transient error fails it
+    max_marketing: str = ""  # frequency caps per user, as [email] max_marketing
+    cap_action: str = "defer"  # over a cap: "defer" (held) or "drop" (suppressed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,14 @@ def check_sms(c: SmsConfig, providers: Mapping[str, object], mail: tuple[str, ..
         raise error("sms.quiet_hours", str(exc)) from None
     if c.max_attempts < 1:
         raise error("sms.max_attempts", "must be at least 1")
+    try:
+        parse_caps(c.max_marketing)
+    except ValueError as exc:
+        raise error("sms.max_marketing", str(exc)) from None
+    try:
+        check_cap_action(c.cap_action)
+    except ValueError as exc:
+        raise error("sms.cap_action", str(exc)) from None
 
 
 def check_webhooks(c: WebhooksConfig, error: ErrorFactory) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from .caps import check_cap_action, parse_caps
 from .errors import ConfigError
 
 __all__ = ["EmailConfig", "check_email"]
@@ -35,6 +36,10 @@ class EmailConfig:
     retry_base: float = 30.0  # seconds before the first retry; doubles each attempt
     retry_max: float = 3600.0  # seconds: the longest wait between attempts
     poll_interval: float = 1.0  # seconds between outbox polls when nobody wakes delivery
+    # Frequency caps on marketing mail per user (segflowd/caps.py), e.g. "3/day, 10/week";
+    # "" : none. Over a cap a message waits ("defer") or is never sent ("drop").
+    max_marketing: str = ""
+    cap_action: str = "defer"
 
 
 
@@ -53,6 +58,14 @@ def check_email(email: EmailConfig, providers: Mapping[str, _Table], public_url:
     if email.secret_previous and not email.secret:
         raise error("email.secret_previous", "needs [email] secret too: only it signs, "
                     "the previous secrets verify links already sent")
+    try:
+        parse_caps(email.max_marketing)
+    except ValueError as exc:
+        raise error("email.max_marketing", str(exc)) from None
+    try:
+        check_cap_action(email.cap_action)
+    except ValueError as exc:
+        raise error("email.cap_action", str(exc)) from None
     marketing = email.provider_marketing
     if marketing and marketing not in providers:
         known = ", ".join(sorted(providers)) or "none configured"

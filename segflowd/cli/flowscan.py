@@ -22,7 +22,7 @@ __all__ = ["SEND_COMMANDS", "TEMPLATE_COMMANDS", "FlowCall", "scan_app", "scan_c
 
 SEND_COMMANDS = frozenset({"send_email"})  # commands that send a template (first argument)
 TEMPLATE_COMMANDS = SEND_COMMANDS | {"opened", "clicked"}  # ... or name one
-_SCANNED = TEMPLATE_COMMANDS | {"condition", "send_sms", "webhook"}
+_SCANNED = TEMPLATE_COMMANDS | {"condition", "send_sms", "webhook", "wait_until_local"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,7 @@ from ..configchannels import WebhooksConfig
 __all__ = ["Outcome", "backoff", "call", "literal_refusal", "parse_retry_after", "refusal",
            "secret_headers"]
 
-OutcomeKind = Literal["answered", "retry", "refused"]
+OutcomeKind = Literal["answered", "retry", "refused", "failed"]  # failed: ours, for good
 _WILDCARDS = frozenset("*?")
 MAX_ERROR = 300  # characters of an error kept on the message row
 
@@ -84,10 +84,43 @@ def _explicit(pattern: str, host: str) -> bool:
     return not (_WILDCARDS & set(name)) and name.lower().strip("[]") == host
 
 
-def _fits(url: str, pattern: str) -> bool:
-    """``fnmatch`` with ``*`` and ``?`` only: brackets are literal (``http://[::1]/*``)."""
+def _glob(text: str, pattern: str) -> bool:
+    """``fnmatch`` with ``*`` and ``?`` only: brackets are literal (``[::1]``)."""
     escaped = "".join("[[]" if c == "[" else "[]]" if c == "]" else c for c in pattern)
-    return fnmatch.fnmatchcase(url, escaped)
+    return fnmatch.fnmatchcase(text, escaped)
+
+
+def _split(url: str) -> tuple[str, str, str, str] | None:
+    """(scheme, host, port, path and query) of a URL or pattern; None when malformed.
+
+    The host is the netloc less user info and port, lower-cased; the port is the one
+    written, else the scheme's default (``*`` in a pattern stays ``*``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    netloc = parts.netloc.rpartition("@")[2].lower()
+    if netloc.startswith("["):
+        host, _, tail = netloc[1:].partition("]")
+        port = tail.removeprefix(":")
+    elif netloc.count(":") == 1:
+        host, _, port = netloc.partition(":")
+    else:
+        host, port = netloc, ""
+    port = port or {"https": "443", "http": "80"}.get(parts.scheme, "")
+    rest = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.scheme, host, port, rest
+
+
+def _fits(url: str, pattern: str) -> bool:
+    """Whether ``url`` matches ``pattern`` part by part: the same scheme, the host and the
+    port each matched on their own (so a ``*`` in the host never reaches into the path:
+    ``https://*.partner.test/*`` does not allow ``https://evil.test/.partner.test/``),
+    then the path and query."""
+    u, p = _split(url), _split(pattern)
+    if u is None or p is None or u[0] != p[0]:
+        return False
+    return _glob(u[1], p[1]) and _glob(u[2], p[2]) and _glob(u[3], p[3])
 
 
 def _matching(url: str, cfg: WebhooksConfig) -> list[str]:
@@ -159,7 +192,7 @@ def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:
     if not value:
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # "²".isdigit() too: not a number of seconds
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
@@ -189,8 +222,14 @@ async def call(client: httpx.AsyncClient, request: Mapping[str, object], *, key:
     """One attempt at the call ``request`` (a webhook message's ``data``: url, method,
     json, headers, timeout), with ``Idempotency-Key: key``."""
     url = str(request.get("url") or "")
+    timeout = request.get("timeout")
+    seconds = float(timeout) if isinstance(timeout, int | float) else 10.0
     try:
-        refused = await refusal(url, cfg)
+        with anyio.fail_after(seconds):  # a slow resolver is bounded as the call is
+            refused = await refusal(url, cfg)
+    except TimeoutError:
+        return Outcome("retry", error=_short(f"{url}: its host did not resolve within "
+                                             f"{seconds:g} s"))
     except OSError as exc:
         return Outcome("retry", error=_short(f"{url}: cannot resolve its host: {exc}"))
     if refused is not None:
@@ -203,8 +242,8 @@ async def call(client: httpx.AsyncClient, request: Mapping[str, object], *, key:
     for name in [h for h in headers if h.lower() == "idempotency-key"]:
         del headers[name]  # the step's key, whatever the flow wrote
     headers["Idempotency-Key"] = key
-    timeout = request.get("timeout")
-    seconds = float(timeout) if isinstance(timeout, int | float) else 10.0
+    # Bytes as sent: the cap counts what arrives, never a compressed body's expansion.
+    headers.setdefault("Accept-Encoding", "identity")
     body = request.get("json")
     content = None if body is None else json.dumps(body, separators=(",", ":")).encode()
     if content is not None:
@@ -233,12 +272,16 @@ async def call(client: httpx.AsyncClient, request: Mapping[str, object], *, key:
         answer[name] = f"{answer[name]}, {value}" if name in answer else value
     parsed: object = None
     if not truncated:
-        try:
-            parsed = json.loads(b"".join(chunks))
-        except ValueError:
+        try:  # NaN and Infinity are not JSON (the store's JSON refuses them)
+            parsed = json.loads(b"".join(chunks), parse_constant=_not_json)
+        except (ValueError, RecursionError):  # RecursionError: [[[...]]] nested too deep
             parsed = None
     if resp.status_code >= 500 or resp.status_code == 429:
         return Outcome("retry", error=f"{method} {url}: HTTP {resp.status_code}",
                        retry_after=parse_retry_after(resp.headers.get("retry-after"), now))
     return Outcome("answered", response={"status": resp.status_code, "headers": answer,
                                          "json": parsed, "truncated": truncated})
+
+
+def _not_json(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")

@@ -23,7 +23,7 @@ import dataclasses
 import datetime as dt
 import random
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -31,12 +31,14 @@ import httpx
 import sqlalchemy as sa
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import StoreUnavailable
-from ..flows.webhookwait import record_outcome
+from ..flows.webhookwait import PREFIX, record_outcome
 from ..http import Router
 from ..kernel import Kernel
-from ..schema import messages
+from ..schema import flow_instances, messages
+from .groupwrite import GroupWrite
 from .outcalls import Outcome, backoff, call
 
 __all__ = ["OutcallService", "OutcallStatistics"]
@@ -47,6 +49,7 @@ POLL = 5.0  # seconds between looks for due rows when nothing woke the dispatche
 RECORD_RETRY = 1.0  # seconds between attempts to record an outcome while the store is down
 RELEASE_TIMEOUT = 5.0  # seconds a cancelled call spends putting its row back in the queue
 CALLS = "segflow_webhook_calls_total"
+_Item = tuple[Mapping[str, Any], Outcome, bool, "str | None"]  # what _write_in takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,7 @@ class OutcallService:
         self._done = anyio.Event()
         self._in_flight = 0
         self._counts = {"answered": 0, "retry": 0, "failed": 0}
+        self._group = GroupWrite(self._write_many)
         k.metrics.describe(CALLS, "counter", "rt.webhook attempts by outcome "
                            "(answered, retry, refused, failed)")
         k.stats["webhooks"] = self.statistics
@@ -149,7 +153,8 @@ class OutcallService:
         while not self._stopping:
             claimed = 0
             free = limit - self._in_flight
-            if free > 0:
+            # A claim is a commit: under load, one per quarter of the slots, not per call.
+            if free >= max(1, limit // 4) or (free > 0 and self._in_flight == 0):
                 try:
                     rows = await self._claim(free)
                 except Exception as exc:  # the store went away: keep going, try later
@@ -159,14 +164,15 @@ class OutcallService:
                     self._in_flight += 1
                     tg.start_soon(self._one, client, row)
                 claimed = len(rows)
-            if claimed == 0 or self._in_flight >= limit:
+            if claimed == 0 or self._in_flight >= limit - max(1, limit // 4) + 1:
                 await self._idle()
         # the drain: let the calls in flight finish and be recorded (the daemon bounds it)
 
     async def _idle(self) -> None:
         """Until woken (a step queued a call, a call ended) or the next row falls due."""
         seconds = POLL
-        if self._in_flight < self.k.config.webhooks.concurrency:
+        limit = self.k.config.webhooks.concurrency
+        if limit - self._in_flight >= max(1, limit // 4):  # else: woken as calls end
             try:
                 async with self.k.store.connect() as conn:
                     due = (await conn.execute(sa.select(sa.func.min(messages.c.next_attempt_at))
@@ -194,18 +200,47 @@ class OutcallService:
         now = self.k.clock.now()
         claim = secrets.token_hex(16)
         async with self.k.store.begin() as conn:
-            rows = (await conn.execute(
+            due = [dict(r) for r in (await conn.execute(
                 sa.select(m.id, m.instance_id, m.dedupe_key, m.data, m.attempts, m.campaign,
                           m.user_id)
                 .where(m.channel == "webhook", m.status == "queued", m.next_attempt_at <= now)
                 .order_by(m.next_attempt_at, m.id).limit(size)
-                .with_for_update(skip_locked=True))).mappings().all()
+                .with_for_update(skip_locked=True))).mappings()]
+            if not due:
+                return []
+            rows = await self._still_awaited(conn, due, now)
             if not rows:
                 return []
             await conn.execute(sa.update(messages).where(
                 m.id.in_([r["id"] for r in rows]), m.status == "queued").values(
                 status="sending", attempts=m.attempts + 1, claim=claim, updated_at=now))
         return [dict(r, attempts=int(r["attempts"]) + 1, claim=claim) for r in rows]
+
+    async def _still_awaited(self, conn: AsyncConnection, rows: Sequence[Mapping[str, Any]],
+                             now: dt.datetime) -> list[Mapping[str, Any]]:
+        """The rows whose flow still waits for their call; the others (the instance was
+        terminated, restarted, exited or forgotten since) fail here, never called."""
+        fi = flow_instances.c
+        ids = sorted({int(r["instance_id"]) for r in rows if r["instance_id"] is not None})
+        waiting = {(int(i), str(w)) for i, w in await conn.execute(
+            sa.select(fi.id, fi.wait_event).where(fi.id.in_(ids), fi.status == "waiting"))
+        } if ids else set()
+        keep, gone = [], []
+        for r in rows:
+            if r["instance_id"] is None or (int(r["instance_id"]),
+                                            PREFIX + str(r["dedupe_key"])) in waiting:
+                keep.append(r)
+            else:
+                gone.append(int(r["id"]))
+        if gone:
+            m = messages.c
+            await conn.execute(sa.update(messages).where(
+                m.id.in_(gone), m.status == "queued").values(
+                status="failed", next_attempt_at=None, updated_at=now,
+                last_error="not called: the flow no longer waits for it (its instance "
+                           "ended or was restarted)"))
+            log.info("webhook.abandoned", messages=len(gone))
+        return keep
 
     # -- one call --------------------------------------------------------------------
 
@@ -216,8 +251,15 @@ class OutcallService:
             outcome = await call(client, data, key=key, cfg=self.k.config.webhooks,
                                  now=self.k.clock.now())
             await self._record(row, outcome)
-        except Exception as exc:  # our fault, not the call's: the row waits for a restart
-            log.error("webhook.error", message=row["id"], error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # our fault, not the receiver's: the call fails for good
+            # (left `sending`, it would be called again at every start, and fail again)
+            error = f"the call failed in segflowd: {type(exc).__name__}: {exc}"
+            log.error("webhook.error", message=row["id"], error=error)
+            try:
+                await self._record(row, Outcome("failed", error=error[:500]))
+            except Exception as again:  # left sending: the next start queues it again
+                log.error("webhook.record_failed", message=row["id"],
+                          error=f"{type(again).__name__}: {again}")
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT):
                 await self._release(row)
@@ -270,35 +312,49 @@ class OutcallService:
             fields["error"] = error
         (log.info if outcome.kind == "answered" else log.warning)(event, **fields)
         self.k.bus.publish(event, **fields)
-        if woke and self.on_final is not None and row["instance_id"] is not None:
+        # Also when the write found nothing to wake: a retried write after a lost COMMIT
+        # reply did wake it (its wake is in the store); scheduling an instance that is not
+        # waiting is harmless, and the flow then resumes at once, not at the next load.
+        if (woke or final) and self.on_final is not None and row["instance_id"] is not None:
             self.on_final(int(row["instance_id"]), self.k.clock.now())
 
     async def _write(self, row: Mapping[str, Any], outcome: Outcome, final: bool,
                      error: str | None) -> bool:
-        """The outcome in one transaction with the flow's wake; whether a flow was woken."""
+        """The outcome in one transaction with the flow's wake; whether a flow was woken.
+        Outcomes that come while another is being written share the next transaction
+        (a group commit: one commit per call would cap the calls at the store's commits)."""
+        return await self._group.submit((row, outcome, final, error))
+
+    async def _write_many(self, items: Sequence[_Item]) -> list[bool]:
+        async with self.k.store.begin() as conn:
+            return [await self._write_in(conn, *item) for item in items]
+
+    async def _write_in(self, conn: AsyncConnection, row: Mapping[str, Any], outcome: Outcome,
+                        final: bool, error: str | None) -> bool:
         m = messages.c
         now = self.k.clock.now()
         mine = sa.update(messages).where(m.id == row["id"], m.claim == row["claim"],
                                          m.status == "sending")
-        async with self.k.store.begin() as conn:
-            if not final:
-                delay = backoff(int(row["attempts"]), outcome.retry_after,
-                                self.k.config.webhooks, self.rng)
-                await conn.execute(mine.values(
-                    status="queued", claim=None, last_error=error, updated_at=now,
-                    next_attempt_at=now + dt.timedelta(seconds=delay)))
-                return False
-            if outcome.kind == "answered":
-                done = await conn.execute(mine.values(
-                    status="sent", claim=None, response=outcome.response, last_error=None,
-                    sent_at=now, updated_at=now))
-                stored: dict[str, object] = {"value": outcome.response}
-            else:
-                done = await conn.execute(mine.values(
-                    status="failed", claim=None, last_error=error, updated_at=now))
-                stored = {"error": error or "the webhook failed"}
-            if done.rowcount != 1:
-                return False  # no longer ours (a message.retry, a forget): nothing to wake
-            return await record_outcome(
-                conn, instance=row["instance_id"], dedupe_key=str(row["dedupe_key"] or ""),
-                outcome=stored, now=now)
+        if row["user_id"] is not None:  # forgotten meanwhile: nothing of the answer is kept
+            mine = mine.where(m.user_id == row["user_id"])
+        if not final:
+            delay = backoff(int(row["attempts"]), outcome.retry_after,
+                            self.k.config.webhooks, self.rng)
+            await conn.execute(mine.values(
+                status="queued", claim=None, last_error=error, updated_at=now,
+                next_attempt_at=now + dt.timedelta(seconds=delay)))
+            return False
+        if outcome.kind == "answered":
+            done = await conn.execute(mine.values(
+                status="sent", claim=None, response=outcome.response, last_error=None,
+                sent_at=now, updated_at=now))
+            stored: dict[str, object] = {"value": outcome.response}
+        else:
+            done = await conn.execute(mine.values(
+                status="failed", claim=None, last_error=error, updated_at=now))
+            stored = {"error": error or "the webhook failed"}
+        if done.rowcount != 1:
+            return False  # no longer ours (a message.retry, a forget): nothing to wake
+        return await record_outcome(
+            conn, instance=row["instance_id"], dedupe_key=str(row["dedupe_key"] or ""),
+            outcome=stored, now=now)

@@ -30,6 +30,7 @@ from ..ingest.users import check_email
 from ..kernel import Kernel
 from ..providers import MARKETING_KINDS, OutgoingMessage, OutgoingSms
 from ..schema import subscriptions, suppressions, users
+from .gates import apply_gates, build_gates
 from .mime import (
     InvalidAddress,
     InvalidMessage,
@@ -86,12 +87,14 @@ class BatchPreparer:
         self.signer = signer
         self.public_url = public_url
         self._sender_domain = sender_domain
+        self.gates = build_gates(k)  # send windows, caps: holds before rendering
 
     async def prepare(self, rows: Sequence[Mapping[str, Any]]) -> list[Prepared]:
         """Read what the batch needs in three queries, then render it off the event loop."""
         prepared = [Prepared(r) for r in rows]
         try:
             await self._gather(prepared)
+            await apply_gates(self.gates, prepared, self.k.clock.now())
         except Exception as exc:  # the store or a context provider failed: try again later
             for p in prepared:
                 if p.status is None:

@@ -97,7 +97,11 @@ async def send_batch(provider: Provider | SmsProvider, provider_name: str,
 
 
 def parallel_calls(provider: Provider | SmsProvider) -> int | None:
-    """How many one-message calls ``provider`` takes at once; None for a batching one."""
+    """How many one-message calls ``provider`` takes at once; None for a batching one.
+
+    A provider that also sets ``concurrent_batch = True`` makes one API call per message
+    but starts all the messages of a ``send()`` at once (twilio): it is handed groups of
+    ``parallel_calls`` messages, each group marked ``sending`` in one commit."""
     value = getattr(provider, "parallel_calls", None)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
@@ -136,8 +140,15 @@ async def hand_over(provider: Provider | SmsProvider, provider_name: str,
     batch).
     """
     per_call = parallel_calls(provider)
-    groups = [[p] for p in to_send] if per_call is not None else [list(to_send)]
-    limit = anyio.Semaphore(per_call or 1)
+    if per_call is not None and getattr(provider, "concurrent_batch", False) is True:
+        # It starts every message of a call at once: groups of per_call, each marked in
+        # one commit and all in flight together, one group at a time (what is marked is
+        # what is in flight, as with one message a call, for a fifth of the commits).
+        groups = [list(to_send[i:i + per_call]) for i in range(0, len(to_send), per_call)]
+        limit = anyio.Semaphore(1)
+    else:
+        groups = [[p] for p in to_send] if per_call is not None else [list(to_send)]
+        limit = anyio.Semaphore(per_call or 1)
     out = HandOver()
 
     async def one(group: list[Prepared]) -> None:

@@ -32,9 +32,11 @@ from ..app import Segflow
 from ..configchannels import parse_quiet_hours
 from ..errors import TemplateError
 from ..kernel import Kernel
+from ..localtime import ALL_DAYS, Window
 from ..phones import check_phone
 from ..providers import MARKETING_KINDS, OutgoingSms
 from ..schema import subscriptions, suppressions, users
+from .gates import apply_gates, build_gates
 from .prepare import Prepared
 from .templates import event_context
 
@@ -91,24 +93,7 @@ def quiet_until(now: dt.datetime, zone: dt.tzinfo, hours: tuple[dt.time, dt.time
     local time; None when ``now`` is outside them. ``hours`` may wrap midnight
     (21:00-08:00). An end that falls in a DST gap is taken as the clock shows it after;
     one whose wall time comes twice (DST fall-back) is the next of the two."""
-    start, end = hours
-    local = now.replace(tzinfo=dt.UTC).astimezone(zone)
-    t = local.time().replace(tzinfo=None)
-    if start < end:
-        if not start <= t < end:
-            return None
-        day = local.date()
-    elif t >= start:
-        day = local.date() + dt.timedelta(days=1)
-    elif t < end:
-        day = local.date()
-    else:
-        return None
-    ends = dt.datetime.combine(day, end, tzinfo=zone)
-    until = ends.astimezone(dt.UTC).replace(tzinfo=None)
-    if until <= now:  # the end's wall time came twice (DST fall-back): the second one
-        until = ends.replace(fold=1).astimezone(dt.UTC).replace(tzinfo=None)
-    return until if until > now else None
+    return Window(hours[0], hours[1], ALL_DAYS, "quiet hours").closes(now, zone)
 
 
 class SmsPreparer:
@@ -117,6 +102,7 @@ class SmsPreparer:
     def __init__(self, k: Kernel, *, public_url: str, lane: str) -> None:
         self.k = k
         self.renderer = SmsRenderer(k.app)
+        self.gates = build_gates(k)  # send windows, caps: holds before rendering
         cfg = k.config.sms
         self.quiet = parse_quiet_hours(cfg.quiet_hours)
         self.default_zone = _zone(k.config.daemon.default_timezone) or dt.UTC
@@ -129,7 +115,8 @@ class SmsPreparer:
         prepared = [Prepared(r) for r in rows]
         try:
             await self._gather(prepared)
-        except Exception as exc:  # the store failed: try again later
+            await apply_gates(self.gates, prepared, self.k.clock.now())
+        except Exception as exc:  # the store or a gate failed: try again later
             for p in prepared:
                 if p.status is None:
                     p.status, p.error = "retry", (

@@ -14,19 +14,23 @@ import hashlib
 import json
 import json as _json  # rt.webhook's ``json`` argument shadows the module
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 from ..app import parse_interval
 from ..errors import FlowError, WebhookFailed
+from ..localtime import check_local_wait
 
 __all__ = ["Command", "CommandKind", "Context", "FlowEvent", "Runtime", "WebhookFailed",
            "WebhookResponse", "args_hash", "flow_error"]
 
 CommandKind = Literal["send_email", "send_sms", "wait", "wait_until", "wait_for_event", "condition",
-                      "opened", "clicked", "exit", "continue_as_new", "webhook"]
+                      "opened", "clicked", "exit", "continue_as_new", "webhook",
+                      "wait_until_local"]
 # Commands after which the instance waits; a webhook waits for its call's final outcome.
-WAIT_KINDS = frozenset({"wait", "wait_until", "wait_for_event", "webhook"})
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP header name (RFC 9110 token)
+WAIT_KINDS = frozenset({"wait", "wait_until", "wait_for_event", "webhook", "wait_until_local"})
 WEBHOOK_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 MAX_WEBHOOK_TIMEOUT = 60.0  # seconds: the longest one attempt of rt.webhook() may take
 
@@ -194,6 +198,19 @@ class Runtime:
                             f"time a store holds ({LATEST_WAKE.isoformat()})")
         return Command("wait_until", None, {"at": when.isoformat()})
 
+    def wait_until_local(self, hour: int, minute: int = 0, weekdays: str | None = None,
+                         timezone: str | None = None) -> Command:
+        """Sleep until the next ``hour:minute`` (on ``weekdays``, e.g. "mon-fri") on the
+        user's wall clock: their ``timezone`` attribute, else ``[daemon] default_timezone``
+        (``timezone=`` names one instead). The wake time is decided once, when the step
+        runs, and journaled: a replay or a later change of the user's zone keeps it."""
+        try:
+            check_local_wait(hour, minute, weekdays, timezone)
+        except ValueError as exc:
+            raise FlowError(f"wait_until_local(): {exc}") from None
+        return Command("wait_until_local", None, {"hour": hour, "minute": minute,
+                                                  "weekdays": weekdays, "timezone": timezone})
+
     def wait_for_event(self, name: str, *, timeout: object = None) -> Command:
         """Wait for the user's next ``name`` event. Result: the event, or None on timeout."""
         t = None if timeout is None else _seconds(timeout, "wait_for_event timeout")
@@ -228,6 +245,10 @@ class Runtime:
         hdrs = dict(headers or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in hdrs.items()):
             raise FlowError(f"webhook({url!r}) headers must map strings to strings")
+        for k, v in hdrs.items():  # what HTTP/1.1 can carry: no line break, ASCII only
+            if not (_TOKEN.fullmatch(k) and v.isascii() and v.isprintable()):
+                raise FlowError(f"webhook({url!r}) header {k!r}: a name of letters, digits "
+                                "and -, and a value of printable ASCII without line breaks")
         args: dict[str, object] = {"method": verb, "json": json, "headers": hdrs,
                                    "timeout": float(timeout)}
         try:

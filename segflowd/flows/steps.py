@@ -36,6 +36,7 @@ from .journal import (
     load_journals,
     result_for_flow,
 )
+from .localwait import plan_local_wait
 from .reads import engaged, run_condition
 from .runtime import WAIT_KINDS, Command
 from .sends import QUEUEING, check_send, queued_by
@@ -68,6 +69,7 @@ class _Run:
     end_error: str | None = None
     values: dict[str, object] = dataclasses.field(default_factory=dict)
     lost: bool = False
+    tz: object = None  # the user's ``timezone`` attribute as loaded (rt.wait_until_local)
 
 
 _ENDING = frozenset({"exit", "continue_as_new"})  # commands after which the instance is over
@@ -196,7 +198,8 @@ class Stepper:
             return False, None
 
         replay = Replay(c, str(inst.user_id), journal, live)
-        run = _Run(int(inst.id), int(inst.seq), c, str(inst.user_id), replay, fix=fix)
+        run = _Run(int(inst.id), int(inst.seq), c, str(inst.user_id), replay, fix=fix,
+                   tz=attrs.get("timezone"))
         try:
             replay.replay()
         except Divergence as d:
@@ -342,6 +345,9 @@ class Stepper:
                 seconds=float(secs) if isinstance(secs, int | float) else 0.0))
         elif cmd.kind == "wait_until":
             v.update(status="waiting", wake_at=dt.datetime.fromisoformat(str(cmd.args["at"])))
+        elif cmd.kind == "wait_until_local":  # decided now, journaled (flows.localwait)
+            wake, v["_journal"] = plan_local_wait(self.k, cmd, r.tz, now)
+            v.update(status="waiting", wake_at=wake)
         elif cmd.kind == "wait_for_event":
             # known before the wait commits, so no event slips between commit and here
             self.svc.awaited.add(str(cmd.name))
@@ -380,7 +386,7 @@ class Stepper:
                          n_ended=v.get("ended_at"))
                 cmd = r.cmd
                 assert cmd is not None
-                stored = None if cmd.kind in WAIT_KINDS else (
+                stored = v.get("_journal") if cmd.kind in WAIT_KINDS else (
                     {"error": r.cmd_error} if r.cmd_error is not None
                     else {"value": r.cmd_result})
                 rows.append({"instance_id": r.iid, "seq": r.seq, "kind": cmd.kind,
@@ -434,7 +440,7 @@ class Stepper:
             await conn.execute(sa.update(flow_journal).where(
                 flow_journal.c.instance_id == r.iid, flow_journal.c.seq == r.seq - 1
             ).values(result=r.fix))
-        stored = None if cmd.kind in WAIT_KINDS else (
+        stored = r.values.get("_journal") if cmd.kind in WAIT_KINDS else (
             {"error": r.cmd_error} if r.cmd_error is not None else {"value": r.cmd_result})
         await conn.execute(sa.insert(flow_journal).values(
             instance_id=r.iid, seq=r.seq, kind=cmd.kind, name=cmd.name, args_hash=cmd.hash,

@@ -453,7 +453,8 @@ async def _forget_messages(conn: AsyncConnection, user_id: str, tomb: str,
     if keyed:
         await conn.execute(sa.update(m).where(m.c.id == sa.bindparam("b_id"))
                            .values(dedupe_key=sa.bindparam("b_key")), keyed)
-    cleared = {"user_id": None, "to_address": None, "data": None, "updated_at": now}
+    cleared = {"user_id": None, "to_address": None, "data": None, "response": None,
+               "updated_at": now}
     # Not yet handed to the provider: never sent (delivery sends a claimed row only if it
     # is still claimed when marked `sending`). A row being sent finishes as it goes.
     await conn.execute(sa.update(m).where(m.c.user_id == user_id,
