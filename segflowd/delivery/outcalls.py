@@ -107,8 +107,12 @@ def _split(url: str) -> tuple[str, str, str, str] | None:
         host, _, port = netloc.partition(":")
     else:
         host, port = netloc, ""
-    port = port or {"https": "443", "http": "80"}.get(parts.scheme, "")
-    rest = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    wild = bool(_WILDCARDS & set(host))
+    # A pattern's host with a wildcard and no port takes any port ("http://*"); a URL,
+    # or a named host, has the scheme's. A pattern with no path takes any path.
+    port = port or ("*" if wild else {"https": "443", "http": "80"}.get(parts.scheme, ""))
+    rest = (parts.path or ("*" if wild or not parts.query else "/")) + (
+        f"?{parts.query}" if parts.query else "")
     return parts.scheme, host, port, rest
 
 

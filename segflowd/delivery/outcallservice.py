@@ -354,6 +354,11 @@ class OutcallService:
                 status="failed", claim=None, last_error=error, updated_at=now))
             stored = {"error": error or "the webhook failed"}
         if done.rowcount != 1:
+            if row["user_id"] is not None:  # forgotten mid-call: ended, nothing of it kept
+                await conn.execute(sa.update(messages).where(
+                    m.id == row["id"], m.claim == row["claim"], m.status == "sending",
+                    m.user_id.is_(None)).values(status="failed", claim=None, updated_at=now,
+                                                last_error="the user was forgotten"))
             return False  # no longer ours (a message.retry, a forget): nothing to wake
         return await record_outcome(
             conn, instance=row["instance_id"], dedupe_key=str(row["dedupe_key"] or ""),
