@@ -32,7 +32,7 @@ from httpx_auth import AWS4Auth
 
 from segflowd.providers import OutgoingMessage, ProviderContext, SendResult
 
-from ._http import GATEWAY_ERRORS, NOT_SENT
+from ._http import GATEWAY_ERRORS, NOT_SENT, maybe_sent, send_each
 from ._options import Options
 
 DEFAULT_TIMEOUT = 30.0  # seconds per API call
@@ -73,19 +73,7 @@ class SesProvider:
         self.parallel_calls = PARALLEL_CALLS
 
     async def send(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
-        results: list[SendResult | None] = [None] * len(messages)
-
-        async def one(i: int, msg: OutgoingMessage) -> None:
-            async with self._limit:
-                try:
-                    results[i] = await self._send_one(msg)
-                except Exception as exc:  # never cancel the other calls, nor lose their answers
-                    results[i] = _maybe_sent(f"{type(exc).__name__}: {exc}")
-
-        async with anyio.create_task_group() as tg:
-            for i, msg in enumerate(messages):
-                tg.start_soon(one, i, msg)
-        return [r or _maybe_sent("no answer") for r in results]
+        return await send_each("ses", messages, self._send_one, self._limit)
 
     async def _send_one(self, msg: OutgoingMessage) -> SendResult:
         body: dict[str, object] = {
@@ -125,8 +113,7 @@ class SesProvider:
 
 
 def _maybe_sent(why: str) -> SendResult:
-    return SendResult(ok=False, error=f"ses: {why} (may have been sent: not retried)",
-                      maybe_sent=True)
+    return maybe_sent("ses", why)
 
 
 def _json_field(resp: httpx.Response, key: str) -> str:

@@ -41,7 +41,7 @@ from segflowd.errors import ConfigError, ProviderError
 from segflowd.providers import OutgoingSms, ProviderContext, SendResult
 from segflowd.twiliosig import signature_valid, twilio_signature
 
-from ._http import GATEWAY_ERRORS, NOT_SENT
+from ._http import GATEWAY_ERRORS, NOT_SENT, maybe_sent, send_each
 from ._options import Options
 
 __all__ = ["TwilioProvider", "signature_valid", "twilio_signature"]
@@ -114,19 +114,7 @@ class TwilioProvider:
 
     async def send(self, messages: Sequence[OutgoingSms]) -> list[SendResult]:
         """One result per message, in order; the calls run in parallel."""
-        results: list[SendResult | None] = [None] * len(messages)
-
-        async def one(i: int, msg: OutgoingSms) -> None:
-            async with self._limit:
-                try:
-                    results[i] = await self._send_one(msg)
-                except Exception as exc:  # never cancel the other calls, nor lose their answers
-                    results[i] = _maybe_sent(f"{type(exc).__name__}: {exc}")
-
-        async with anyio.create_task_group() as tg:
-            for i, msg in enumerate(messages):
-                tg.start_soon(one, i, msg)
-        return [r or _maybe_sent("no answer") for r in results]
+        return await send_each("twilio", messages, self._send_one, self._limit)
 
     def _form(self, msg: OutgoingSms) -> dict[str, str]:
         form = {"To": msg.to, "Body": msg.body}
@@ -182,8 +170,7 @@ def _refusal(status: int, body: Mapping[str, object], text: str) -> SendResult:
 
 
 def _maybe_sent(why: str) -> SendResult:
-    return SendResult(ok=False, error=f"twilio: {why} (may have been sent: not retried)",
-                      maybe_sent=True)
+    return maybe_sent("twilio", why)
 
 
 def _json(resp: httpx.Response) -> Mapping[str, object]:
