@@ -20,8 +20,6 @@ is preparing it:
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import zoneinfo
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,7 +30,7 @@ from ..app import Segflow
 from ..configchannels import parse_quiet_hours
 from ..errors import TemplateError
 from ..kernel import Kernel
-from ..localtime import ALL_DAYS, Window
+from ..localtime import ALL_DAYS, Window, count_fallback, default_zone, user_zone
 from ..phones import check_phone
 from ..providers import MARKETING_KINDS, OutgoingSms
 from ..schema import subscriptions, suppressions, users
@@ -79,14 +77,6 @@ class SmsRenderer:
         return text
 
 
-@functools.lru_cache(maxsize=256)
-def _zone(name: str) -> zoneinfo.ZoneInfo | None:
-    try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return None
-
-
 def quiet_until(now: dt.datetime, zone: dt.tzinfo, hours: tuple[dt.time, dt.time]
                 ) -> dt.datetime | None:
     """When the quiet hours around ``now`` (naive UTC) end, as naive UTC, in ``zone``'s
@@ -105,7 +95,7 @@ class SmsPreparer:
         self.gates = build_gates(k)  # send windows, caps: holds before rendering
         cfg = k.config.sms
         self.quiet = parse_quiet_hours(cfg.quiet_hours)
-        self.default_zone = _zone(k.config.daemon.default_timezone) or dt.UTC
+        self.default_zone = default_zone(k.config.daemon.default_timezone)
         # Where the provider reports delivery (segflowd.delivery.smshooks): only with a
         # public URL, which the provider can reach.
         self.callback = (f"{public_url}/webhooks/{lane}/status"
@@ -174,8 +164,9 @@ class SmsPreparer:
         row = p.row
         marketing = row["kind"] in MARKETING_KINDS
         if marketing and self.quiet is not None:
-            tz = p.user.get("timezone")
-            zone = (_zone(tz) if isinstance(tz, str) else None) or self.default_zone
+            zone, fell_back = user_zone(p.user, self.default_zone)
+            if fell_back:
+                count_fallback(self.k.metrics, "quiet_hours")
             until = quiet_until(now, zone, self.quiet)
             if until is not None:
                 p.status, p.hold_until = "hold", until
