@@ -76,12 +76,8 @@ def _host(url: str) -> tuple[str, str, int] | str:
 
 def _explicit(pattern: str, host: str) -> bool:
     """Whether ``pattern`` names ``host`` itself (no wildcard in the pattern's host part)."""
-    netloc = urlsplit(pattern).netloc.rpartition("@")[2]
-    if netloc.startswith("["):  # [::1]:8080
-        name = netloc[1:].partition("]")[0]
-    else:
-        name = netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
-    return not (_WILDCARDS & set(name)) and name.lower().strip("[]") == host
+    parts = _split(pattern)
+    return parts is not None and not (_WILDCARDS & set(parts[1])) and parts[1] == host
 
 
 def _glob(text: str, pattern: str) -> bool:
