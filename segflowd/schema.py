@@ -21,12 +21,14 @@ __all__ = [
     "broadcasts",
     "campaign_settings",
     "campaign_versions",
+    "conversions",
     "devices",
     "engagement",
     "engine_cursors",
     "events",
     "flow_instances",
     "flow_journal",
+    "flow_splits",
     "forgotten",
     "messages",
     "metadata",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 metadata = sa.MetaData()
 
@@ -217,6 +219,20 @@ flow_journal = sa.Table(
     **_mysql,
 )
 
+flow_splits = sa.Table(
+    "flow_splits",
+    metadata,
+    # rt.split(name, weights): the variant a user was given in a campaign's experiment
+    # ``name``, once; new weights change only users not yet assigned (version 10).
+    sa.Column("campaign", Name, primary_key=True),
+    sa.Column("user_id", Id, primary_key=True),
+    sa.Column("name", Name, primary_key=True),
+    sa.Column("variant", sa.String(64), nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Index("ix_flow_splits_user", "user_id"),  # forgetting a user
+    **_mysql,
+)
+
 messages = sa.Table(
     "messages",
     metadata,
@@ -249,10 +265,17 @@ messages = sa.Table(
     sa.Column("sent_at", Time, nullable=True),
     # A webhook's answer for the flow that called it: {"status", "headers", "json", ...}
     sa.Column("response", Json, nullable=True),
+    # version 10: a campaign message's step (its instance's seq), the variant of the
+    # instance's latest rt.split() when it was queued, and the campaign's topic
+    sa.Column("step", sa.Integer, nullable=True),
+    sa.Column("variant", sa.String(64), nullable=True),
+    sa.Column("topic", Name, nullable=True),
     sa.UniqueConstraint("dedupe_key", name="uq_messages_dedupe"),
     sa.Index("ix_messages_status_next", "status", "next_attempt_at"),  # delivery workers
     sa.Index("ix_messages_user", "user_id", "template"),  # opened()/clicked(), user view
     sa.Index("ix_messages_created", "created_at"),  # recent messages
+    # reports and goal attribution: a campaign's messages by time (version 10)
+    sa.Index("ix_messages_campaign", "campaign", "created_at"),
     **_mysql,
 )
 
@@ -273,6 +296,27 @@ engagement = sa.Table(
     sa.Column("last_at", Time, nullable=True),
     sa.Index("ix_engagement_message", "message_id", "kind"),
     sa.Index("ix_engagement_user", "user_id", "kind"),
+    **_mysql,
+)
+
+conversions = sa.Table(
+    "conversions",
+    metadata,
+    # A campaign's goal event that arrived within its window after one of its messages:
+    # attributed to the campaign's most recent message before it, once per message
+    # (version 10). user_id is NULL once the user is forgotten; the count stays.
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("campaign", Name, nullable=False),
+    sa.Column("message_id", sa.BigInteger, nullable=False),
+    sa.Column("user_id", Id, nullable=True),
+    sa.Column("template", Name, nullable=True),
+    sa.Column("variant", sa.String(64), nullable=True),
+    sa.Column("event_id", sa.BigInteger, nullable=False),
+    sa.Column("event_name", Name, nullable=False),
+    sa.Column("converted_at", Time, nullable=False),
+    sa.UniqueConstraint("message_id", name="uq_conversions_message"),
+    sa.Index("ix_conversions_campaign", "campaign", "converted_at"),  # reports
+    sa.Index("ix_conversions_user", "user_id"),  # forgetting a user
     **_mysql,
 )
 

@@ -41,20 +41,24 @@ class Queued:
     instance_id: int | None = None
     to_address: str | None = None
     channel: Channel = "email"
+    step: int | None = None  # a campaign message's seq in its instance
+    variant: str | None = None  # the instance's latest rt.split() variant
+    topic: str | None = None  # its campaign's or broadcast's topic
 
 
 def _queued_row(now: dt.datetime, *, kind: MessageKind, template: str, user_id: str | None,
                 dedupe_key: str | None, to_address: str | None,
                 data: Mapping[str, object] | None, campaign: str | None,
                 transaction: str | None, instance_id: int | None,
-                channel: Channel) -> dict[str, object]:
+                channel: Channel, step: int | None = None, variant: str | None = None,
+                topic: str | None = None) -> dict[str, object]:
     """The ``messages`` row of a message queued at ``now`` (one shape for both paths)."""
     return {"user_id": user_id, "kind": kind, "channel": channel, "campaign": campaign,
             "transaction": transaction,
             "instance_id": instance_id, "template": template, "to_address": to_address,
             "data": dict(data or {}), "status": "queued", "attempts": 0,
             "next_attempt_at": now, "dedupe_key": dedupe_key, "created_at": now,
-            "updated_at": now}
+            "updated_at": now, "step": step, "variant": variant, "topic": topic}
 
 
 async def enqueue(
@@ -62,6 +66,7 @@ async def enqueue(
     user_id: str | None, dedupe_key: str | None, to_address: str | None = None,
     data: Mapping[str, object] | None = None, campaign: str | None = None,
     transaction: str | None = None, instance_id: int | None = None, channel: Channel = "email",
+    step: int | None = None, variant: str | None = None, topic: str | None = None,
 ) -> int | None:
     """Queue one message; return its row id, or None when ``dedupe_key`` was queued before.
 
@@ -76,7 +81,7 @@ async def enqueue(
     result = await conn.execute(sa.insert(messages).values(_queued_row(
         now, kind=kind, template=template, user_id=user_id, dedupe_key=dedupe_key,
         to_address=to_address, data=data, campaign=campaign, transaction=transaction,
-        instance_id=instance_id, channel=channel)))
+        instance_id=instance_id, channel=channel, step=step, variant=variant, topic=topic)))
     pk = result.inserted_primary_key
     return int(pk[0]) if pk is not None else None
 
@@ -106,7 +111,7 @@ async def enqueue_many(conn: AsyncConnection, items: Sequence[Queued], *,
                 now, kind=q.kind, template=q.template, user_id=q.user_id,
                 dedupe_key=q.dedupe_key, to_address=q.to_address, data=q.data,
                 campaign=q.campaign, transaction=None, instance_id=q.instance_id,
-                channel=q.channel))
+                channel=q.channel, step=q.step, variant=q.variant, topic=q.topic))
         if rows:
             await conn.execute(sa.insert(messages), rows)
             queued += len(rows)

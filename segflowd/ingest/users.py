@@ -320,14 +320,15 @@ async def forget(conn: AsyncConnection, user_id: str, now: dt.datetime) -> Forgo
 
     Deleted: the user, their events and those still anonymous under an id linked to them
     (an event another user owns stays theirs), anonymous links, segment memberships and
-    history, audience memberships, subscriptions, push devices and the journals of their
-    flows.
+    history, audience memberships, subscriptions, push devices, experiment assignments
+    and the journals of their flows.
 
     Kept, without what is personal, so campaign counts stay true: their flow instances
     (ended as ``exited`` if live; ``start_data`` and ``error`` cleared; the user id
     replaced by one random :func:`tombstone`, so a new user of the same id starts afresh)
     and their messages (user, address, data and error cleared; a queued or claimed one is
-    ``failed`` with :data:`FORGOTTEN` instead of being sent). Clicks lose their URL.
+    ``failed`` with :data:`FORGOTTEN` instead of being sent). Clicks lose their URL;
+    conversions their user id.
     Suppressions are kept: they are by address, so a bounced or complaining address is
     never mailed again.
     """
@@ -352,12 +353,14 @@ async def forget(conn: AsyncConnection, user_id: str, now: dt.datetime) -> Forgo
         sa.select(s.segment_members.c.segment).where(s.segment_members.c.user_id == user_id)
         .with_for_update())}))
     for table in (s.anonymous_links, s.segment_members, s.segment_changes, s.subscriptions,
-                  s.audience_members, s.devices):
+                  s.audience_members, s.devices, s.flow_splits):
         await conn.execute(sa.delete(table).where(table.c.user_id == user_id))
     await _forget_instances(conn, user_id, tomb, now)
     sent = await _forget_messages(conn, user_id, tomb, now)
     await conn.execute(sa.update(s.engagement).where(s.engagement.c.user_id == user_id)
                        .values(user_id=None, url=None))
+    await conn.execute(sa.update(s.conversions).where(s.conversions.c.user_id == user_id)
+                       .values(user_id=None))
     await _forget_broadcast_positions(conn, user_id)
     # The tombstone ingest checks: late events and identifies of the id are refused.
     fg = s.forgotten

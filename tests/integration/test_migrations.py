@@ -95,3 +95,38 @@ async def test_a_version_8_store_gains_message_channels_and_e164_phones(store: S
     assert people["bob"] == {"phone": "12345"}
     assert people["cat"] == {"note": "no phone"}
     assert channels == ["email"]
+
+
+async def test_a_version_9_store_gains_steps_variants_topics_splits_and_conversions(
+        store: Store) -> None:
+    """m0010: messages gain step, variant and topic (NULL for those stored before) and an
+    index by campaign; flow_splits and conversions are created empty."""
+    now = dt.datetime(2026, 1, 1)
+    async with store.begin() as conn:
+        await conn.execute(sa.text("DROP INDEX ix_messages_campaign ON messages")
+                           if store.engine.dialect.name != "sqlite"
+                           else sa.text("DROP INDEX ix_messages_campaign"))
+        for column in ("step", "variant", "topic"):
+            await conn.execute(sa.text(f"ALTER TABLE messages DROP COLUMN {column}"))
+        await conn.execute(sa.text("DROP TABLE flow_splits"))
+        await conn.execute(sa.text("DROP TABLE conversions"))
+        await conn.execute(sa.update(schema.schema_version).values(version=9))
+        await conn.execute(sa.insert(sa.table(
+            "messages", *(sa.column(k) for k in ("user_id", "kind", "template", "status",
+                                                  "created_at", "updated_at")))).values(
+            user_id="ann", kind="campaign", template="t", status="sent", created_at=now,
+            updated_at=now))
+    assert await store.migrate() == 9
+    async with store.begin() as conn:
+        old = (await conn.execute(sa.select(
+            schema.messages.c.step, schema.messages.c.variant, schema.messages.c.topic))).all()
+        await conn.execute(sa.insert(schema.flow_splits).values(
+            campaign="c", user_id="ann", name="x", variant="a", created_at=now))
+        await conn.execute(sa.insert(schema.conversions).values(
+            campaign="c", message_id=1, user_id="ann", event_id=1, event_name="buy",
+            converted_at=now))
+        splits = (await conn.execute(sa.select(sa.func.count()).select_from(
+            schema.flow_splits))).scalar()
+    assert [tuple(r) for r in old] == [(None, None, None)]
+    assert splits == 1
+    assert await store.migrate() == 10  # a second start migrates nothing
