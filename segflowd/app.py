@@ -23,8 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import BindParameter
 
+from .appcraft import Goal, TopicDef, campaign_options, parse_interval, parse_topic_name
 from .errors import AppError
-from .localtime import Window, parse_window
+from .localtime import Window
 from .sourcedefs import (
     AUDIENCE_SQL,
     AudienceDef,
@@ -98,23 +99,6 @@ def ago(*, days: float = 0, hours: float = 0, minutes: float = 0, seconds: float
     return Ago(delta)
 
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_interval(value: str | float | int) -> float:
-    """``"15m"``, ``"1h"``, ``"2d"``, ``"30s"`` or a number of seconds, as seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", str(value))
-        if not m:
-            raise AppError(f"bad interval {value!r}: write e.g. '30s', '15m', '1h', '2d'")
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    if seconds <= 0:
-        raise AppError(f"interval {value!r} must be positive")
-    return seconds
-
-
 @dataclasses.dataclass(frozen=True)
 class Origin:
     file: str
@@ -149,6 +133,9 @@ class CampaignDef:
     # "hold": who would have entered while it was paused enters on resume; "skip": never
     on_pause: OnPause = "hold"
     send_window: Window | None = None  # its sends wait for this local time (delivery gate)
+    topic: str | None = None  # what its users opt out of (app.topic); None: marketing only
+    goal: Goal | None = None  # the event that converts, and within how long of a message
+    exit_on_goal: bool = False  # a conversion ends the user's instance
 
     @property
     def version(self) -> str:
@@ -219,6 +206,7 @@ class Segflow:
         self.transactions: dict[str, TransactionDef] = {}
         self.data_sources: dict[str, DataSourceDef] = {}
         self.audiences: dict[str, AudienceDef] = {}  # audience segments, by segment name
+        self.topics: dict[str, TopicDef] = {}  # what users can opt out of, one by one
 
     # -- registration -----------------------------------------------------------------
 
@@ -272,6 +260,8 @@ class Segflow:
         self, name: str, *, segments: Iterable[str], exclude: Iterable[str] = (),
         behavior: Behavior = "static", reentry: bool = False, track: bool | None = None,
         on_pause: OnPause = "hold", send_window: tuple[str, ...] | None = None,
+        topic: str | None = None, goal: tuple[str, str | float] | None = None,
+        exit_on_goal: bool = False,
     ) -> Callable[[F], F]:
         """Register a campaign: a generator function ``(ctx, rt)`` that yields commands.
 
@@ -282,6 +272,10 @@ class Segflow:
         while the campaign was paused; ``"skip"`` lets them pass, as if never matched.
         ``send_window=("09:00", "18:00", "mon-fri")`` holds each of its sends until the
         user's local time is inside the window (their ``timezone``, else the default).
+        ``topic="newsletter"`` (an :meth:`topic`) lets users opt out of its messages
+        alone. ``goal=("purchase", "7d")``: a ``purchase`` within 7 days of one of its
+        messages converts, attributed to the latest; ``exit_on_goal=True`` then ends the
+        user's flow.
         """
         origin = _caller()
         _check_name("campaign", name, origin)
@@ -293,25 +287,20 @@ class Segflow:
         segs, excl = tuple(segments), tuple(exclude)
         if not segs:
             raise AppError(f"{origin}: campaign {name!r}: segments= must name at least one")
-        if behavior not in ("static", "dynamic"):
-            raise AppError(f"{origin}: campaign {name!r}: behavior must be 'static' or "
-                           f"'dynamic', not {behavior!r}")
-        if on_pause not in ("hold", "skip"):
-            raise AppError(f"{origin}: campaign {name!r}: on_pause must be 'hold' or "
-                           f"'skip', not {on_pause!r}")
         try:
-            window = None if send_window is None else parse_window(send_window)
-        except ValueError as exc:
-            raise AppError(f"{origin}: campaign {name!r}: send_window: {exc}") from None
+            opts = campaign_options(behavior=behavior, on_pause=on_pause,
+                                    send_window=send_window, topic=topic, goal=goal,
+                                    exit_on_goal=exit_on_goal)
+        except (ValueError, AppError) as exc:
+            raise AppError(f"{origin}: campaign {name!r}: {exc}") from None
 
         def decorator(fn: F) -> F:
             if not inspect.isgeneratorfunction(fn):
                 raise AppError(f"{origin}: campaign {name!r} must be a generator function "
                                "(it yields rt.send_email(...), rt.wait(...), ...)")
             self.campaigns[name] = CampaignDef(
-                name=name, flow=fn, segments=segs, exclude=excl, behavior=behavior,
-                reentry=reentry, origin=origin, track=track, on_pause=on_pause,
-                send_window=window,
+                name=name, flow=fn, segments=segs, exclude=excl,
+                reentry=reentry, origin=origin, track=track, **opts,
             )
             return fn  # type: ignore[return-value]  # mypy narrows F to the generator type
 
@@ -439,6 +428,22 @@ class Segflow:
         self.audiences[name] = a
         return a
 
+    def topic(self, name: str, *, title: str | None = None, description: str = "") -> TopicDef:
+        """Register a topic users can opt out of on their preference page (campaigns and
+        broadcasts name it with ``topic=``); "unsubscribe from all" covers every topic."""
+        origin = _caller()
+        try:
+            parse_topic_name(name)
+        except ValueError as exc:
+            raise AppError(f"{origin}: {exc}") from None
+        if name in self.topics:
+            raise AppError(f"{origin}: topic {name!r} is already defined at "
+                           f"{self.topics[name].origin}")
+        t = TopicDef(name=name, title=title or name, description=description,
+                     origin=str(origin))
+        self.topics[name] = t
+        return t
+
     # -- validation -------------------------------------------------------------------
 
     def problems(self) -> list[str]:
@@ -448,6 +453,9 @@ class Segflow:
             for seg in (*c.segments, *c.exclude):
                 if seg not in self.segments:
                     out.append(f"{c.origin}: campaign {c.name!r} names unknown segment {seg!r}")
+            if c.topic is not None and c.topic not in self.topics:
+                out.append(f"{c.origin}: campaign {c.name!r} names unknown topic {c.topic!r} "
+                           f"(topics: {', '.join(sorted(self.topics)) or 'none'})")
         for t in self.transactions.values():
             if t.template not in self.templates and t.template not in self.sms_templates:
                 out.append(

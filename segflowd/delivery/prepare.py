@@ -24,6 +24,7 @@ import anyio
 import sqlalchemy as sa
 import structlog
 
+from ..appcraft import MARKETING_TOPIC
 from ..errors import TemplateError
 from ..hooks import ContextProvider
 from ..ingest.users import check_email
@@ -55,7 +56,6 @@ __all__ = ["BatchPreparer", "Prepared", "bare_address"]
 
 log = structlog.get_logger("segflowd.delivery")
 
-MARKETING_TOPIC = "marketing"
 
 
 @dataclasses.dataclass

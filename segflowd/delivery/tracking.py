@@ -34,6 +34,7 @@ import structlog
 from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..appcraft import MARKETING_TOPIC
 from ..errors import TokenError
 from ..http import HTTPError, Request, Response, Router
 from ..kernel import Kernel
@@ -46,7 +47,6 @@ __all__ = ["MARKETING_TOPIC", "PIXEL", "EngagementRecorder", "EngagementStatisti
 
 log = structlog.get_logger("segflowd.tracking")
 
-MARKETING_TOPIC = "marketing"
 PIXEL = base64.b64decode(b"R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 BUFFER_SIZE = 10_000  # hits waiting for the store; past it new hits are dropped (counted)
 FLUSH_INTERVAL = 1.0  # seconds between the recorder's writes

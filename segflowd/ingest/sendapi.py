@@ -46,9 +46,9 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ..appcraft import MARKETING_TOPIC
 from ..bus import Subscription
 from ..delivery.outbox import SEND_KEY_PREFIX, enqueue
-from ..delivery.prepare import MARKETING_TOPIC
 from ..delivery.templates import OVERRIDES, override_problem
 from ..hooks import OutboxWaker
 from ..http import HTTPError, Request, Response, json_response

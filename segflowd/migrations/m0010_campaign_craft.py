@@ -10,6 +10,8 @@ have no step, variant or topic.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
@@ -21,7 +23,8 @@ def _tables(collation: str) -> list[sa.Table]:
     """``flow_splits`` and ``conversions`` as of version 10."""
     time = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
     big = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-    kw = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": collation}
+    kw: dict[str, Any] = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4",
+                          "mysql_collate": collation}
     md = sa.MetaData()
     return [
         sa.Table(
