@@ -430,6 +430,7 @@ broadcasts = sa.Table(
     sa.Column("created_at", Time, nullable=False),
     sa.Column("updated_at", Time, nullable=False),
     sa.Column("finished_at", Time, nullable=True),
+    sa.Column("topic", Name, nullable=True),  # what its users opt out of (version 10)
     sa.Index("ix_broadcasts_status", "status"),  # resuming running broadcasts at start
     **_mysql,
 )

@@ -2,7 +2,8 @@
 
 ``messages`` gains ``step`` (a campaign message's place in its flow), ``variant`` (the
 instance's latest ``rt.split()`` when it was queued) and ``topic`` (its campaign's or
-broadcast's), and an index on (campaign, created_at) for reports and goal attribution.
+broadcast's), and an index on (campaign, created_at) for reports and goal attribution; ``broadcasts`` gains
+``topic``.
 Two tables are new: ``flow_splits`` (each user's variant in an experiment, once) and
 ``conversions`` (goal events attributed to a campaign's message). Messages stored before
 have no step, variant or topic.
@@ -60,6 +61,8 @@ def upgrade(conn: Connection) -> None:
     for column, kind in added:
         if column not in columns:
             conn.execute(sa.text(f"ALTER TABLE messages ADD COLUMN {column} {kind} NULL"))
+    if "topic" not in {c["name"] for c in sa.inspect(conn).get_columns("broadcasts")}:
+        conn.execute(sa.text("ALTER TABLE broadcasts ADD COLUMN topic VARCHAR(191) NULL"))
     indexes = {i["name"] for i in sa.inspect(conn).get_indexes("messages")}
     if "ix_messages_campaign" not in indexes:
         conn.execute(sa.text(

@@ -108,6 +108,7 @@ async def test_a_version_9_store_gains_steps_variants_topics_splits_and_conversi
                            else sa.text("DROP INDEX ix_messages_campaign"))
         for column in ("step", "variant", "topic"):
             await conn.execute(sa.text(f"ALTER TABLE messages DROP COLUMN {column}"))
+        await conn.execute(sa.text("ALTER TABLE broadcasts DROP COLUMN topic"))
         await conn.execute(sa.text("DROP TABLE flow_splits"))
         await conn.execute(sa.text("DROP TABLE conversions"))
         await conn.execute(sa.update(schema.schema_version).values(version=9))
