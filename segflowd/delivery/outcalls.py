@@ -9,7 +9,10 @@ matching pattern names that very host, with no wildcard in its host part: allowi
 ``https://*`` does not open ``http://127.0.0.1/``, while ``http://127.0.0.1:8080/*`` does.
 
 :func:`literal_refusal` judges the URL alone (``segflowd check``, no DNS);
-:func:`refusal` also resolves the host and judges every address it resolves to (send time).
+:func:`refusal` also resolves the host and judges every address it resolves to (send time);
+the call then connects to the addresses of one resolution, each judged again
+(:func:`address_refusal`, :mod:`segflowd.delivery.pinned`), so a name that rebinds to
+loopback after the check is refused, not called.
 
 :func:`call` makes one attempt and sorts what happened into an :class:`Outcome`:
 ``answered`` (any status but a 5xx or 429: the flow sees it, a 4xx included), ``retry``
@@ -30,7 +33,7 @@ import ipaddress
 import json
 import random
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -38,6 +41,7 @@ import anyio
 import httpx
 
 from ..configchannels import WebhooksConfig
+from .pinned import RefusedAddress
 
 __all__ = ["Outcome", "backoff", "call", "literal_refusal", "parse_retry_after", "refusal",
            "secret_headers"]
@@ -178,6 +182,18 @@ async def refusal(url: str, cfg: WebhooksConfig) -> str | None:
     return None
 
 
+def address_refusal(cfg: WebhooksConfig) -> Callable[[str, str], str | None]:
+    """Judge, at connect time, one address ``host`` resolved to (see
+    :mod:`segflowd.delivery.pinned`): an internal one only for a host an allow pattern
+    names explicitly."""
+    def refuse(host: str, address: str) -> str | None:
+        if not _internal(address) or any(_explicit(p, host) for p in cfg.allow):
+            return None
+        return (f"host {host!r} resolves to {address}, a loopback, private or reserved "
+                "address that [webhooks] allow does not name explicitly")
+    return refuse
+
+
 def secret_headers(url: str, cfg: WebhooksConfig) -> dict[str, str]:
     """The configured headers of every ``[webhooks.headers."PATTERN"]`` matching ``url``."""
     out: dict[str, str] = {}
@@ -260,6 +276,8 @@ async def call(client: httpx.AsyncClient, request: Mapping[str, object], *, key:
                         truncated = True
                         break
                     chunks.append(chunk)
+    except RefusedAddress as exc:  # the name changed its answer since refusal() judged it
+        return Outcome("refused", error=_short(f"refused: {url!r}: {exc}"))
     except TimeoutError:
         return Outcome("retry", error=_short(f"{method} {url}: no answer within {seconds:g} s"))
     except httpx.HTTPError as exc:

@@ -39,7 +39,8 @@ from ..http import Router
 from ..kernel import Kernel
 from ..schema import flow_instances, messages
 from .groupwrite import GroupWrite
-from .outcalls import Outcome, backoff, call
+from .outcalls import Outcome, address_refusal, backoff, call
+from .pinned import pinned_transport
 
 __all__ = ["OutcallService", "OutcallStatistics"]
 
@@ -98,7 +99,10 @@ class OutcallService:
                               max_keepalive_connections=cfg.concurrency)
         # No redirects (a 3xx is an answer: a redirect could lead past the allow-list),
         # no proxy from the environment (the allow-list judges where calls go).
-        return httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False)
+        # Connections go to the addresses judged at connect time (delivery.pinned).
+        return httpx.AsyncClient(
+            transport=pinned_transport(address_refusal(cfg), limits=limits),
+            follow_redirects=False, trust_env=False)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.recover()

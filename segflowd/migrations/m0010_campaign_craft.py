@@ -2,8 +2,8 @@
 
 ``messages`` gains ``step`` (a campaign message's place in its flow), ``variant`` (the
 instance's latest ``rt.split()`` when it was queued) and ``topic`` (its campaign's or
-broadcast's), and an index on (campaign, created_at) for reports and goal attribution; ``broadcasts`` gains
-``topic``.
+broadcast's), and an index on (campaign, created_at) for reports and goal attribution;
+``broadcasts`` gains ``topic``.
 Two tables are new: ``flow_splits`` (each user's variant in an experiment, once) and
 ``conversions`` (goal events attributed to a campaign's message). Messages stored before
 have no step, variant or topic.

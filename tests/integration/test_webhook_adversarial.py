@@ -3,7 +3,7 @@ a forget, a lost COMMIT reply, DNS that changes between the check and the connec
 allow-list patterns that say more than they seem to.
 
 Each test asserts what the contract promises; each failed on the first version, and the
-one still marked ``xfail(strict=True)`` names the bug left (DNS rebinding). Most drive
+last one fixed was DNS rebinding (segflowd.delivery.pinned). Most drive
 the outcall worker by hand
 (:meth:`OutcallService.run_once`: claim, call, record) so that a row left behind is seen
 at once instead of after a guard expires.
@@ -202,9 +202,6 @@ async def test_a_lost_reply_on_the_outcome_commit_still_resumes_the_flow(
 
 # -- DNS that answers differently at the check and at the connect ----------------------
 
-@pytest.mark.xfail(strict=True, reason="outcalls.refusal resolves the host, then httpx "
-                   "resolves it again to connect: a name that rebinds to 127.0.0.1 between "
-                   "the two reaches loopback (fix: connect to the address that was judged)")
 async def test_a_name_that_rebinds_to_loopback_after_the_check_is_not_called(
         rig: Rig, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     host = "hook.rebind.test"
@@ -228,6 +225,9 @@ async def test_a_name_that_rebinds_to_loopback_after_the_check_is_not_called(
         await outcalls.run_once()
     assert asked, "the test's resolver was not consulted"
     assert receiver.calls == [], "a loopback receiver was reached past the allow-list"
+    row = await webhook_row(rig)
+    assert row.status == "failed"
+    assert "127.0.0.1" in str(row.last_error)
 
 
 # -- patterns: `*` spans '/', so a host wildcard also matches other hosts' paths ----------
