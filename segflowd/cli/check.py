@@ -21,6 +21,7 @@ from ..clock import utcnow
 from ..config import Config
 from ..errors import AppError, SegflowError
 from ..flows.localwait import local_wait_problems
+from ..flows.split import split_problems
 from ..providers import ProviderContext, load_provider, load_sms_provider
 from ..segments.query import db_message, probe_segment, segment_select
 from ..store import Store
@@ -51,6 +52,7 @@ async def run_check(config: Config, app: Segflow, out: Callable[[str], None], *,
     problems.extend(unknown_sms_templates(app, calls))
     problems.extend(webhook_problems(config, calls))  # literal URLs the allow-list refuses
     problems.extend(local_wait_problems(calls))  # rt.wait_until_local's hours, days, zones
+    problems.extend(split_problems(calls))  # rt.split's literal weights
     for line in public_url_warnings(config):
         out(line)
 

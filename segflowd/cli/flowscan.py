@@ -22,7 +22,8 @@ __all__ = ["SEND_COMMANDS", "TEMPLATE_COMMANDS", "FlowCall", "scan_app", "scan_c
 
 SEND_COMMANDS = frozenset({"send_email"})  # commands that send a template (first argument)
 TEMPLATE_COMMANDS = SEND_COMMANDS | {"opened", "clicked"}  # ... or name one
-_SCANNED = TEMPLATE_COMMANDS | {"condition", "send_sms", "webhook", "wait_until_local"}
+_SCANNED = TEMPLATE_COMMANDS | {"condition", "send_sms", "webhook", "wait_until_local",
+                                 "split"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,8 @@ def scan_campaign(c: CampaignDef) -> list[FlowCall]:
         if node.func.attr == "condition":
             sql = sql if sql is not None else _str(keywords.pop("sql", None))
             first = first if first is not None else _str(keywords.pop("source", None))
+        elif node.func.attr == "split" and len(node.args) > 1:  # weights as written
+            keywords.setdefault("weights", _value(node.args[1], names))
         elif first is None and "template" in keywords:
             first = _str(keywords.pop("template"))
         out.append(FlowCall(

@@ -21,13 +21,14 @@ from typing import Literal
 from ..app import parse_interval
 from ..errors import FlowError, WebhookFailed
 from ..localtime import check_local_wait
+from .split import weights_problem
 
 __all__ = ["Command", "CommandKind", "Context", "FlowEvent", "Runtime", "WebhookFailed",
            "WebhookResponse", "args_hash", "flow_error"]
 
 CommandKind = Literal["send_email", "send_sms", "wait", "wait_until", "wait_for_event", "condition",
                       "opened", "clicked", "exit", "continue_as_new", "webhook",
-                      "wait_until_local"]
+                      "wait_until_local", "split"]
 # Commands after which the instance waits; a webhook waits for its call's final outcome.
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP header name (RFC 9110 token)
 WAIT_KINDS = frozenset({"wait", "wait_until", "wait_for_event", "webhook", "wait_until_local"})
@@ -77,7 +78,9 @@ class Command:
 
     @property
     def hash(self) -> str:
-        return args_hash(self.kind, self.name, self.args)
+        # A split's weights may change while instances are in flight (they only steer
+        # users not yet assigned): replay matches a split by its name alone.
+        return args_hash(self.kind, self.name, {} if self.kind == "split" else self.args)
 
     def describe(self) -> str:
         return f"{self.kind}({self.name!r})" if self.name is not None else f"{self.kind}()"
@@ -256,6 +259,16 @@ class Runtime:
         except (TypeError, ValueError) as exc:
             raise FlowError(f"webhook({url!r}) json must be JSON-able: {exc}") from None
         return Command("webhook", url, args)
+
+    def split(self, name: str, weights: Mapping[str, float]) -> Command:
+        """Put the user in a variant of experiment ``name``, drawn by ``weights`` (variant
+        name to a number at least 0, e.g. ``{"send": 90, "holdout": 10}``). Result: the
+        variant (str). Decided once per campaign, user and name, and stored: later splits
+        (new weights included) give that user the same variant."""
+        problem = weights_problem(name, weights)
+        if problem is not None:
+            raise FlowError(problem)
+        return Command("split", name, {"weights": dict(weights)})
 
     def exit(self) -> Command:
         """End the flow here."""

@@ -39,6 +39,6 @@ def queued_by(runs: Iterable[StepRun]) -> list[Queued]:
     return [Queued(kind="campaign", template=str(r.cmd.name), user_id=r.user_id,
                    dedupe_key=f"flow:{r.iid}:{r.seq}", data=dict(r.cmd.args),
                    campaign=r.campaign.name, instance_id=r.iid, channel=SENDS[r.cmd.kind],
-                   step=r.seq)
+                   step=r.seq, variant=r.variant, topic=r.campaign.topic)
             for r in runs if not r.end and r.cmd is not None and r.cmd.kind in SENDS
             ] + webhook_calls(runs)

@@ -40,6 +40,7 @@ from .localwait import plan_local_wait
 from .reads import engaged, run_condition
 from .runtime import WAIT_KINDS, Command
 from .sends import QUEUEING, check_send, queued_by
+from .split import assign, latest_variant
 from .updates import LOAD_COLUMNS, Lost, traceback_text, update_instances
 from .webhookwait import event_wait, is_webhook_wait, marker, unfinished
 from .work import ACTIVE, StepHost, Work
@@ -70,6 +71,7 @@ class _Run:
     values: dict[str, object] = dataclasses.field(default_factory=dict)
     lost: bool = False
     tz: object = None  # the user's ``timezone`` attribute as loaded (rt.wait_until_local)
+    variant: str | None = None  # its latest rt.split() result: its sends carry it
 
 
 _ENDING = frozenset({"exit", "continue_as_new"})  # commands after which the instance is over
@@ -199,7 +201,7 @@ class Stepper:
 
         replay = Replay(c, str(inst.user_id), journal, live)
         run = _Run(int(inst.id), int(inst.seq), c, str(inst.user_id), replay, fix=fix,
-                   tz=attrs.get("timezone"))
+                   tz=attrs.get("timezone"), variant=latest_variant(journal))
         try:
             replay.replay()
         except Divergence as d:
@@ -339,6 +341,9 @@ class Stepper:
         elif cmd.kind in ("opened", "clicked"):
             r.cmd_result = await engaged(self.k.store, r.user_id, str(cmd.name),
                                          "open" if cmd.kind == "opened" else "click")
+        elif cmd.kind == "split":  # decided once per user, journaled (flows.split)
+            r.cmd_result = r.variant = await assign(self.k.store, r.campaign.name, r.user_id,
+                                                    str(cmd.name), cmd.args, now)
         elif cmd.kind == "wait":
             secs = cmd.args.get("seconds")
             v.update(status="waiting", wake_at=now + dt.timedelta(

@@ -69,6 +69,7 @@ class StepRun(Protocol):
     end: str | None
     cmd: Command | None
     campaign: CampaignDef
+    variant: str | None  # the instance's latest rt.split() result
 
 
 def webhook_calls(runs: Iterable[StepRun]) -> list[Queued]:
@@ -79,7 +80,8 @@ def webhook_calls(runs: Iterable[StepRun]) -> list[Queued]:
     """
     return [Queued(kind="campaign", template="webhook", user_id=r.user_id,
                    dedupe_key=f"flow:{r.iid}:{r.seq}", data={"url": r.cmd.name, **r.cmd.args},
-                   campaign=r.campaign.name, instance_id=r.iid, channel="webhook")
+                   campaign=r.campaign.name, instance_id=r.iid, channel="webhook",
+                   variant=r.variant)
             for r in runs if not r.end and r.cmd is not None and r.cmd.kind == "webhook"]
 
 
