@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from ..schema import flow_splits
 from ..store import Store
+from ..userlocks import existing_users
 
 __all__ = ["MAX_NAME", "MAX_VARIANT", "assign", "latest_variant", "pick", "split_problems",
            "weights_problem"]
@@ -30,24 +31,46 @@ MAX_VARIANT = 64  # characters of a variant's name (flow_splits.variant, message
 _EXAMPLE = '{"a": 50, "b": 50}'
 
 
+def _text(value: str) -> bool:
+    """True when ``value`` can be stored: UTF-8 text (no lone surrogate)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _finite(weight: float) -> bool:
+    """True when ``weight`` is a finite float (an int too large for one is not)."""
+    try:
+        return math.isfinite(weight)
+    except OverflowError:
+        return False
+
+
 def weights_problem(name: object, weights: object) -> str | None:
     """What is wrong with ``rt.split(name, weights)``, in a sentence; None when nothing."""
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+    if (not isinstance(name, str) or not name or len(name) > MAX_NAME
+            or not _text(name)):
         return (f"split() name must be a non-empty string of at most {MAX_NAME} "
                 f"characters, not {name!r}")
     if not isinstance(weights, Mapping) or not weights:
         return (f"split({name!r}) weights must be a dict of variant name to weight, "
                 f"e.g. {_EXAMPLE}, not {weights!r}")
     for variant, weight in weights.items():
-        if not isinstance(variant, str) or not 1 <= len(variant) <= MAX_VARIANT:
+        if (not isinstance(variant, str) or not 1 <= len(variant) <= MAX_VARIANT
+                or not _text(variant)):
             return (f"split({name!r}) variant names must be strings of 1 to "
                     f"{MAX_VARIANT} characters, not {variant!r}")
         if (isinstance(weight, bool) or not isinstance(weight, int | float)
-                or not math.isfinite(weight) or weight < 0):
+                or not _finite(weight) or weight < 0):
             return (f"split({name!r}) weight of {variant!r} must be a finite number of at "
                     f"least 0, not {weight!r}")
-    if sum(weights.values()) <= 0:
+    total = sum(float(w) for w in weights.values())  # as pick() adds them
+    if total <= 0:
         return f"split({name!r}) weights must sum to more than 0, not {dict(weights)!r}"
+    if not math.isfinite(total):  # every user would fall past the last edge
+        return f"split({name!r}) weights must sum to a finite number, not {dict(weights)!r}"
     return None
 
 
@@ -72,7 +95,9 @@ async def assign(store: Store, campaign: str, user_id: str, name: str,
                  args: Mapping[str, object], now: dt.datetime) -> str:
     """The user's variant in ``name``: the stored one, else one picked now and stored.
 
-    Idempotent: a retried step, or two steps racing, read back the one stored row.
+    Idempotent: a retried step, or two steps racing, read back the one stored row. Only
+    a user who still exists is stored: a forget that commits while the step is in flight
+    leaves no row naming them (the step then loses its round to the forget).
     """
     given = args.get("weights")
     assert isinstance(given, Mapping), "rt.split() built the arguments"
@@ -83,8 +108,12 @@ async def assign(store: Store, campaign: str, user_id: str, name: str,
     # The insert comes first: an existing row (or one a racing step is committing) makes
     # it a no-op, and the read after it sees that row, whatever the isolation level.
     async with store.begin() as conn:
-        await conn.execute(store.insert_ignore(flow_splits).values(
-            campaign=campaign, user_id=user_id, name=name, variant=variant, created_at=now))
+        # The user's row, share-locked (segflowd.userlocks): a forget has committed (the
+        # user is gone: nothing is stored) or waits for this commit and deletes the row.
+        if await existing_users(conn, [user_id]):
+            await conn.execute(store.insert_ignore(flow_splits).values(
+                campaign=campaign, user_id=user_id, name=name, variant=variant,
+                created_at=now))
         stored = (await conn.execute(sa.select(fs.variant).where(*key))).scalar()
     return str(stored) if stored is not None else variant
 
