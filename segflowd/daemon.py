@@ -32,6 +32,7 @@ from .control.service import ControlService
 from .delivery.outcallservice import OutcallService
 from .delivery.service import DeliveryService
 from .errors import ListenError, SegflowError
+from .flows.goals import GoalService
 from .flows.service import FlowService
 from .hooks import ContextProvider, IngestSink, MembershipSink, OutboxWaker
 from .http import Request, Response, Router, error_response, json_response
@@ -108,6 +109,10 @@ def build_services(k: Kernel) -> list[Service]:
     transaction_service = TransactionService(k, wakers=wakers)
     services += [segment_service, transaction_service]
     ingest_sinks += [segment_service, transaction_service]
+    if GoalService.wanted(k):  # conversions of campaigns' goal events
+        goals = GoalService(k, flows=flows)
+        services.append(goals)
+        ingest_sinks.append(goals)
     # -- ingest (HTTP APIs) --
     services.append(IngestService(k, sinks=ingest_sinks, wakers=wakers))
     # -- data sources, audiences and broadcasts --

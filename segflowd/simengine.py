@@ -10,7 +10,7 @@ time and who waits for whom:
   moment something is due (a wait, a segment refresh) straight to the next; sleepers whose
   deadline passes are woken at that moment. Nothing sleeps on the wall clock.
 * The flow service runs its own tasks (workers, ticker); the segment engine, transactions
-  and delivery are stepped by :meth:`SimEngine.settle` until nothing is left to do at the
+  (goals) and delivery are stepped by :meth:`SimEngine.settle` until nothing is left at the
   current moment, so each moment is finished before time moves on.
 * Segments are refreshed at their due times by :class:`~segflowd.simrefresh.RefreshSchedule`,
   which first asks the store whether the refresh would change anything.
@@ -50,6 +50,7 @@ from .config import Config
 from .delivery.outcallservice import OutcallService
 from .delivery.service import DeliveryService
 from .errors import AppError, SourceError
+from .flows.goals import GoalService
 from .flows.service import FlowService
 from .hooks import ContextProvider, IngestSink
 from .http import Router
@@ -199,7 +200,9 @@ class SimEngine:
         self.outcalls = OutcallService(k, on_final=self.flows.schedule)  # rt.webhook's calls
         self.segments = SegmentService(k, membership_sinks=[self.flows])
         self.transactions = TransactionService(k, wakers=[self.outbox])
-        sinks: list[IngestSink] = [self.flows, self.segments, self.transactions]
+        self.goals = GoalService(k, flows=self.flows) if GoalService.wanted(k) else None
+        sinks: list[IngestSink] = [self.flows, self.segments, self.transactions,
+                                   *([self.goals] if self.goals is not None else [])]
         # No batching window: each call is committed at once (and alone).
         committer = GroupCommitter(self.store, self.clock, sinks, flush_delay=0.0,
                                    forget_window=None)
@@ -225,6 +228,8 @@ class SimEngine:
                 await tg.start(self.flows.run)
                 await self.segments.start()
                 await self.transactions.start()
+                if self.goals is not None:
+                    await self.goals.start()
                 await self.delivery.recover()
                 await self.settle()
                 task_status.started()
@@ -339,6 +344,9 @@ class SimEngine:
             busy = True
         if self.transactions.statistics().pending:
             await self.transactions.process_pending()
+            busy = True
+        if self.goals is not None and self.goals.statistics().pending:
+            await self.goals.process_pending()  # conversions (exit_on_goal ends flows)
             busy = True
         await self.flows.settle()
         if self.outbox.woken:

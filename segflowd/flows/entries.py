@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..app import CampaignDef
 from ..cursors import Cursor, load_cursor, max_change_id, save_cursor
@@ -26,7 +27,7 @@ from .work import ACTIVE, CATCH_UP_CHANGES, MEMBERSHIP_CHUNK, Work
 if TYPE_CHECKING:
     from ..kernel import Kernel
 
-__all__ = ["CHANGES_CURSOR", "Entries"]
+__all__ = ["CHANGES_CURSOR", "Entries", "end_live"]
 
 log = structlog.get_logger("segflowd.flows")
 
@@ -274,28 +275,42 @@ class Entries:
 
     async def exit_user(self, campaign: str, user_id: str) -> int | None:
         """End the user's live instance of ``campaign`` (dynamic exit); its id, if any."""
-        fi = flow_instances.c
-        now = self.k.clock.now()
-        for _ in range(EXIT_ATTEMPTS):
-            async with self.k.store.begin() as conn:
-                row = (await conn.execute(sa.select(fi.id, fi.wake_at).where(
-                    fi.campaign == campaign, fi.user_id == user_id, fi.live == 1,
-                    fi.status.in_(ACTIVE)))).first()
-                if row is None:
-                    return None
-                # Conditional: on READ COMMITTED a step may have ended it since the read;
-                # if that step was continue_as_new, its successor is read next time round.
-                done = await conn.execute(sa.update(flow_instances).where(
-                    fi.id == row[0], fi.live == 1, fi.status.in_(ACTIVE)).values(
-                    status="exited", live=None, wake_at=None, wait_event=None,
-                    wait_after=None, ended_at=now, updated_at=now))
-            if done.rowcount == 1:
-                break
-        else:
+        async with self.k.store.begin() as conn:
+            ended = await end_live(conn, campaign, user_id, self.k.clock.now())
+        if ended is None:
             return None
-        iid = int(row[0])
-        self._cancel_timer(iid, row[1])
-        log.info("flow.exited", campaign=campaign, user_id=user_id, instance=iid)
+        self.exited(campaign, user_id, *ended, reason="left segment")
+        return ended[0]
+
+    def exited(self, campaign: str, user_id: str, iid: int, wake_at: dt.datetime | None,
+               *, reason: str) -> None:
+        """An exit :func:`end_live` made is committed: drop its timer, log and publish it."""
+        self._cancel_timer(iid, wake_at)
+        log.info("flow.exited", campaign=campaign, user_id=user_id, instance=iid,
+                 reason=reason)
         self.k.bus.publish("flow.exited", campaign=campaign, user_id=user_id, instance=iid,
-                           reason="left segment")
-        return iid
+                           reason=reason)
+
+
+async def end_live(conn: AsyncConnection, campaign: str, user_id: str, now: dt.datetime
+                   ) -> tuple[int, dt.datetime | None] | None:
+    """End the user's live instance of ``campaign`` as ``exited`` in ``conn``'s
+    transaction: its (id, wake_at), or None if there was none. The caller tells the flow
+    service (:meth:`Entries.exited`) once the transaction is committed."""
+    fi = flow_instances.c
+    for _ in range(EXIT_ATTEMPTS):
+        row = (await conn.execute(sa.select(fi.id, fi.wake_at).where(
+            fi.campaign == campaign, fi.user_id == user_id, fi.live == 1,
+            fi.status.in_(ACTIVE)))).first()
+        if row is None:
+            return None
+        # Conditional: on READ COMMITTED a step may have ended it since the read; if that
+        # step was continue_as_new, its successor is read next time round (each statement
+        # sees what was committed before it; SQLite's write transaction is exclusive).
+        done = await conn.execute(sa.update(flow_instances).where(
+            fi.id == row[0], fi.live == 1, fi.status.in_(ACTIVE)).values(
+            status="exited", live=None, wake_at=None, wait_event=None,
+            wait_after=None, ended_at=now, updated_at=now))
+        if done.rowcount == 1:
+            return int(row[0]), row[1]
+    return None
