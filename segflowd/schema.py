@@ -30,6 +30,7 @@ __all__ = [
     "flow_journal",
     "flow_splits",
     "forgotten",
+    "message_events",
     "messages",
     "metadata",
     "schema_version",
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 # The version a fresh store is created at; migrations/ holds the steps to reach it.
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 metadata = sa.MetaData()
 
@@ -276,6 +277,11 @@ messages = sa.Table(
     sa.Index("ix_messages_created", "created_at"),  # recent messages
     # reports and goal attribution: a campaign's messages by time (version 10)
     sa.Index("ix_messages_campaign", "campaign", "created_at"),
+    # provider webhooks find their message by the provider's id of it (version 11)
+    sa.Index("ix_messages_provider_id", "provider_message_id"),
+    # reports: a campaign's messages by time, counted from the index alone (version 11)
+    sa.Index("ix_messages_report", "campaign", "created_at", "step", "template", "variant",
+             "status"),
     **_mysql,
 )
 
@@ -296,6 +302,28 @@ engagement = sa.Table(
     sa.Column("last_at", Time, nullable=True),
     sa.Index("ix_engagement_message", "message_id", "kind"),
     sa.Index("ix_engagement_user", "user_id", "kind"),
+    **_mysql,
+)
+
+message_events = sa.Table(
+    "message_events",
+    metadata,
+    # What became of a message, once per kind: delivered | bounced | complained (provider
+    # webhooks), unsubscribed (its link), opened | clicked (by a person: copied from
+    # engagement when a report runs). Version 11. The message's report key (campaign,
+    # step, template, variant, created_at as sent_on) is copied in, so a report counts
+    # these without a join; it holds nothing about the person.
+    sa.Column("message_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("campaign", Name, nullable=True),
+    sa.Column("step", sa.Integer, nullable=True),
+    sa.Column("template", Name, nullable=True),
+    sa.Column("variant", sa.String(64), nullable=True),
+    sa.Column("sent_on", Time, nullable=True),
+    # reports: a campaign's outcomes by the time their messages were queued
+    sa.Index("ix_message_events_report", "campaign", "sent_on", "step", "template",
+             "variant", "kind"),
     **_mysql,
 )
 

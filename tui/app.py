@@ -45,6 +45,7 @@ from .render import (
     timeline,
     value,
 )
+from .reports import ReportsScreen
 from .rows import INSTANCE_COLUMNS, campaign_row, keyed, message_row, rows, segment_row
 from .screens import ActionScreen, ConfirmScreen, DetailScreen, FunnelScreen, HelpScreen
 from .widgets import Dashboard
@@ -105,7 +106,9 @@ class SegflowTUI(App[None]):
         Binding("x", "toggle_failures", "failures/all"),
         Binding("t", "retry_message", "retry"),
         Binding("slash", "focus_filter", "filter"),
+        Binding("r", "push_screen('reports')", "reports", show=False),
     ]
+    SCREENS: ClassVar = {"reports": ReportsScreen}  # r pushes it (tui/reports.py)
     _TAB_ACTIONS: ClassVar[dict[str, str]] = {"pause": "campaigns", "resume": "campaigns",
                     "refresh_segment": "segments", "toggle_failures": "messages",
                     "retry_message": "messages", "focus_filter": "activity"}

@@ -51,6 +51,7 @@ HELP = """\
 [b]Everywhere[/b]
   ?  this help    ctrl+r  refresh now    a  any admin action    q  quit
   b  pick & send: a data source's row → its audience → a template → send
+  r  reports: each campaign's steps and variants as bars (r refreshes, escape back)
 [b]Dashboard[/b]
   a red panel that says WARNING: a threshold (\\[dashboard]) is crossed
   e  the last hour's top errors in full

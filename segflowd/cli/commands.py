@@ -40,6 +40,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "segflowd.cli.suppressions",  # list, remove or export the suppression list (the store)
     "segflowd.cli.requeue",  # queue failed or unknown messages again, in bulk (the store)
     "segflowd.cli.users",  # users show: one user's journey (over the control socket)
+    "segflowd.cli.report",  # campaign counts and rates (the store)
 )
 
 

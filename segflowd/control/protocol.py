@@ -58,7 +58,7 @@ OPS = ("hello", "status", "campaigns", "campaign", "segments", "user", "messages
        "actions", "subscribe", "action")
 ACTIONS = ("campaign.pause", "campaign.resume", "segment.refresh", "email.test",
            "message.retry", "instance.terminate", "instance.restart", "instance.wake",
-           "audiences.list", "audiences.pick", "broadcast.launch")
+           "audiences.list", "audiences.pick", "broadcast.launch", "report")
 ERROR_CODES = (
     "bad_request",      # not JSON, not an object, a missing or wrong argument
     "unknown_op",       # an op this daemon does not know

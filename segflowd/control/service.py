@@ -33,6 +33,7 @@ from .. import __version__
 from ..errors import ControlSocketError, SegflowError, StoreUnavailable
 from ..http import Router
 from ..kernel import Kernel
+from ..reports import action as report_action
 from . import queries
 from .protocol import (
     MAX_LINE,
@@ -246,6 +247,7 @@ class ControlService:
         self._connections = self._connections_total = 0
         self._requests = self._errors = 0
         kernel.stats[self.name] = self.statistics
+        report_action.register(kernel)  # "report": segflowd.reports
 
     def statistics(self) -> ControlStatistics:
         streams = self._streams

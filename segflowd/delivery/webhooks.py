@@ -54,6 +54,7 @@ from ..errors import ConfigError
 from ..http import HTTPError, Request, Response, Router, json_response
 from ..kernel import Kernel
 from ..schema import suppressions
+from .msgevents import record_postmark, record_ses
 
 __all__ = ["CERT_CACHE", "SNS_MAX_AGE", "Fetch", "SnsVerifier", "Webhooks", "is_sns_url",
            "ses_topics", "suppress"]
@@ -260,6 +261,7 @@ class Webhooks:
         body = await request.json(WEBHOOK_BODY_LIMIT)
         if not isinstance(body, dict):
             raise HTTPError(400, "invalid_payload", "expected a JSON object")
+        await record_postmark(self.k, body)  # delivered / bounced / complained, for reports
         record = str(body.get("RecordType", ""))
         address = str(body.get("Email", ""))
         added = False
@@ -315,6 +317,7 @@ class Webhooks:
             note = json.loads(str(msg.get("Message", "")))
         except ValueError:
             raise HTTPError(400, "invalid_payload", "Message is not SES JSON") from None
+        await record_ses(self.k, note)  # delivered / bounced / complained, for reports
         count = 0
         what = note.get("notificationType") or note.get("eventType") if isinstance(
             note, dict) else None

@@ -30,6 +30,7 @@ from ..schema import (
     flow_instances,
     flow_journal,
     forgotten,
+    message_events,
     messages,
     segment_changes,
 )
@@ -248,6 +249,8 @@ class Pruner:
                 return
             opened = await conn.execute(sa.delete(engagement).where(
                 engagement.c.message_id.in_(final)))
+            await conn.execute(sa.delete(message_events).where(
+                message_events.c.message_id.in_(final)))
             gone = await conn.execute(sa.delete(messages).where(m.id.in_(final)))
         self.count("engagement", max(0, opened.rowcount))
         self.count("messages", max(0, gone.rowcount))

@@ -232,7 +232,7 @@ async def test_actions_are_called_with_their_args_and_missing_ones_are_not_avail
             await c.action("message.retry", {"message": 42})
         still = await c.request("hello")
         published, _ = sub.drain()
-    assert listed == ["campaign.pause", "message.retry"]
+    assert listed == ["campaign.pause", "message.retry", "report"]  # report: the control's own
     assert result == {"paused": "welcome"}
     assert calls == [{"campaign": "welcome"}]
     assert absent.value.code == "not_available"

@@ -106,6 +106,9 @@ async def test_a_version_9_store_gains_steps_variants_topics_splits_and_conversi
         await conn.execute(sa.text("DROP INDEX ix_messages_campaign ON messages")
                            if store.engine.dialect.name != "sqlite"
                            else sa.text("DROP INDEX ix_messages_campaign"))
+        await conn.execute(sa.text("DROP INDEX ix_messages_report ON messages")  # m0011's
+                           if store.engine.dialect.name != "sqlite"
+                           else sa.text("DROP INDEX ix_messages_report"))
         for column in ("step", "variant", "topic"):
             await conn.execute(sa.text(f"ALTER TABLE messages DROP COLUMN {column}"))
         await conn.execute(sa.text("ALTER TABLE broadcasts DROP COLUMN topic"))
@@ -130,4 +133,30 @@ async def test_a_version_9_store_gains_steps_variants_topics_splits_and_conversi
             schema.flow_splits))).scalar()
     assert [tuple(r) for r in old] == [(None, None, None)]
     assert splits == 1
-    assert await store.migrate() == 10  # a second start migrates nothing
+    assert await store.migrate() == schema.SCHEMA_VERSION  # a second start migrates nothing
+
+
+async def test_a_version_10_store_gains_message_events(store: Store) -> None:
+    """m0011: message_events is created empty, one row per message and kind, and messages
+    gain an index on provider_message_id."""
+    now = dt.datetime(2026, 1, 1)
+    async with store.begin() as conn:
+        await conn.execute(sa.text("DROP INDEX ix_messages_provider_id ON messages")
+                           if store.engine.dialect.name != "sqlite"
+                           else sa.text("DROP INDEX ix_messages_provider_id"))
+        await conn.execute(sa.text("DROP TABLE message_events"))
+        await conn.execute(sa.update(schema.schema_version).values(version=10))
+    assert await store.migrate() == 10
+    async with store.begin() as conn:
+        await conn.execute(sa.insert(schema.message_events).values(
+            message_id=1, kind="delivered", created_at=now))
+        rows = (await conn.execute(sa.select(schema.message_events.c.kind))).scalars().all()
+        indexes = await conn.run_sync(
+            lambda c: {i["name"] for i in sa.inspect(c).get_indexes("messages")})
+    assert rows == ["delivered"]
+    assert "ix_messages_provider_id" in indexes
+    with pytest.raises(sa.exc.IntegrityError):
+        async with store.begin() as conn:
+            await conn.execute(sa.insert(schema.message_events).values(
+                message_id=1, kind="delivered", created_at=now))
+    assert await store.migrate() == 11  # a second start migrates nothing

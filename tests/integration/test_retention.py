@@ -34,6 +34,7 @@ from segflowd.schema import (
     flow_instances,
     flow_journal,
     forgotten,
+    message_events,
     messages,
     segment_changes,
 )
@@ -304,6 +305,7 @@ async def test_finished_messages_go_with_their_engagement_and_unfinished_ones_ne
     finished = [await h.message(s) for s in ("sent", "failed", "suppressed", "unknown")]
     for m in finished:
         await h.opened(m)
+        await h._put(message_events, message_id=m, kind="delivered", created_at=T0)
     pending = [await h.message(s) for s in ("queued", "claimed", "sending")]
     newest = await h.message("sent", at=T0 + DAY)
     await h.prune_at(T0 + 59 * DAY)
@@ -311,6 +313,7 @@ async def test_finished_messages_go_with_their_engagement_and_unfinished_ones_ne
     await h.prune_at(T0 + 365 * DAY)
     assert await h.ids(messages) == [*pending, newest]
     assert await h.count(engagement) == 0
+    assert await h.count(message_events) == 0
 
 
 async def test_a_message_touched_within_its_age_stays(h: H) -> None:
