@@ -40,6 +40,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import structlog
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -176,6 +177,29 @@ class Simulation:
             raise ValueError(f"at: {when.isoformat()}Z is later than the simulation's "
                              f"clock ({self.now.isoformat()}Z); advance() first")
         self._call(self.engine.post_event, user_id, name, when, attributes)
+
+    def subscriptions(self, user_id: str, *, all: bool | None = None,
+                      topics: Mapping[str, bool] | None = None) -> None:
+        """Change the user's topics, as ``PUT /v1/users/{id}/subscriptions`` (and the
+        preference page) do: ``topics={"newsletter": False}`` leaves one topic,
+        ``all=False`` all marketing mail; True subscribes again. ValueError for a topic
+        the app does not define."""
+        self._known(user_id)
+        body: dict[str, object] = {}
+        if all is not None:
+            body["all"] = all
+        if topics is not None:
+            body["topics"] = dict(topics)
+        self._call(self._put_subscriptions, user_id, body)
+
+    async def _put_subscriptions(self, user_id: str, body: Mapping[str, object]) -> None:
+        status, reply = await self.engine.call(
+            "PUT", f"/v1/users/{quote(user_id, safe='')}/subscriptions", body)
+        if status >= 400:
+            error = reply.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            raise ValueError(f"subscriptions of user {user_id!r}: "
+                             f"{message or f'HTTP {status}'}")
 
     def advance(self, *, days: float = 0, hours: float = 0, minutes: float = 0,
                 seconds: float = 0) -> None:

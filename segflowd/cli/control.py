@@ -77,7 +77,7 @@ def _test_email_args(a: argparse.Namespace) -> dict[str, object]:
 
 def _broadcast_args(a: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = pickbroadcast.target_args(a)
-    for key in ("template", "campaign", "rate", "data"):
+    for key in ("template", "campaign", "rate", "data", "topic"):
         if getattr(a, key) is not None:
             out[key] = getattr(a, key)
     if a.name:
@@ -121,6 +121,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
             what.add_argument("--campaign", metavar="NAME", help="run this campaign's flow")
             p.add_argument("--rate", type=float, metavar="N", help="users per second")
             p.add_argument("--name", metavar="LABEL", help="a label for the broadcast")
+            p.add_argument("--topic", metavar="NAME",
+                           help="the app topic its users can opt out of (app.topic)")
             p.add_argument("--data", metavar="JSON", help="extra template data (a JSON object)")
             p.add_argument("--arg", action="append", metavar="KEY=VALUE",
                            help="any further argument of the action (repeatable)")

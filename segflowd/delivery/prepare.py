@@ -1,8 +1,9 @@
 """Preparing a claimed batch: what each message needs, whether it may go out, its MIME.
 
-Three queries read the batch's users, their marketing unsubscribes and the suppressed
-addresses; context providers add their data; then every message still to send is rendered
-(in a worker thread, or by the render processes where there are some) and built into an
+Three queries read the batch's users, their marketing and topic unsubscribes
+(:mod:`segflowd.delivery.preferences`) and the suppressed addresses; context providers add
+their data; then every message still to send is rendered (in a worker thread, or by the
+render processes where there are some) and built into an
 :class:`~segflowd.providers.OutgoingMessage` with its tracking links and unsubscribe URL.
 A message that must not be sent gets its status here instead: ``failed`` (no address, or
 one that is not valid or cannot be sent, checked before any work and without contacting
@@ -24,13 +25,12 @@ import anyio
 import sqlalchemy as sa
 import structlog
 
-from ..appcraft import MARKETING_TOPIC
 from ..errors import TemplateError
 from ..hooks import ContextProvider
 from ..ingest.users import check_email
 from ..kernel import Kernel
 from ..providers import MARKETING_KINDS, OutgoingMessage, OutgoingSms
-from ..schema import subscriptions, suppressions, users
+from ..schema import suppressions, users
 from .gates import apply_gates, build_gates
 from .mime import (
     InvalidAddress,
@@ -41,6 +41,7 @@ from .mime import (
     parse_address,
 )
 from .outbox import SEND_KEY_PREFIX
+from .preferences import blocked_by, opted_out
 from .renderpool import (
     RenderJob,
     RenderPool,
@@ -114,17 +115,15 @@ class BatchPreparer:
         user_ids = sorted({str(p.row["user_id"]) for p in prepared
                            if p.row["user_id"] is not None})
         found: dict[str, dict[str, Any]] = {}
-        unsubscribed: set[str] = set()
+        unsubscribed: set[tuple[str, str]] = set()  # (user, topic): see preferences
         async with self.k.store.connect() as conn:
             if user_ids:
                 for u in (await conn.execute(sa.select(users).where(
                         users.c.id.in_(user_ids)))).mappings():
                     found[u["id"]] = {**(u["attributes"] or {}), "id": u["id"],
                                       "email": u["email"]}
-                unsubscribed = set((await conn.execute(sa.select(subscriptions.c.user_id).where(
-                    subscriptions.c.user_id.in_(user_ids),
-                    subscriptions.c.topic == MARKETING_TOPIC,
-                    subscriptions.c.unsubscribed_at.is_not(None)))).scalars())
+                unsubscribed = await opted_out(conn, user_ids,
+                                               {p.row.get("topic") for p in prepared})
             for p in prepared:
                 p.user = found.get(str(p.row["user_id"]), {})
                 p.address = str(p.row["to_address"] or p.user.get("email") or "")
@@ -147,8 +146,9 @@ class BatchPreparer:
             reason = suppressed.get(bare_address(p.address))
             if reason is not None:
                 p.status, p.error = "suppressed", f"address suppressed ({reason})"
-            elif row["kind"] in MARKETING_KINDS and row["user_id"] in unsubscribed:
-                p.status, p.error = "suppressed", "user unsubscribed from marketing messages"
+            elif row["kind"] in MARKETING_KINDS and (why := blocked_by(
+                    unsubscribed, row["user_id"], row.get("topic"))) is not None:
+                p.status, p.error = "suppressed", why
             else:
                 data: dict[str, Any] = dict(row["data"] or {})
                 if row["user_id"] is not None:

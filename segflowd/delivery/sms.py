@@ -11,7 +11,8 @@ is preparing it:
   and no send is attempted;
 * a number suppressed (the provider said the recipient opted out) is never sent to;
 * marketing SMS (campaigns, broadcasts) is never sent to a user whose ``sms``
-  subscription is off (an inbound STOP); transactional SMS is;
+  subscription is off (an inbound STOP), nor to one unsubscribed from its message's
+  topic (``app.topic``); transactional SMS is;
 * marketing SMS due inside ``[sms] quiet_hours`` (the user's ``timezone`` attribute,
   else ``[daemon] default_timezone``) is held, queued again for the hours' end with its
   attempt given back: held, never dropped.
@@ -121,16 +122,18 @@ class SmsPreparer:
     async def _gather(self, prepared: list[Prepared]) -> None:
         ids = sorted({str(p.row["user_id"]) for p in prepared if p.row["user_id"] is not None})
         found: dict[str, dict[str, Any]] = {}
-        stopped: set[str] = set()
+        stopped: set[tuple[str, str]] = set()  # (user, topic): STOP, or a message's topic
         async with self.k.store.connect() as conn:
             if ids:
                 for u in (await conn.execute(sa.select(users).where(
                         users.c.id.in_(ids)))).mappings():
                     found[u["id"]] = {**(u["attributes"] or {}), "id": u["id"],
                                       "email": u["email"]}
-                stopped = set((await conn.execute(sa.select(subscriptions.c.user_id).where(
-                    subscriptions.c.user_id.in_(ids), subscriptions.c.topic == SMS_TOPIC,
-                    subscriptions.c.unsubscribed_at.is_not(None)))).scalars())
+                topics = sorted({SMS_TOPIC, *(t for p in prepared if (t := p.row.get("topic")))})
+                stopped = {(str(u), str(t)) for u, t in (await conn.execute(sa.select(
+                    subscriptions.c.user_id, subscriptions.c.topic).where(
+                    subscriptions.c.user_id.in_(ids), subscriptions.c.topic.in_(topics),
+                    subscriptions.c.unsubscribed_at.is_not(None)))).all()}
             for p in prepared:
                 p.user = found.get(str(p.row["user_id"]), {})
                 raw = p.row["to_address"] or p.user.get("phone")
@@ -157,8 +160,11 @@ class SmsPreparer:
             reason = blocked.get(p.address)
             if reason is not None:
                 p.status, p.error = "suppressed", f"number suppressed ({reason})"
-            elif p.row["kind"] in MARKETING_KINDS and p.row["user_id"] in stopped:
+            elif p.row["kind"] in MARKETING_KINDS and (str(p.row["user_id"]), SMS_TOPIC) in stopped:
                 p.status, p.error = "suppressed", "user unsubscribed from SMS (STOP)"
+            elif p.row["kind"] in MARKETING_KINDS and (
+                    topic := p.row.get("topic")) and (str(p.row["user_id"]), topic) in stopped:
+                p.status, p.error = "suppressed", f"user unsubscribed from topic {topic!r}"
 
     def _finish(self, p: Prepared, now: dt.datetime) -> None:
         row = p.row

@@ -2,9 +2,10 @@
 
 ``GET /t/o/{token}`` counts an open and answers a 1x1 GIF; ``GET /t/c/{token}`` counts a
 click and redirects to the URL signed into the token, so only a URL that was in that
-message can ever be a target (no open redirect); ``GET /u/{token}`` shows a confirmation
-page (a link scanner's GET changes nothing) and ``POST /u/{token}`` unsubscribes, which is
-also RFC 8058's one-click (``List-Unsubscribe=One-Click``).
+message can ever be a target (no open redirect); ``GET /u/{token}`` shows the preference
+page (:mod:`segflowd.delivery.preferences`; a link scanner's GET changes nothing), whose
+form ``POST``s its choices; any other ``POST /u/{token}`` is RFC 8058's one-click
+(``List-Unsubscribe=One-Click``) and turns off the message's topic (marketing without one).
 
 A ``HEAD`` on the pixel or a link answers as ``GET`` does and counts nothing: a link
 checker is not a reader. A hit goes to an :class:`EngagementRecorder`, so the answer never
@@ -38,8 +39,17 @@ from ..appcraft import MARKETING_TOPIC
 from ..errors import TokenError
 from ..http import HTTPError, Request, Response, Router
 from ..kernel import Kernel
-from ..schema import engagement, messages, subscriptions, suppressions
-from ..userlocks import existing_users
+from ..schema import engagement, messages, suppressions
+from .msgevents import record_message_event
+from .preferences import (
+    FORM_LIMIT,
+    message_topic,
+    parse_form,
+    publish_changes,
+    read_preferences,
+    render_page,
+    set_preferences,
+)
 from .tokens import Signer, TokenValue
 
 __all__ = ["MARKETING_TOPIC", "PIXEL", "EngagementRecorder", "EngagementStatistics", "Hit",
@@ -307,46 +317,62 @@ class Tracking:
         return Response(302, b"", "text/plain", {"Location": location, **_NO_STORE})
 
     async def unsubscribe_page(self, request: Request) -> Response:
-        self._verify("u", request.params["token"])
-        form = ('<form method="post"><button type="submit" style="font-size:1em;'
-                'padding:.5em 1.2em">Unsubscribe</button></form>')
-        body = _PAGE.format(title="Unsubscribe",
-                            text="Stop receiving marketing email from us? Messages you "
-                                 "ask for (receipts, password resets) still arrive.",
-                            form=form)
-        return Response(200, body.encode(), "text/html; charset=utf-8", dict(_NO_STORE))
+        """The preference page (a GET changes nothing: link scanners fetch it)."""
+        claims = self._verify("u", request.params["token"])
+        return await self._preferences(claims)
+
+    async def _preferences(self, claims: dict[str, TokenValue], notice: str = "") -> Response:
+        topics = self.k.app.topics
+        prefs = None
+        async with self.k.store.connect() as conn:
+            own = await message_topic(conn, claims.get("m"))
+            if claims.get("u") is not None:
+                prefs = await read_preferences(conn, str(claims["u"]), topics)
+        body = render_page(topics, prefs, own_topic=own, notice=notice)
+        return Response(200, body, "text/html; charset=utf-8", dict(_NO_STORE))
 
     async def unsubscribe(self, request: Request) -> Response:
+        """The preference form's save, or (any other POST) RFC 8058's one-click."""
         claims = self._verify("u", request.params["token"])
-        await self.apply_unsubscribe(claims)
+        choices = parse_form(await request.body(FORM_LIMIT), self.k.app.topics)
+        if choices is not None and claims.get("u") is not None:
+            await self.save_preferences(str(claims["u"]), choices)
+            return await self._preferences(claims, "Your preferences are saved.")
+        topic = await self.apply_unsubscribe(claims)
+        what = self.k.app.topics.get(topic)
+        text = f"“{what.title}” email" if what is not None else (
+            "marketing email" if topic == MARKETING_TOPIC else f"“{topic}” email")
         body = _PAGE.format(title="You are unsubscribed",
-                            text=html.escape("You will get no more marketing email from us."),
+                            text=html.escape(f"You will get no more {text} from us."),
                             form="")
         return Response(200, body.encode(), "text/html; charset=utf-8", dict(_NO_STORE))
 
-    async def apply_unsubscribe(self, claims: dict[str, TokenValue]) -> None:
-        """Unsubscribe the token's user from marketing (or suppress its bare address)."""
+    async def save_preferences(self, user_id: str, choices: dict[str, bool]) -> None:
+        """Apply a preference form's choices (each topic and marketing: True to stay)."""
+        async with self.k.store.begin() as conn:
+            changed = await set_preferences(conn, self.k.store, user_id, choices,
+                                            self.k.clock.now())
+        publish_changes(self.k, user_id, changed or {})
+
+    async def apply_unsubscribe(self, claims: dict[str, TokenValue]) -> str:
+        """Unsubscribe the token's user from its message's topic (marketing when it has
+        none), or suppress its bare address; the topic."""
         now = self.k.clock.now()
         user_id = claims.get("u")
         message_id = claims.get("m")
+        topic = MARKETING_TOPIC
         async with self.k.store.begin() as conn:
             if user_id is not None:
-                done = await conn.execute(sa.update(subscriptions).where(
-                    subscriptions.c.user_id == str(user_id),
-                    subscriptions.c.topic == MARKETING_TOPIC,
-                ).values(unsubscribed_at=now, updated_at=now))
-                exists = bool(await existing_users(conn, [str(user_id)]))
-                # A forgotten user's old link changes nothing: a row here would name them
-                # again, and unsubscribe whoever signs up under the id next.
-                if done.rowcount == 0 and exists:
-                    await conn.execute(self.k.store.insert_ignore(subscriptions).values(
-                        user_id=str(user_id), topic=MARKETING_TOPIC, unsubscribed_at=now,
-                        updated_at=now))
+                topic = await message_topic(conn, message_id)
+                # A forgotten user's old link changes nothing (set_preferences says why).
+                await set_preferences(conn, self.k.store, str(user_id), {topic: False}, now)
             elif "a" in claims:
                 await conn.execute(self.k.store.insert_ignore(suppressions).values(
                     address=str(claims["a"]).lower(), reason="unsubscribed", source="link",
                     detail=f"message {message_id}", created_at=now))
-        log.info("user.unsubscribed", user_id=user_id, message=message_id)
+        await record_message_event(self.k, message_id, "unsubscribed")  # for reports
+        log.info("user.unsubscribed", user_id=user_id, message=message_id, topic=topic)
         self.k.metrics.inc("segflow_unsubscribes_total")
-        self.k.bus.publish("user.unsubscribed", user_id=user_id, topic=MARKETING_TOPIC,
+        self.k.bus.publish("user.unsubscribed", user_id=user_id, topic=topic,
                            message=message_id)
+        return topic

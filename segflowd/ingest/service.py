@@ -37,6 +37,7 @@ from .payloads import (
     signup_time,
 )
 from .sendapi import SendAPI
+from .subscriptions import SubscriptionsAPI
 from .writes import CommitResult, EventWrite, ForgetWrite, UserWrite, Write
 
 __all__ = ["IngestService", "IngestStatistics"]
@@ -124,6 +125,9 @@ class IngestService:
         add("GET", "/v1/users/{id}", self._counted("native", self.get_user))
         add("DELETE", "/v1/users/{id}", self._counted("native", self.delete_user))
         add("POST", "/v1/users/{id}/events", self._counted("native", self.post_event))
+        subs = SubscriptionsAPI(self.kernel, self.auth)  # a user's topics
+        add("GET", "/v1/users/{id}/subscriptions", self._counted("native", subs.get))
+        add("PUT", "/v1/users/{id}/subscriptions", self._counted("native", subs.put))
         # Tracking routes (cors.add): browsers may call them, from [http] cors_origins.
         cors = CorsPolicy(self.kernel.config.http.cors_origins)
         router.on_unrouted = unrouted.counter(self.kernel.metrics)

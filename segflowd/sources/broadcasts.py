@@ -23,6 +23,9 @@ audience segment. What a caller may rely on:
   to its members in ``audience_members``; with ``dry_run`` it only reports the
   audience's size and a sample. The broadcast row names the generated segment, so a
   restart resumes it like any other.
+* **Topics**: ``topic`` names an app topic (``app.topic()``); its messages carry it, and
+  a user unsubscribed from it (or from all marketing) is not sent them. A broadcast that
+  starts a campaign has the campaign's topic.
 * **Progress** goes to the live bus as ``broadcast.progress`` (``done``/``total``), then
   ``broadcast.completed`` or ``broadcast.failed``; ``broadcast.held`` and
   ``broadcast.released`` mark a hold.
@@ -148,9 +151,13 @@ class BroadcastService:
 
     async def launch(self, *, segment: str, template: str | None = None,
                      campaign: str | None = None, data: Mapping[str, object] | None = None,
-                     rate: float = DEFAULT_RATE, name: str | None = None) -> int:
-        """Create a broadcast and start it; its id. BroadcastError for a bad request."""
+                     rate: float = DEFAULT_RATE, name: str | None = None,
+                     topic: str | None = None) -> int:
+        """Create a broadcast and start it; its id. BroadcastError for a bad request.
+        ``topic`` (an app topic) is what its messages' users can opt out of; a campaign's
+        broadcast has its campaign's."""
         self._check_target(template, campaign)
+        topic = self._topic(campaign, topic)
         picked = self._is_picked(segment)
         if not picked and segment not in self.k.app.segments:
             known = ", ".join(sorted(self.k.app.segments)) or "none"
@@ -169,7 +176,7 @@ class BroadcastService:
                 name=name, template=template, campaign=campaign, segment=segment,
                 data=dict(data or {}),
                 rate=float(rate), status="running", after=None, total=int(total), done=0,
-                created_at=now, updated_at=now))
+                created_at=now, updated_at=now, topic=topic))
             key = result.inserted_primary_key
             assert key is not None  # an INSERT of one row always has its key
             bid = int(key[0])
@@ -207,9 +214,22 @@ class BroadcastService:
                     f"campaign {campaign!r} is paused, so the broadcast would start nobody: "
                     f"resume it first (segflowd resume {campaign})")
 
+    def _topic(self, campaign: str | None, topic: str | None) -> str | None:
+        topics = self.k.app.topics
+        if campaign is not None:
+            own = self.k.app.campaigns[campaign].topic
+            if topic is not None and topic != own:
+                raise BroadcastError(f"a broadcast of campaign {campaign!r} has its "
+                                     f"campaign's topic ({own or 'none'}), not {topic!r}")
+            return own
+        if topic is not None and topic not in topics:
+            raise BroadcastError(f"unknown topic {topic!r} (topics: "
+                                 f"{', '.join(sorted(topics)) or 'none'}; app.topic() adds one)")
+        return topic
+
     async def _action_launch(self, args: Mapping[str, object]) -> object:
-        """``broadcast.launch``: segment, template or campaign, and optional rate, data and
-        broadcast (a label). Values may come as text (``--arg rate=20``)."""
+        """``broadcast.launch``: segment, template or campaign, and optional rate, data,
+        topic and broadcast (a label). Values may come as text (``--arg rate=20``)."""
         data = args.get("data") or {}
         if isinstance(data, str):
             try:
@@ -245,10 +265,11 @@ class BroadcastService:
         if not isinstance(segment, str):
             raise BroadcastError("segment is required: the segment (or audience segment) "
                                  "to broadcast to, or a data_source and its values")
-        label = args.get("broadcast", args.get("name"))
+        label, topic = args.get("broadcast", args.get("name")), args.get("topic")
         bid = await self.launch(
             segment=segment, template=template, campaign=campaign, data=dict(data),
-            rate=rate, name=None if label is None else str(label)[:191])
+            rate=rate, name=None if label is None else str(label)[:191],
+            topic=None if topic is None else str(topic))
         return await self.status(bid)
 
     async def _pick(self, args: Mapping[str, object]) -> dict[str, object]:
@@ -377,7 +398,7 @@ class BroadcastService:
                     await enqueue_many(conn, [
                         Queued(kind="broadcast", template=row.template, user_id=uid,
                                dedupe_key=f"bc:{bid}:{uid}", data=dict(row.data or {}),
-                               channel="sms" if sms else "email")
+                               channel="sms" if sms else "email", topic=row.topic)
                         for uid in user_ids if uid in there], now=clock.now())
                 kept = [u for u in user_ids if u in there]
                 await conn.execute(sa.update(broadcasts).where(b.id == bid).values(

@@ -101,6 +101,7 @@ def test_the_spec_is_valid_openapi_and_documents_every_native_route_and_health()
         ("DELETE", "/v1/users/{id}"), ("GET", "/healthz"), ("GET", "/v1/users/{id}"),
         ("OPTIONS", "/v1/{route}"), ("POST", "/v1/send/email"),
         ("POST", "/v1/send/{template}"), ("POST", "/v1/users/{id}/events"),
+        ("GET", "/v1/users/{id}/subscriptions"), ("PUT", "/v1/users/{id}/subscriptions"),
         ("POST", "/v1/{route}"), ("PUT", "/v1/users/{id}"),
     ])
 
