@@ -10,10 +10,11 @@ from typing import Any
 from .errors import AppError
 from .localtime import parse_window
 
-__all__ = ["MARKETING_TOPIC", "Goal", "TopicDef", "campaign_options", "parse_goal",
-           "parse_interval", "parse_topic_name"]
+__all__ = ["MARKETING_TOPIC", "SMS_STOP_TOPIC", "Goal", "TopicDef", "campaign_options",
+           "parse_goal", "parse_interval", "parse_topic_name"]
 
 MARKETING_TOPIC = "marketing"  # the subscriptions topic "unsubscribe from all" turns off
+SMS_STOP_TOPIC = "sms"  # the subscriptions topic an inbound STOP turns off
 _TOPIC = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 
 
@@ -58,6 +59,9 @@ def parse_topic_name(value: object) -> str:
     if value == MARKETING_TOPIC:
         raise ValueError(f"topic name {MARKETING_TOPIC!r} is taken: it is 'unsubscribe "
                          "from all'")
+    if value == SMS_STOP_TOPIC:
+        raise ValueError(f"topic name {SMS_STOP_TOPIC!r} is taken: an inbound STOP turns it "
+                         "off (all marketing SMS)")
     return value
 
 

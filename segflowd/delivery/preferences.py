@@ -31,14 +31,15 @@ from ..schema import messages, subscriptions
 from ..store import Store
 from ..userlocks import existing_users
 
-__all__ = ["FORM_LIMIT", "PREFS_FIELD", "Preferences", "blocked_by", "message_topic",
-           "opted_out", "parse_form", "publish_changes", "read_preferences", "render_page",
-           "set_preferences"]
+__all__ = ["FORM_LIMIT", "PREFS_FIELD", "SHOWN_FIELD", "Preferences", "blocked_by",
+           "link_alive", "message_topic", "opted_out", "parse_form", "publish_changes",
+           "read_preferences", "render_page", "set_preferences"]
 
 log = structlog.get_logger("segflowd.tracking")
 
 FORM_LIMIT = 16_384  # bytes of a preference form's body, at most
 PREFS_FIELD = "prefs"  # the hidden field that tells the page's form from a one-click POST
+SHOWN_FIELD = "shown"  # a hidden field per topic the form shows: only those are changed
 IN_CHUNK = 500  # user ids per IN (...) list
 
 _PAGE = """<!DOCTYPE html>
@@ -141,6 +142,20 @@ def publish_changes(k: Kernel, user_id: str, changed: Mapping[str, bool]) -> Non
             k.metrics.inc("segflow_unsubscribes_total")
 
 
+async def link_alive(conn: AsyncConnection, user_id: str, message_id: object) -> bool:
+    """Whether a link of ``message_id`` for ``user_id`` may still act for that user: not
+    when its message now belongs to no one or someone else (a forget cleared it; whoever
+    signs up under the id next is another person). A message since pruned cannot tell:
+    the link stays valid."""
+    try:
+        mid = int(str(message_id))
+    except ValueError:
+        return True
+    owner = (await conn.execute(sa.select(messages.c.user_id).where(
+        messages.c.id == mid))).first()
+    return owner is None or owner[0] == user_id
+
+
 async def message_topic(conn: AsyncConnection, message_id: object) -> str:
     """The topic a one-click unsubscribe from this message turns off: its own, or
     marketing when it has none (or it is gone)."""
@@ -156,13 +171,16 @@ async def message_topic(conn: AsyncConnection, message_id: object) -> str:
 
 
 def parse_form(body: bytes, topics: Iterable[str]) -> dict[str, bool] | None:
-    """The choices a preference form posts (each app topic and ``marketing``: True to
-    stay subscribed), or None when ``body`` is not that form (a one-click POST)."""
+    """The choices a preference form posts (each app topic the form showed, and
+    ``marketing``: True to stay subscribed), or None when ``body`` is not that form (a
+    one-click POST). A topic not in ``topics`` is ignored."""
     fields = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
     if not any(k == PREFS_FIELD for k, _ in fields):
         return None
     checked = {v for k, v in fields if k == "topic"}
-    choices = {t: t in checked for t in topics}
+    shown = {v for k, v in fields if k == SHOWN_FIELD}
+    # A topic added since the page was rendered had no box: it is left as it is.
+    choices = {t: t in checked for t in topics if not shown or t in shown}
     choices[MARKETING_TOPIC] = not any(k == "all" for k, _ in fields)
     return choices
 
@@ -170,8 +188,10 @@ def parse_form(body: bytes, topics: Iterable[str]) -> dict[str, bool] | None:
 def render_page(topics: Mapping[str, TopicDef], prefs: Preferences | None, *,
                 own_topic: str = MARKETING_TOPIC, notice: str = "") -> bytes:
     """The preference page: each topic's checkbox, "unsubscribe from all" and a save
-    button, then a one-click button for the message's own topic. Without ``prefs`` (a
-    link to an address, not a user) only the one-click button."""
+    button, then a one-click button for the message's own topic (named even when the
+    app no longer defines it). Without ``prefs`` (a link to an address, not a user) only
+    the one-click button, which suppresses the address. A hidden :data:`SHOWN_FIELD` per
+    topic lets :func:`parse_form` leave alone a topic added after the page was shown."""
     e = html.escape
     parts = [f"<p><strong>{e(notice)}</strong></p>"] if notice else []
     parts.append("<p>Choose the email you get from us. Messages you ask for (receipts, "
@@ -181,6 +201,7 @@ def render_page(topics: Mapping[str, TopicDef], prefs: Preferences | None, *,
         for name, t in sorted(topics.items()):
             checked = " checked" if prefs.topics.get(name, True) else ""
             desc = f'<br><small>{e(t.description)}</small>' if t.description else ""
+            rows.append(f'<input type="hidden" name="{SHOWN_FIELD}" value="{e(name)}">')
             rows.append(f'<p><label><input type="checkbox" name="topic" value="{e(name)}"'
                         f'{checked}> {e(t.title)}</label>{desc}</p>')
         checked = "" if prefs.all else " checked"
@@ -189,7 +210,12 @@ def render_page(topics: Mapping[str, TopicDef], prefs: Preferences | None, *,
                     f'<button type="submit" {_BUTTON}>Save preferences</button></form>')
         parts.append("".join(rows))
     own = topics.get(own_topic)
-    what = f"“{e(own.title)}”" if own is not None else "all marketing email"
+    if prefs is None or own_topic == MARKETING_TOPIC:  # a link to an address suppresses
+        what = "all marketing email"  # it, whatever the message's topic
+    elif own is not None:
+        what = f"“{e(own.title)}”"
+    else:  # a topic the app no longer defines (queued before a deploy): still only it
+        what = f"“{e(own_topic)}” email"
     parts.append(f'<form method="post"><p>Or in one click:</p><button type="submit" '
                  f'{_BUTTON}>Unsubscribe from {what}</button></form>')
     return _PAGE.format(title="Email preferences", body="".join(parts)).encode()

@@ -28,6 +28,7 @@ import jinja2
 import sqlalchemy as sa
 
 from ..app import Segflow
+from ..appcraft import MARKETING_TOPIC, SMS_STOP_TOPIC
 from ..configchannels import parse_quiet_hours
 from ..errors import TemplateError
 from ..kernel import Kernel
@@ -36,12 +37,13 @@ from ..phones import check_phone
 from ..providers import MARKETING_KINDS, OutgoingSms
 from ..schema import subscriptions, suppressions, users
 from .gates import apply_gates, build_gates
+from .preferences import blocked_by
 from .prepare import Prepared
 from .templates import event_context
 
 __all__ = ["SMS_TOPIC", "SmsPreparer", "SmsRenderer", "quiet_until"]
 
-SMS_TOPIC = "sms"  # the subscriptions topic an inbound STOP turns off
+SMS_TOPIC = SMS_STOP_TOPIC  # the subscriptions topic an inbound STOP turns off
 
 
 class SmsRenderer:
@@ -129,7 +131,10 @@ class SmsPreparer:
                         users.c.id.in_(ids)))).mappings():
                     found[u["id"]] = {**(u["attributes"] or {}), "id": u["id"],
                                       "email": u["email"]}
-                topics = sorted({SMS_TOPIC, *(t for p in prepared if (t := p.row.get("topic")))})
+                # marketing ("unsubscribe from all") covers an SMS of a topic; a topic-less
+                # marketing SMS answers to STOP alone, as before topics
+                topics = sorted({SMS_TOPIC, MARKETING_TOPIC,
+                                 *(t for p in prepared if (t := p.row.get("topic")))})
                 stopped = {(str(u), str(t)) for u, t in (await conn.execute(sa.select(
                     subscriptions.c.user_id, subscriptions.c.topic).where(
                     subscriptions.c.user_id.in_(ids), subscriptions.c.topic.in_(topics),
@@ -160,11 +165,13 @@ class SmsPreparer:
             reason = blocked.get(p.address)
             if reason is not None:
                 p.status, p.error = "suppressed", f"number suppressed ({reason})"
-            elif p.row["kind"] in MARKETING_KINDS and (str(p.row["user_id"]), SMS_TOPIC) in stopped:
+            elif p.row["kind"] not in MARKETING_KINDS or p.row["user_id"] is None:
+                continue
+            elif (str(p.row["user_id"]), SMS_TOPIC) in stopped:
                 p.status, p.error = "suppressed", "user unsubscribed from SMS (STOP)"
-            elif p.row["kind"] in MARKETING_KINDS and (
-                    topic := p.row.get("topic")) and (str(p.row["user_id"]), topic) in stopped:
-                p.status, p.error = "suppressed", f"user unsubscribed from topic {topic!r}"
+            elif p.row.get("topic") and (why := blocked_by(stopped, p.row["user_id"],
+                                                           p.row["topic"])) is not None:
+                p.status, p.error = "suppressed", why
 
     def _finish(self, p: Prepared, now: dt.datetime) -> None:
         row = p.row

@@ -43,6 +43,7 @@ from ..schema import engagement, messages, suppressions
 from .msgevents import record_message_event
 from .preferences import (
     FORM_LIMIT,
+    link_alive,
     message_topic,
     parse_form,
     publish_changes,
@@ -327,6 +328,8 @@ class Tracking:
         async with self.k.store.connect() as conn:
             own = await message_topic(conn, claims.get("m"))
             if claims.get("u") is not None:
+                if not await link_alive(conn, str(claims["u"]), claims.get("m")):
+                    return _dead_link()
                 prefs = await read_preferences(conn, str(claims["u"]), topics)
         body = render_page(topics, prefs, own_topic=own, notice=notice)
         return Response(200, body, "text/html; charset=utf-8", dict(_NO_STORE))
@@ -336,9 +339,17 @@ class Tracking:
         claims = self._verify("u", request.params["token"])
         choices = parse_form(await request.body(FORM_LIMIT), self.k.app.topics)
         if choices is not None and claims.get("u") is not None:
-            await self.save_preferences(str(claims["u"]), choices)
+            changed = await self.save_preferences(str(claims["u"]), choices, claims.get("m"))
+            if changed is None:  # forgotten since the page was shown: nothing was written
+                return _dead_link()
+            async with self.k.store.connect() as conn:
+                own = await message_topic(conn, claims.get("m"))
+            if changed.get(own) is False or changed.get(MARKETING_TOPIC) is False:
+                await record_message_event(self.k, claims.get("m"), "unsubscribed")
             return await self._preferences(claims, "Your preferences are saved.")
         topic = await self.apply_unsubscribe(claims)
+        if topic is None:
+            return _dead_link()
         what = self.k.app.topics.get(topic)
         text = f"“{what.title}” email" if what is not None else (
             "marketing email" if topic == MARKETING_TOPIC else f"“{topic}” email")
@@ -347,16 +358,22 @@ class Tracking:
                             form="")
         return Response(200, body.encode(), "text/html; charset=utf-8", dict(_NO_STORE))
 
-    async def save_preferences(self, user_id: str, choices: dict[str, bool]) -> None:
-        """Apply a preference form's choices (each topic and marketing: True to stay)."""
+    async def save_preferences(self, user_id: str, choices: dict[str, bool],
+                               message_id: object = None) -> dict[str, bool] | None:
+        """Apply a preference form's choices (each topic and marketing: True to stay); the
+        changes, or None when the link no longer acts for the user (nothing written)."""
         async with self.k.store.begin() as conn:
-            changed = await set_preferences(conn, self.k.store, user_id, choices,
-                                            self.k.clock.now())
+            changed = None
+            if await link_alive(conn, user_id, message_id):
+                changed = await set_preferences(conn, self.k.store, user_id, choices,
+                                                self.k.clock.now())
         publish_changes(self.k, user_id, changed or {})
+        return changed
 
-    async def apply_unsubscribe(self, claims: dict[str, TokenValue]) -> str:
+    async def apply_unsubscribe(self, claims: dict[str, TokenValue]) -> str | None:
         """Unsubscribe the token's user from its message's topic (marketing when it has
-        none), or suppress its bare address; the topic."""
+        none), or suppress its bare address; the topic (None: the link no longer acts for
+        its user, nothing was written)."""
         now = self.k.clock.now()
         user_id = claims.get("u")
         message_id = claims.get("m")
@@ -364,7 +381,10 @@ class Tracking:
         async with self.k.store.begin() as conn:
             if user_id is not None:
                 topic = await message_topic(conn, message_id)
-                # A forgotten user's old link changes nothing (set_preferences says why).
+                # A forgotten user's old link changes nothing (set_preferences says why),
+                # nor does it change whoever signs up under the id next (link_alive).
+                if not await link_alive(conn, str(user_id), message_id):
+                    return None
                 await set_preferences(conn, self.k.store, str(user_id), {topic: False}, now)
             elif "a" in claims:
                 await conn.execute(self.k.store.insert_ignore(suppressions).values(
@@ -376,3 +396,11 @@ class Tracking:
         self.k.bus.publish("user.unsubscribed", user_id=user_id, topic=topic,
                            message=message_id)
         return topic
+
+
+def _dead_link() -> Response:
+    """The page of a link that no longer acts for its user (they were forgotten)."""
+    body = _PAGE.format(title="This link is no longer valid",
+                        text="It belonged to an account that no longer exists: nothing was "
+                             "changed.", form="")
+    return Response(200, body.encode(), "text/html; charset=utf-8", dict(_NO_STORE))
