@@ -19,13 +19,15 @@ the catch-up at start (events after the cursor, up to the highest id stored befo
 ingest opens) finds exactly what was not written. The store is read past the cursor only
 at start, before anything else writes events: at run time an uncommitted lower id (two
 MariaDB transactions committing out of id order) can never be skipped by a read that
-saw a higher one. An event handed over again at or below the highest id already handed
-over (a client's retry of an event already stored) is skipped: it was processed then.
+saw a higher one. An event handed over again (ingest re-delivers one whose commit's
+reply was lost, below ids announced since) is processed again, and converts only if it
+did not before: once per event and campaign, once per message.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import math
@@ -98,12 +100,17 @@ class GoalService:
             if c.goal is not None:
                 self._by_event.setdefault(c.goal.event, []).append(c)
         self._queue: collections.deque[StoredEvent] = collections.deque()
+        self._queued: set[int] = set()  # ids in the queue (or its batch in flight)
         self._wake = anyio.Event()
         self._seen_event_id = 0  # the highest event id handed over (or caught up to)
         self._saved_event_id = 0  # the cursor as stored
         self._saved_at = -math.inf  # time.monotonic() of the last save by _save_seen
         self._started = False
         self._inflight = 0  # batches being processed (not in the queue, not done)
+        # One caller processes at a time: the daemon drains while the run loop runs, and
+        # a batch committed (with its cursor) past one still in flight would move the
+        # cursor over that one's events, lost if it then fails or the process is killed.
+        self._processing = anyio.Lock()
         self._counts = collections.Counter[str]()
         kernel.stats["goals"] = self.statistics
         kernel.metrics.describe(CONVERSIONS_METRIC, "counter",
@@ -151,18 +158,17 @@ class GoalService:
                         error=str(exc)[:300])
 
     def ingested(self, batch: IngestBatch) -> None:
-        """Queue the batch's goal events and wake the worker; returns at once."""
-        floor = self._seen_event_id
-        taken: set[int] = set()
+        """Queue the batch's goal events and wake the worker; returns at once.
+
+        Every one, even below ids handed over before: ingest hands over again, as stored,
+        an event whose first commit's reply was lost (it was never announced); processing
+        an event twice converts nothing more (one conversion per event and campaign)."""
         for e in batch.events:
-            # At or below the floor: a retried event already stored, handed over (or
-            # caught up) before; ingest commits one flush at a time, so a new one is above.
-            if e.id <= floor or e.id in taken:
-                continue
-            taken.add(e.id)
             self._seen_event_id = max(self._seen_event_id, e.id)
-            if e.user_id is not None and e.name in self._by_event:
+            if (e.user_id is not None and e.name in self._by_event
+                    and e.id not in self._queued):
                 self._queue.append(e)
+                self._queued.add(e.id)
         if batch.events:
             self._wake.set()
 
@@ -208,18 +214,22 @@ class GoalService:
         await self._save_seen(force=True)
 
     async def process_pending(self) -> None:
-        """Process every queued goal event (in batches of :data:`GOAL_BATCH`)."""
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(GOAL_BATCH, len(self._queue)))]
-            self._inflight += 1
-            try:
-                await self.process(batch)
-            except BaseException:
-                self._queue.extendleft(reversed(batch))
-                raise
-            finally:
-                self._inflight -= 1
-        await self._save_seen()
+        """Process every queued goal event (in batches of :data:`GOAL_BATCH`), in order:
+        a second caller waits for the first."""
+        async with self._processing:
+            while self._queue:
+                batch = [self._queue.popleft()
+                         for _ in range(min(GOAL_BATCH, len(self._queue)))]
+                self._inflight += 1
+                try:
+                    await self.process(batch)
+                except BaseException:
+                    self._queue.extendleft(reversed(batch))
+                    raise
+                finally:
+                    self._inflight -= 1
+                self._queued.difference_update(e.id for e in batch)
+            await self._save_seen()
 
     async def process(self, batch: Sequence[StoredEvent]) -> int:
         """Record the conversions of ``batch`` and move the cursor past it, in one
@@ -231,10 +241,13 @@ class GoalService:
                 stored = await _still_stored(
                     conn, [e.id for e in batch if e.user_id is not None])
                 for e in batch:
-                    if e.user_id is None or e.id not in stored:
+                    # The user as stored now: a merge since the hand-off moved the event
+                    # (and the messages) to the primary; gone: forgotten since.
+                    uid = stored.get(e.id)
+                    if e.user_id is None or uid is None:
                         continue  # anonymous, or forgotten since: nobody converts
                     for c in self._by_event.get(e.name, ()):
-                        found = await self._convert(conn, c, e, now)
+                        found = await self._convert(conn, c, e, uid, now)
                         if found is not None:
                             made.append(found)
                 top = max((e.id for e in batch), default=0)
@@ -257,21 +270,29 @@ class GoalService:
         return len(made)
 
     async def _convert(self, conn: AsyncConnection, c: CampaignDef, e: StoredEvent,
-                       now: dt.datetime) -> _Converted | None:
+                       user_id: str, now: dt.datetime) -> _Converted | None:
         assert c.goal is not None  # only campaigns with a goal are indexed
-        assert e.user_id is not None  # anonymous events were skipped
         m = messages.c
-        since = e.created_at - dt.timedelta(seconds=c.goal.window)
+        # A message the user got: a webhook call (rt.webhook) is "sent" too, to a server.
+        query = sa.select(m.id, m.template, m.variant).where(
+            m.campaign == c.name, m.user_id == user_id, m.channel != "webhook",
+            m.sent_at.is_not(None), m.sent_at <= e.created_at)
+        # A window reaching past year 1 (or infinite): no lower bound.
+        with contextlib.suppress(OverflowError, ValueError):
+            query = query.where(m.sent_at >= e.created_at - dt.timedelta(seconds=c.goal.window))
         row = (await conn.execute(
-            sa.select(m.id, m.template, m.variant)
-            .where(m.campaign == c.name, m.user_id == e.user_id, m.sent_at.is_not(None),
-                   m.sent_at >= since, m.sent_at <= e.created_at)
-            .order_by(m.sent_at.desc(), m.id.desc()).limit(1))).first()
+            query.order_by(m.sent_at.desc(), m.id.desc()).limit(1))).first()
         if row is None:
             self._counts["unattributed"] += 1
             return None
+        cv = conversions.c
+        if (await conn.execute(sa.select(cv.id).where(  # handed over again: done before
+                cv.campaign == c.name, cv.converted_at == e.created_at,
+                cv.event_id == e.id).limit(1))).first() is not None:
+            self._counts["duplicates"] += 1
+            return None
         done = await conn.execute(self.k.store.insert_ignore(conversions).values(
-            campaign=c.name, message_id=int(row.id), user_id=e.user_id,
+            campaign=c.name, message_id=int(row.id), user_id=user_id,
             template=row.template, variant=row.variant, event_id=e.id,
             event_name=e.name, converted_at=e.created_at))
         if done.rowcount != 1:
@@ -279,8 +300,8 @@ class GoalService:
             return None
         ended = None
         if c.exit_on_goal and self.flows is not None:
-            ended = await end_live(conn, c.name, e.user_id, now)
-        return _Converted(c.name, e.user_id, int(row.id), row.template, row.variant,
+            ended = await end_live(conn, c.name, user_id, now)
+        return _Converted(c.name, user_id, int(row.id), row.template, row.variant,
                           e.id, e.name, ended)
 
     async def _save_seen(self, *, force: bool = False) -> None:
@@ -306,15 +327,18 @@ class GoalService:
             last_event_id=self._saved_event_id)
 
 
-async def _still_stored(conn: AsyncConnection, event_ids: Sequence[int]) -> set[int]:
-    """Those of ``event_ids`` still stored: a forget deletes its user's events.
+async def _still_stored(conn: AsyncConnection, event_ids: Sequence[int]
+                        ) -> dict[int, str | None]:
+    """Those of ``event_ids`` still stored, with their user id as stored now: a forget
+    deletes its user's events, a merge moves the secondary's to the primary.
 
-    On MySQL the rows are read ``FOR SHARE``, so a forget racing this transaction either
-    waits for it (and then clears the user id of the conversions it made) or is seen to
-    have happened (SQLite's write transactions do not overlap)."""
+    On MySQL the rows are read ``FOR SHARE``, so a forget or a merge racing this
+    transaction either waits for it (a forget then clears the user id of the conversions
+    it made) or is seen to have happened (SQLite's write transactions do not overlap)."""
     if not event_ids:
-        return set()
-    query = sa.select(events.c.id).where(events.c.id.in_(sorted(set(event_ids))))
+        return {}
+    query = sa.select(events.c.id, events.c.user_id).where(
+        events.c.id.in_(sorted(set(event_ids))))
     if conn.dialect.name in ("mysql", "mariadb"):
         query = query.order_by(events.c.id).with_for_update(read=True)
-    return {int(i) for i in (await conn.execute(query)).scalars()}
+    return {int(i): u for i, u in await conn.execute(query)}
