@@ -109,10 +109,11 @@ def build_services(k: Kernel) -> list[Service]:
     transaction_service = TransactionService(k, wakers=wakers)
     services += [segment_service, transaction_service]
     ingest_sinks += [segment_service, transaction_service]
-    if GoalService.wanted(k):  # conversions of campaigns' goal events
-        goals = GoalService(k, flows=flows)
-        services.append(goals)
-        ingest_sinks.append(goals)
+    # Conversions of campaigns' goal events. Run without a goal too: it then only keeps
+    # its cursor current, so a goal added later does not convert the time it had none.
+    goals = GoalService(k, flows=flows)
+    services.append(goals)
+    ingest_sinks.append(goals)
     # -- ingest (HTTP APIs) --
     services.append(IngestService(k, sinks=ingest_sinks, wakers=wakers))
     # -- data sources, audiences and broadcasts --

@@ -118,7 +118,8 @@ class GoalService:
 
     @staticmethod
     def wanted(kernel: Kernel) -> bool:
-        """Whether the app has a campaign with a goal (else the service is not made)."""
+        """Whether the app has a campaign with a goal (the Simulation makes the service
+        only then; the daemon always runs it, to keep its cursor current)."""
         return any(c.goal is not None for c in kernel.app.campaigns.values())
 
     # -- service ---------------------------------------------------------------------

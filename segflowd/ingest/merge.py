@@ -90,6 +90,17 @@ async def merge_users(conn: AsyncConnection, primary: str, secondary: str,
                        .values(user_id=primary))
     await conn.execute(sa.update(s.engagement).where(s.engagement.c.user_id == secondary)
                        .values(user_id=primary))
+    await conn.execute(sa.update(s.conversions).where(s.conversions.c.user_id == secondary)
+                       .values(user_id=primary))
+    # Experiment assignments: the primary's stand; the secondary's others become theirs.
+    fs = s.flow_splits.c
+    ours = [(str(c), str(n)) for c, n in await conn.execute(
+        sa.select(fs.campaign, fs.name).where(fs.user_id == primary))]
+    for campaign, name in ours:
+        await conn.execute(sa.delete(s.flow_splits).where(
+            fs.user_id == secondary, fs.campaign == campaign, fs.name == name))
+    await conn.execute(sa.update(s.flow_splits).where(fs.user_id == secondary)
+                       .values(user_id=primary))
     return Merged(primary=primary, secondary=secondary, left=left,
                   events=int(moved.rowcount), added=added)
 

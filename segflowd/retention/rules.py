@@ -50,6 +50,7 @@ from ..app import Segflow
 from ..cursors import max_change_id, max_event_id
 from ..delivery.outbox import SEND_KEY_PREFIX
 from ..flows.entries import CHANGES_CURSOR
+from ..flows.goals import CURSOR_NAME as GOALS_CURSOR
 from ..flows.held import marker_name
 from ..flows.wakes import CURSOR_NAME as FLOW_EVENTS_CURSOR
 from ..flows.work import CATCH_UP_CHANGES
@@ -111,10 +112,14 @@ async def load_guards(conn: AsyncConnection, app: Segflow) -> Guards:
         sa.select(sa.func.max(flow_instances.c.id)))).scalar() or 0)
     top_message = int((await conn.execute(sa.select(sa.func.max(messages.c.id)))).scalar() or 0)
     held = [marker_name(c) for c in app.campaigns]
+    # The goal engine's cursor holds events only while the app has a goal: one left
+    # behind by an app that dropped its goals must not hold pruning forever.
+    consumers = [*EVENT_CURSORS, *([GOALS_CURSOR] if any(
+        c.goal is not None for c in app.campaigns.values()) else [])]
     cursors = {str(n): int(v) for n, v in await conn.execute(
         sa.select(ec.name, ec.last_event_id).where(
-            ec.name.in_([*EVENT_CURSORS, CHANGES_CURSOR, *held])))}
-    saved = [cursors[n] for n in EVENT_CURSORS if n in cursors]
+            ec.name.in_([*consumers, CHANGES_CURSOR, *held])))}
+    saved = [cursors[n] for n in consumers if n in cursors]
     window = top_change - CATCH_UP_CHANGES
     change_floor = min(cursors.get(CHANGES_CURSOR, window), window,
                        *(cursors[n] for n in held if n in cursors))

@@ -353,10 +353,12 @@ def test_simulation_converts_and_exit_on_goal_ends_only_that_flow(tmp_path: Path
                                                                "nudge"]
 
 
-async def test_the_daemon_runs_goals_only_for_an_app_with_a_goal(
+async def test_the_daemon_runs_goals_with_or_without_a_goal(
         store: Store, tmp_path: Path) -> None:
+    """Without a goal the service only keeps its cursor current (see
+    test_goals_adversarial: a goal added back converts nothing of the time before)."""
     from segflowd.daemon import build_services
 
     assert "goals" in [s.name for s in build_services(kernel_for(store, tmp_path))]
     plain = kernel_for(store, tmp_path, goals=False)
-    assert "goals" not in [s.name for s in build_services(plain)]
+    assert "goals" in [s.name for s in build_services(plain)]

@@ -112,10 +112,6 @@ async def test_a_merge_after_the_hand_off_converts_on_the_primary(h: H) -> None:
     assert [(r.user_id, r.message_id) for r in await h.conversions()] == [("ann", mail)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "segflowd/ingest/merge.py merge_users does not move conversions: after a merge the "
-    "secondary's conversions keep its id, and a forget of the primary leaves it there. "
-    "Fix: in merge_users, UPDATE conversions SET user_id=primary WHERE user_id=secondary"))
 async def test_forgetting_the_primary_of_a_merge_clears_the_secondarys_conversions(
         h: H) -> None:
     await h.user("ann")
@@ -133,11 +129,6 @@ async def test_forgetting_the_primary_of_a_merge_clears_the_secondarys_conversio
     assert kept == [None]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "segflowd/retention/rules.py: EVENT_CURSORS lacks the goals cursor, so a pass prunes "
-    "goal events the goal engine has not processed (it then finds them gone: no "
-    "conversion). Fix: in load_guards, count the 'goals' cursor in event_floor when the "
-    "app has a campaign with a goal (a stale one of an app without goals holds nothing)"))
 async def test_retention_keeps_goal_events_above_the_goals_cursor(h: H) -> None:
     await h.user("ann")
     first = (await h.event("ann", "purchase")).events[0].id
@@ -205,13 +196,6 @@ async def test_a_drain_overlapping_a_batch_in_flight_never_moves_the_cursor_past
     assert len(await h.conversions()) == 2  # and once the step let go, both converted
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the goals cursor stands still while the app has no goal (no GoalService is made), "
-    "so a goal added back later makes start() catch up over everything since, converting "
-    "(and exit_on_goal ending live flows for) events of a time the campaign had no goal, "
-    "and holding the daemon's start for as long. Fix: always run GoalService (drop the "
-    "GoalService.wanted condition in segflowd/daemon.py; with no goal it only moves the "
-    "cursor, as TransactionService does without transactions)"))
 async def test_a_goal_added_back_does_not_convert_the_time_it_had_none(
         h: H, tmp_path: Path) -> None:
     from segflowd.daemon import build_services

@@ -342,3 +342,26 @@ async def test_odd_variant_names_are_stored_and_carried_exactly(h: Harness,
         await h.join("v", "seg")
     assert await split_rows(h.store, "v") == [("exp", variant)]
     assert await sends(h.store, "v") == [("mail", variant)]
+
+
+async def test_a_merge_moves_the_secondarys_assignments_and_keeps_the_primarys(
+        store: Store) -> None:
+    """After a merge the secondary's id holds no assignment (a forget of the primary
+    would leave it behind); where both were assigned, the primary's variant stands."""
+    from segflowd.ingest.merge import merge_users
+
+    async with store.begin() as conn:
+        await conn.execute(sa.insert(users), [
+            {"id": i, "attributes": {}, "created_at": NOW, "updated_at": NOW}
+            for i in ("ann", "ann-old")])
+        await conn.execute(sa.insert(flow_splits), [
+            {"campaign": "c", "user_id": "ann", "name": "x", "variant": "a", "created_at": NOW},
+            {"campaign": "c", "user_id": "ann-old", "name": "x", "variant": "b",
+             "created_at": NOW},
+            {"campaign": "c", "user_id": "ann-old", "name": "y", "variant": "b",
+             "created_at": NOW}])
+        await merge_users(conn, "ann", "ann-old", NOW)
+    async with store.connect() as conn:
+        rows = sorted((str(r.user_id), str(r.name), str(r.variant)) for r in await conn.execute(
+            sa.select(flow_splits)))
+    assert rows == [("ann", "x", "a"), ("ann", "y", "b")]
