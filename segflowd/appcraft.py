@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -65,20 +66,26 @@ def parse_topic_name(value: object) -> str:
     return value
 
 
+MAX_INTERVAL = 100 * 366 * 86400.0  # seconds: the longest interval (a date must hold it)
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
 def parse_interval(value: str | float | int) -> float:
     """``"15m"``, ``"1h"``, ``"2d"``, ``"30s"`` or a number of seconds, as seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", str(value))
         if not m:
             raise AppError(f"bad interval {value!r}: write e.g. '30s', '15m', '1h', '2d'")
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    if seconds <= 0:
+    if not seconds > 0:  # NaN too
         raise AppError(f"interval {value!r} must be positive")
+    if seconds > MAX_INTERVAL:
+        raise AppError(f"interval {value!r:.40} is longer than a hundred years")
     return seconds
 
 

@@ -76,3 +76,15 @@ def test_templates_folder_is_relative_to_the_creating_file() -> None:
     app = Segflow(templates="mail")
     assert str(app.templates_dir).endswith("tests/unit/mail")
     assert Segflow(templates="/abs/mail").templates_dir.as_posix() == "/abs/mail"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 10**400, "1000000w", 0, "-1d"])
+def test_an_interval_that_is_not_a_positive_span_a_date_holds_is_refused(bad: object) -> None:
+    with pytest.raises(AppError, match="interval|positive"):
+        parse_interval(bad)  # type: ignore[arg-type]
+
+
+def test_a_goal_window_past_the_calendar_is_a_registration_error() -> None:
+    app = Segflow()
+    with pytest.raises(AppError, match="hundred years"):
+        app.campaign("c", segments=["s"], goal=("purchase", "1000000w"))
