@@ -80,7 +80,7 @@ def test_templates_folder_is_relative_to_the_creating_file() -> None:
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 10**400, "1000000w", 0, "-1d"])
 def test_an_interval_that_is_not_a_positive_span_a_date_holds_is_refused(bad: object) -> None:
-    with pytest.raises(AppError, match="interval|positive"):
+    with pytest.raises(AppError, match=r"interval|positive"):
         parse_interval(bad)  # type: ignore[arg-type]
 
 
