@@ -136,7 +136,8 @@ async def request(d: Daemon, method: str, template: str, auth: bytes | None,
                 "/api/v1/customers/{id}/devices": DEVICE,
                 "/api/v1/merge_customers": MERGE,
                 "/api/v1/push/events": PUSH, "/api/v2/entity": json.dumps(ENTITY).encode(),
-                "/api/v2/batch": json.dumps({"batch": [ENTITY]}).encode()}.get(template, BODY)
+                "/api/v2/batch": json.dumps({"batch": [ENTITY]}).encode(),
+                "/v1/users/{id}/subscriptions": b'{"all": true}'}.get(template, BODY)
     path = (template.replace("{id}", "sec-user").replace("{token}", "not-a-token")
             .replace("{template}", "welcome"))
     headers = [(b"content-type", b"application/json")]
