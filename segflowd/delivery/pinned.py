@@ -12,14 +12,15 @@ URL, not from the address the socket connected to.
 
 from __future__ import annotations
 
+import math
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import anyio
 import httpcore
 import httpx
 
-__all__ = ["PinnedBackend", "RefusedAddress", "pinned_transport"]
+__all__ = ["SHARD", "PinnedBackend", "RefusedAddress", "pinned_transport"]
 
 
 class RefusedAddress(Exception):
@@ -75,16 +76,71 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+SHARD = 4  # connections per pool: httpcore scans a whole pool for every request
+
+
+class _Sharded(httpx.AsyncBaseTransport):
+    """Each request goes to the pool with the fewest calls in flight (until its answer is
+    closed). httpcore's pool looks at every one of its connections (a poll of each idle
+    socket) to place each request, so one pool of 64 costs several times the CPU per call
+    of sixteen pools of 4 (bench/channels.py)."""
+
+    def __init__(self, shards: list[httpx.AsyncHTTPTransport]) -> None:
+        self._shards = shards
+        self._busy = [0] * len(shards)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        i = min(range(len(self._shards)), key=self._busy.__getitem__)
+        self._busy[i] += 1
+        try:
+            response = await self._shards[i].handle_async_request(request)
+        except BaseException:
+            self._busy[i] -= 1
+            raise
+        response.stream = _Counted(response.stream, self._busy, i)
+        return response
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.aclose()
+
+
+class _Counted(httpx.AsyncByteStream):
+    """An answer's body that frees its pool's place in :class:`_Sharded` when closed."""
+
+    def __init__(self, inner: object, busy: list[int], i: int) -> None:
+        assert isinstance(inner, httpx.AsyncByteStream)
+        self._inner, self._busy, self._i, self._open = inner, busy, i, True
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._open = False
+            self._busy[self._i] -= 1
+        await self._inner.aclose()
+
+
 def pinned_transport(refuse: Callable[[str, str], str | None], *,
-                     limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+                     limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     """An httpx transport whose connections go through a :class:`PinnedBackend` (and
-    never through a proxy: the allow-list judges where calls go)."""
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-    # httpx takes no network backend; its pool, rebuilt with the same settings, does.
-    transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(trust_env=False),
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry, http1=True, http2=False,
-        network_backend=PinnedBackend(refuse))
-    return transport
+    never through a proxy: the allow-list judges where calls go), in pools of at most
+    :data:`SHARD` connections."""
+    total = limits.max_connections or SHARD
+    count = max(1, math.ceil(total / SHARD))
+    keep = limits.max_keepalive_connections
+    shards = []
+    for i in range(count):
+        size = total // count + (1 if i < total % count else 0)
+        transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        # httpx takes no network backend; its pool, rebuilt with the same settings, does.
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=size,
+            max_keepalive_connections=None if keep is None else min(size, keep),
+            keepalive_expiry=limits.keepalive_expiry, http1=True, http2=False,
+            network_backend=PinnedBackend(refuse))
+        shards.append(transport)
+    return shards[0] if count == 1 else _Sharded(shards)

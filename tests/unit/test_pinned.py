@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpcore
+import httpx
 import pytest
 
 from segflowd.delivery.pinned import PinnedBackend, RefusedAddress
@@ -83,3 +85,33 @@ async def test_a_name_that_does_not_resolve_is_a_connect_error(
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     with pytest.raises(httpcore.ConnectError, match="cannot resolve"):
         await PinnedBackend(no_loopback, Inner()).connect_tcp("nowhere.example", 443)
+
+
+async def test_calls_spread_over_pools_by_calls_in_flight_and_free_them_when_closed() -> None:
+    from segflowd.delivery.pinned import _Sharded
+
+    seen: list[int] = []
+
+    class Body(httpx.AsyncByteStream):  # an answer streamed, as a real pool's is
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b"ok"
+
+    def pool(i: int) -> httpx.MockTransport:
+        def answer(request: httpx.Request) -> httpx.Response:
+            seen.append(i)
+            return httpx.Response(200, stream=Body())
+        return httpx.MockTransport(answer)
+
+    sharded = _Sharded([pool(0), pool(1), pool(2)])  # type: ignore[list-item]
+    async with httpx.AsyncClient(transport=sharded) as client:
+        streams = []
+        for _ in range(3):  # three answers kept open: one on each pool
+            streams.append(await client.send(client.build_request("GET", "http://h/"),
+                                             stream=True))
+        assert sorted(seen) == [0, 1, 2]
+        await streams[1].aclose()  # pool 1 is free again: the next call goes there
+        (await client.get("http://h/")).raise_for_status()
+        assert seen[-1] == 1
+        for s in streams:
+            await s.aclose()
+    assert sharded._busy == [0, 0, 0]
