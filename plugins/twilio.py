@@ -37,6 +37,7 @@ import anyio
 import httpx
 
 from segflowd.configenv import resolve_indirections
+from segflowd.delivery.pinned import sharded_transport
 from segflowd.errors import ConfigError, ProviderError
 from segflowd.providers import OutgoingSms, ProviderContext, SendResult
 from segflowd.twiliosig import signature_valid, twilio_signature
@@ -97,8 +98,8 @@ class TwilioProvider:
         self._client = httpx.AsyncClient(
             base_url=self.base_url, auth=httpx.BasicAuth(self.account_sid, token),
             timeout=timeout, headers={"Accept": "application/json"},
-            limits=httpx.Limits(max_connections=PARALLEL_CALLS,
-                                max_keepalive_connections=PARALLEL_CALLS))
+            transport=sharded_transport(httpx.Limits(
+                max_connections=PARALLEL_CALLS, max_keepalive_connections=PARALLEL_CALLS)))
         self._limit = anyio.Semaphore(PARALLEL_CALLS)
         # Delivery may hand one message per send() call, this many at once, each marked
         # `sending` just before its call (a crash leaves those in flight `unknown`).

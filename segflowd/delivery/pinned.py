@@ -20,7 +20,8 @@ import anyio
 import httpcore
 import httpx
 
-__all__ = ["SHARD", "PinnedBackend", "RefusedAddress", "pinned_transport"]
+__all__ = ["SHARD", "PinnedBackend", "RefusedAddress", "pinned_transport",
+           "sharded_transport"]
 
 
 class RefusedAddress(Exception):
@@ -128,6 +129,14 @@ def pinned_transport(refuse: Callable[[str, str], str | None], *,
     """An httpx transport whose connections go through a :class:`PinnedBackend` (and
     never through a proxy: the allow-list judges where calls go), in pools of at most
     :data:`SHARD` connections."""
+    return sharded_transport(limits, PinnedBackend(refuse))
+
+
+def sharded_transport(limits: httpx.Limits,
+                      backend: httpcore.AsyncNetworkBackend | None = None
+                      ) -> httpx.AsyncBaseTransport:
+    """An httpx transport (no proxy from the environment) of ``limits``, its connections
+    in pools of at most :data:`SHARD`, each call to the pool with the fewest in flight."""
     total = limits.max_connections or SHARD
     count = max(1, math.ceil(total / SHARD))
     keep = limits.max_keepalive_connections
@@ -141,6 +150,6 @@ def pinned_transport(refuse: Callable[[str, str], str | None], *,
             max_connections=size,
             max_keepalive_connections=None if keep is None else min(size, keep),
             keepalive_expiry=limits.keepalive_expiry, http1=True, http2=False,
-            network_backend=PinnedBackend(refuse))
+            network_backend=backend)
         shards.append(transport)
     return shards[0] if count == 1 else _Sharded(shards)
