@@ -25,6 +25,12 @@ whose body has no message ``sid``.
 
 :func:`twilio_signature` and :func:`signature_valid` check the ``X-Twilio-Signature`` of
 the status callbacks Twilio posts back.
+
+Forgetting a user deletes Twilio's copy of each SMS sent to them (its body and numbers):
+:meth:`TwilioProvider.forget_sent` (``segflowd.providers.RemoteCopies``) calls ``DELETE
+/2010-04-01/Accounts/{sid}/Messages/{MessageSid}.json`` per message. 204 is deleted and
+404 already gone; anything else (20009: delivery not complete yet; 401/403, 429, 5xx, no
+connection) leaves the message for a later try.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds per API call
 MAX_BATCH = 50  # messages handed over per send(); Twilio takes one per call
 PARALLEL_CALLS = 10  # Twilio API calls in flight within one send() (and per provider)
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+MESSAGE_SID = re.compile(r"[SM]M[0-9a-fA-F]{32}")  # SM... (SMS) or MM... (MMS)
 UNSUBSCRIBED = 21610  # "Attempt to send to unsubscribed recipient": the number sent STOP
 # Twilio refused for now: its API rate (20429), the account's message rate (14107), the
 # sender's queue is full (21611), its queue overflowed (30001).
@@ -93,6 +100,7 @@ class TwilioProvider:
         if timeout <= 0:
             raise ProviderError(f"[providers.{ctx.name}].timeout: must be above 0 seconds")
         self._path = f"/2010-04-01/Accounts/{self.account_sid}/Messages.json"
+        self._message_path = f"/2010-04-01/Accounts/{self.account_sid}/Messages/{{}}.json"
         # The token lives only inside the client's auth (which renders the header);
         # never on self, so no repr, log or error can show it.
         self._client = httpx.AsyncClient(
@@ -145,6 +153,30 @@ class TwilioProvider:
                                    f"{resp.text[:200]!r}")
             return SendResult(ok=True, provider_message_id=sid)
         return _refusal(resp.status_code, body, resp.text)
+
+    async def forget_sent(self, sent: Sequence[tuple[int, str]]) -> list[int]:
+        """Delete Twilio's copies of ``(row id, message sid)``; the row ids now gone."""
+        gone: list[int] = []
+
+        async def one(row: int, sid: str) -> None:
+            async with self._limit:
+                if await self._delete_one(sid):
+                    gone.append(row)
+
+        async with anyio.create_task_group() as tg:
+            for row, sid in sent:
+                tg.start_soon(one, row, sid)
+        return sorted(gone)
+
+    async def _delete_one(self, sid: str) -> bool:
+        """True when Twilio has no copy of ``sid`` any more."""
+        if not MESSAGE_SID.fullmatch(sid):  # not a Twilio message sid: nothing to delete
+            return True
+        try:
+            resp = await self._client.delete(self._message_path.format(sid))
+        except httpx.HTTPError:  # no answer: try again later
+            return False
+        return 200 <= resp.status_code < 300 or resp.status_code == 404
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -32,6 +32,7 @@ __all__ = [
     "OutgoingSms",
     "Provider",
     "ProviderContext",
+    "RemoteCopies",
     "SendError",
     "SendResult",
     "SmsProvider",
@@ -197,6 +198,18 @@ class ForgettingProvider(Protocol):
     async def forget_messages(self, message_ids: Sequence[int]) -> int:
         """Delete what is kept of these outbox rows' messages; how many were found.
         Ids of which nothing is kept are no error."""
+        ...
+
+
+@runtime_checkable
+class RemoteCopies(Protocol):
+    """A provider that keeps copies on its side (Twilio keeps each message's body and
+    numbers) and can delete them by its own message id implements this too."""
+
+    async def forget_sent(self, sent: Sequence[tuple[int, str]]) -> Sequence[int]:
+        """Delete the provider's copies of these ``(outbox row id, provider_message_id)``
+        pairs; return the row ids whose copies are gone for good (deleted now or already
+        gone). An id left out, or an exception, means "not now": it is asked again later."""
         ...
 
 

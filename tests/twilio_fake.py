@@ -12,7 +12,10 @@ A test scripts failures: :meth:`FakeTwilio.fail_next` answers the next N request
 given :class:`Answer` (an error, a delay, a dropped connection, an unreadable body);
 :meth:`FakeTwilio.fail_to` answers every message to one number so; :meth:`hold_until`
 keeps requests waiting until that many are in flight at once (a proof of parallelism
-that needs no clock). Use the ``twilio_server`` fixture (``pytest_plugins =
+that needs no clock). ``DELETE .../Messages/{sid}.json`` deletes a message it created
+(204), answers 404 20404 for a sid it does not have, and 409 20009 for a sid in
+:attr:`FakeTwilio.not_final` (delivery not complete); :meth:`FakeTwilio.deleted` lists
+the sids deleted. Use the ``twilio_server`` fixture (``pytest_plugins =
 ("twilio_fake",)`` in the test module) or :func:`running`.
 """
 
@@ -64,6 +67,7 @@ class Recorded:
     headers: dict[str, str]
     client_port: int
     sid: str = ""  # the message sid answered, when one was
+    answered: int = 0  # the HTTP status a DELETE was answered with
 
 
 class FakeTwilio(ThreadingHTTPServer):
@@ -82,6 +86,8 @@ class FakeTwilio(ThreadingHTTPServer):
         self._by_number: dict[str, Answer] = {}
         self._in_flight = 0
         self._hold: threading.Barrier | None = None
+        self.messages: set[str] = set()  # sids of the messages it holds
+        self.not_final: set[str] = set()  # sids whose delivery is not complete (no DELETE)
 
     @property
     def url(self) -> str:
@@ -104,6 +110,11 @@ class FakeTwilio(ThreadingHTTPServer):
     def sent(self) -> list[Recorded]:
         """The requests answered with a message sid, in the order they were answered."""
         return [r for r in self.requests if r.sid]
+
+    def deleted(self) -> list[str]:
+        """The sids of the messages deleted (answered 204), in order."""
+        return [r.path.rsplit("/", 1)[1].removesuffix(".json") for r in self.requests
+                if r.method == "DELETE" and r.answered == 204]
 
     def handle_error(self, request: object, client_address: object) -> None:
         self.errors.append(f"error serving {client_address}")  # e.g. the client gave up
@@ -147,6 +158,30 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server._leave()
 
+    def do_DELETE(self) -> None:  # the stdlib's handler name
+        srv = self.server
+        record = Recorded("DELETE", self.path, {}, dict(self.headers.items()),
+                          self.client_address[1])
+        expected = "Basic " + base64.b64encode(
+            f"{srv.account_sid}:{srv.auth_token}".encode()).decode()
+        if self.headers.get("Authorization") != expected:
+            srv.requests.append(record)
+            return self._send(*_error(401, 20003, "Authenticate"))
+        prefix = f"/2010-04-01/Accounts/{srv.account_sid}/Messages/"
+        sid = self.path.removeprefix(prefix).removesuffix(".json")
+        scripted = srv._answer_for("")
+        status, body = (
+            (scripted.status, scripted.body) if scripted is not None
+            else _error(404, 20404, "The requested resource was not found")
+            if not self.path.startswith(prefix) or sid not in srv.messages
+            else _error(409, 20009, "Cannot delete message because delivery has not "
+                                    "been completed.") if sid in srv.not_final
+            else (204, b""))
+        srv.requests.append(dataclasses.replace(record, answered=status))
+        if status == 204:
+            srv.messages.discard(sid)
+        return self._send(status, body)
+
     def _post(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         form = dict(urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True))
@@ -182,6 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
             srv.requests.append(record)
             return self._send(*problem)
         sid = "SM" + uuid.uuid4().hex
+        srv.messages.add(sid)
         srv.requests.append(dataclasses.replace(record, sid=sid))
         return self._send(201, {
             "sid": sid, "account_sid": srv.account_sid, "status": "queued",

@@ -6,11 +6,13 @@ itself is one store transaction in ingest; the copies go right after it commits,
 through the ingest batch (:attr:`~segflowd.hooks.IngestBatch.forgotten_messages`). If the
 process dies in between, the start sweeps again: a sent message of a forgotten user is
 one with neither user nor address, and the provider is asked to delete its copies.
+A provider keeping copies on its side (Twilio) is asked by its message id: see
+:mod:`~segflowd.delivery.remotecopies`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 import sqlalchemy as sa
@@ -20,6 +22,7 @@ from ..hooks import IngestBatch
 from ..kernel import Kernel
 from ..providers import ForgettingProvider, Provider, SmsProvider
 from ..schema import messages
+from .remotecopies import RemoteForget
 
 __all__ = ["ProviderCopies"]
 
@@ -33,9 +36,11 @@ class ProviderCopies:
     """Deletes the provider's copies of forgotten users' messages (an ingest sink)."""
 
     def __init__(self, k: Kernel,
-                 providers: Callable[[], Sequence[Provider | SmsProvider]]) -> None:
+                 providers: Callable[[], Sequence[Provider | SmsProvider]],
+                 named: Callable[[], Mapping[str, object]] = dict) -> None:
         self.k = k
         self._providers = providers  # every provider mail went out through
+        self.remote = RemoteForget(k, named)  # copies deleted by the provider's id
         self._pending: set[int] = set()
         self._wake = anyio.Event()
         self.deleted = 0  # copies deleted since start
@@ -43,12 +48,17 @@ class ProviderCopies:
     def ingested(self, batch: IngestBatch) -> None:
         if batch.forgotten_messages:
             self._pending.update(batch.forgotten_messages)
+            self.remote.add(batch.forgotten_messages)
             self._wake.set()
 
     async def run(self) -> None:
         """Sweep once (a forget the last process did not finish), then follow forgets."""
-        if not self._forgetting():
+        if not self._forgetting() and not self.remote.providers():
             return
+        try:
+            await self.remote.sweep()
+        except Exception as exc:
+            log.warning("delivery.copies_sweep_failed", error=f"{type(exc).__name__}: {exc}")
         try:
             async with self.k.store.connect() as conn:
                 found = {int(i) for (i,) in await conn.execute(
@@ -59,9 +69,9 @@ class ProviderCopies:
         except Exception as exc:  # the forgets of this run are still followed
             log.warning("delivery.copies_sweep_failed", error=f"{type(exc).__name__}: {exc}")
         while True:
-            if self._pending:
+            if self._pending or self.remote.pending:
                 await self.forget_now()
-            if self._pending:  # it failed: try again later (or at the next forget)
+            if self._pending or self.remote.pending:  # failed: again later (or at a forget)
                 with anyio.move_on_after(RETRY_DELAY):
                     await self._wake.wait()
             else:
@@ -72,7 +82,10 @@ class ProviderCopies:
         return [p for p in self._providers() if isinstance(p, ForgettingProvider)]
 
     async def forget_now(self) -> int:
-        """Ask the provider to delete the copies pending now; how many it found."""
+        """Ask the providers to delete the copies pending now; how many they found."""
+        return await self._forget_kept() + await self.remote.forget_now()
+
+    async def _forget_kept(self) -> int:
         providers = self._forgetting()
         ids, self._pending = sorted(self._pending), set()
         if not ids or not providers:

@@ -119,7 +119,8 @@ class DeliveryService:
             render_pool=self.render_pool, signer=self.signer, public_url=self.public_url,
             sender_domain=self._sender_domain)
         self._sms = SmsPreparer(k, public_url=self.public_url, lane=k.config.sms.provider)
-        self.copies = ProviderCopies(k, lambda: [lane.provider(k) for lane in self.lanes])
+        self.copies = ProviderCopies(k, lambda: [lane.provider(k) for lane in self.lanes],
+                                     lambda: {lane.name: lane.provider(k) for lane in self.lanes})
         self.engagement = EngagementRecorder(k)  # opens and clicks, written in the background
         self._copies_scope: anyio.CancelScope | None = None
         k.stats["delivery"] = self.statistics
