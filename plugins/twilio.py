@@ -46,7 +46,7 @@ from segflowd.configenv import resolve_indirections
 from segflowd.delivery.pinned import sharded_transport
 from segflowd.errors import ConfigError, ProviderError
 from segflowd.providers import OutgoingSms, ProviderContext, SendResult
-from segflowd.twiliosig import signature_valid, twilio_signature
+from segflowd.twiliosig import MESSAGE_SID, signature_valid, twilio_signature
 
 from ._http import GATEWAY_ERRORS, NOT_SENT, maybe_sent, send_each
 from ._options import Options
@@ -56,9 +56,9 @@ __all__ = ["TwilioProvider", "signature_valid", "twilio_signature"]
 DEFAULT_BASE_URL = "https://api.twilio.com"
 DEFAULT_TIMEOUT = 30.0  # seconds per API call
 MAX_BATCH = 50  # messages handed over per send(); Twilio takes one per call
+NOT_FOUND = 20404  # Twilio's code of a 404 for a resource it does not have
 PARALLEL_CALLS = 10  # Twilio API calls in flight within one send() (and per provider)
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
-MESSAGE_SID = re.compile(r"[SM]M[0-9a-fA-F]{32}")  # SM... (SMS) or MM... (MMS)
 UNSUBSCRIBED = 21610  # "Attempt to send to unsubscribed recipient": the number sent STOP
 # Twilio refused for now: its API rate (20429), the account's message rate (14107), the
 # sender's queue is full (21611), its queue overflowed (30001).
@@ -176,7 +176,9 @@ class TwilioProvider:
             resp = await self._client.delete(self._message_path.format(sid))
         except httpx.HTTPError:  # no answer: try again later
             return False
-        return 200 <= resp.status_code < 300 or resp.status_code == 404
+        if resp.status_code == 404:  # gone only if Twilio says so (not a proxy's 404)
+            return _json(resp).get("code") == NOT_FOUND
+        return 200 <= resp.status_code < 300
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -7,10 +7,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import urllib.parse
 from collections.abc import Mapping
 
-__all__ = ["signature_valid", "twilio_signature"]
+__all__ = ["MESSAGE_SID", "signature_valid", "twilio_signature"]
+
+MESSAGE_SID = re.compile(r"[SM]M[0-9a-fA-F]{32}")  # a message sid: SM... (SMS) or MM... (MMS)
 
 
 def twilio_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:

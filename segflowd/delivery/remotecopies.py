@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+import anyio
 import sqlalchemy as sa
 import structlog
 
@@ -30,6 +31,10 @@ __all__ = ["RemoteForget"]
 log = structlog.get_logger("segflowd.delivery")
 
 CHUNK = 500  # row ids per query (bound parameters stay well under every limit)
+# Seconds between asks of the copies not deleted yet (forgetting.RETRY_DELAY): a forget
+# meanwhile asks only of its own messages, so a stream of forgets during an outage or a
+# backlog Twilio refuses does not ask again of the whole backlog at each forget.
+RETRY_EVERY = 60.0
 
 
 class RemoteForget:
@@ -39,19 +44,27 @@ class RemoteForget:
         self.k = k
         self._named = named  # provider name (messages.provider) -> provider
         self.pending: set[int] = set()
+        self._fresh: set[int] = set()  # not asked of yet: a forget's or the sweep's
+        self._retried_at = -RETRY_EVERY  # anyio time all pending copies were last asked of
         self.deleted = 0  # copies deleted (or found gone) since start
 
     def providers(self) -> dict[str, RemoteCopies]:
+        return self._lookup()[0]
+
+    def _lookup(self) -> tuple[dict[str, RemoteCopies], set[str]]:
+        """The providers keeping copies, by name; and every configured provider's name."""
         try:
             named = self._named()
         except Exception as exc:  # a plugin that cannot load: nothing to ask it
             log.warning("delivery.remote_copies_no_provider",
                         error=f"{type(exc).__name__}: {exc}")
-            return {}
-        return {n: p for n, p in named.items() if isinstance(p, RemoteCopies)}
+            return {}, set()
+        return {n: p for n, p in named.items() if isinstance(p, RemoteCopies)}, set(named)
 
     def add(self, ids: Iterable[int]) -> None:
-        self.pending.update(ids)  # forget_now drops them when no provider keeps copies
+        new = set(ids)
+        self.pending |= new  # forget_now drops them when no provider keeps copies
+        self._fresh |= new
 
     async def sweep(self) -> None:
         """Find the forgotten messages whose copy a past run did not delete."""
@@ -65,15 +78,25 @@ class RemoteForget:
                     messages.c.provider.in_(names),
                     messages.c.provider_message_id.is_not(None)))}
         self.pending |= found
+        self._fresh |= found
 
     async def forget_now(self) -> int:
         """Ask each provider to delete the pending copies; how many are gone now."""
-        providers = self.providers()
-        ids, self.pending = sorted(self.pending), set()
+        providers, configured = self._lookup()
+        now = anyio.current_time()
+        fresh, self._fresh = self._fresh & self.pending, set()
+        if fresh and now - self._retried_at < RETRY_EVERY:  # a forget: its own only
+            ids = sorted(fresh)
+            self.pending -= fresh
+        else:
+            ids, self.pending = sorted(self.pending), set()
+            self._retried_at = now
         if not ids or not providers:
             return 0
         try:
             rows, waiting = await self._rows(ids, sorted(providers))
+            if configured:
+                await self._unconfigured(ids, configured)
         except Exception as exc:
             self.pending.update(ids)
             log.warning("delivery.remote_copies_not_read", messages=len(ids),
@@ -127,6 +150,23 @@ class RemoteForget:
                     elif status == "sending":
                         waiting.add(int(i))
         return rows, waiting
+
+    async def _unconfigured(self, ids: list[int], configured: set[str]) -> None:
+        """Tell of the forgotten messages sent through a provider no longer configured
+        (its lane renamed or removed): their copies stay there, their ids are kept for a
+        start that has that provider again."""
+        m = messages
+        found = 0
+        async with self.k.store.connect() as conn:
+            for at in range(0, len(ids), CHUNK):
+                found += int((await conn.execute(
+                    sa.select(sa.func.count()).select_from(m)
+                    .where(m.c.id.in_(ids[at:at + CHUNK]), m.c.user_id.is_(None),
+                           m.c.provider_message_id.is_not(None),
+                           m.c.provider.is_not(None),
+                           m.c.provider.not_in(sorted(configured))))).scalar_one())
+        if found:
+            log.warning("delivery.remote_copies_unknown_provider", messages=found)
 
     async def _clear(self, cleared: list[tuple[int, str]]) -> None:
         """Forget the provider's id of the messages whose copy is gone."""

@@ -32,7 +32,7 @@ import structlog
 from ..http import HTTPError, Request, Response, Router, json_response
 from ..kernel import Kernel
 from ..schema import messages, subscriptions, suppressions, users
-from ..twiliosig import signature_valid
+from ..twiliosig import MESSAGE_SID, signature_valid
 from .sms import SMS_TOPIC
 
 __all__ = ["HELP_WORDS", "START_WORDS", "STOP_WORDS", "SmsHooks"]
@@ -97,7 +97,8 @@ class SmsHooks:
                                            m.provider_message_id.is_(None))]
                  if mid.isdigit() else [m.provider_message_id == sid])
         async with self.k.store.begin() as conn:
-            row = (await conn.execute(sa.select(m.id, m.status, m.response).where(*ours)
+            row = (await conn.execute(sa.select(m.id, m.status, m.response,
+                                                m.provider_message_id).where(*ours)
                                       .with_for_update())).first()
             if row is None:
                 return json_response({"ok": True, "matched": False})
@@ -109,6 +110,10 @@ class SmsHooks:
             if form.get("ErrorCode"):
                 report["error_code"] = form["ErrorCode"]
             values: dict[str, object] = {"response": report, "updated_at": now}
+            if row.provider_message_id is None and MESSAGE_SID.fullmatch(sid):
+                # a message in doubt (its answer lost) learns its sid: a forget can then
+                # delete Twilio's copy (delivery.remotecopies)
+                values["provider_message_id"] = sid
             if state in FAILED and row.status in ("sent", "unknown"):
                 values.update(status="failed", last_error=_failure(report))
             elif state in ("sent", "delivered") and row.status == "unknown":
